@@ -1,0 +1,181 @@
+//! The agent's configuration file (TOML). Unknown keys are refused so a typo
+//! never silently falls back to a default.
+
+use serde::Deserialize;
+use std::{net::SocketAddr, path::PathBuf};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Stable id of this host; `[a-z0-9-]`, 1 to 63 characters.
+    pub host_id: String,
+    /// Where the agent's gRPC service listens.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// How the controller reaches this agent; defaults to `http://<listen>`.
+    #[serde(default)]
+    pub advertise_endpoint: Option<String>,
+    /// The controller's gRPC endpoint, e.g. `http://127.0.0.1:7000`.
+    pub controller_endpoint: String,
+    #[serde(default = "default_libvirt_uri")]
+    pub libvirt_uri: String,
+    /// `kvm`, `qemu`, or `auto` (probe: use KVM only if a KVM guest really starts).
+    #[serde(default)]
+    pub domain_type: DomainTypeSetting,
+    /// Base images and their `catalog.toml`.
+    pub image_dir: PathBuf,
+    /// Per-VPS overlays, seeds and serial logs.
+    pub vm_dir: PathBuf,
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    #[serde(default = "default_reconcile_s")]
+    pub reconcile_interval_seconds: u64,
+    /// Upper bound for one libvirt call, so a hung domain cannot stall the agent.
+    #[serde(default = "default_libvirt_timeout_s")]
+    pub libvirt_call_timeout_seconds: u64,
+    /// What the controller may place here; defaults to what libvirt reports.
+    #[serde(default)]
+    pub capacity: Option<CapacityConfig>,
+    #[serde(default)]
+    pub network: NetworkConfig,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainTypeSetting {
+    #[default]
+    Auto,
+    Kvm,
+    Qemu,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CapacityConfig {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+}
+
+/// The guest's network interface.
+#[derive(Debug, Clone, Deserialize, Default, PartialEq, Eq)]
+#[serde(deny_unknown_fields, tag = "mode", rename_all = "lowercase")]
+pub enum NetworkConfig {
+    /// No NIC (test hosts without a bridge).
+    #[default]
+    None,
+    /// A libvirt network, e.g. `default`.
+    Network { source: String },
+    /// A host bridge, e.g. `br0`.
+    Bridge { source: String },
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7100))
+}
+fn default_libvirt_uri() -> String {
+    "qemu:///system".into()
+}
+fn default_heartbeat_ms() -> u64 {
+    2000
+}
+fn default_reconcile_s() -> u64 {
+    30
+}
+fn default_libvirt_timeout_s() -> u64 {
+    30
+}
+
+impl AgentConfig {
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let cfg: AgentConfig = toml::from_str(text)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        check_host_id(&self.host_id)?;
+        if let NetworkConfig::Network { source } | NetworkConfig::Bridge { source } = &self.network
+        {
+            let ok = !source.is_empty()
+                && source.len() <= 15
+                && source
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+            anyhow::ensure!(
+                ok,
+                "network.source: {source:?} must be 1 to 15 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+            );
+        }
+        anyhow::ensure!(
+            self.heartbeat_interval_ms >= 100,
+            "heartbeat_interval_ms: must be at least 100"
+        );
+        Ok(())
+    }
+
+    pub fn advertised(&self) -> String {
+        self.advertise_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("http://{}", self.listen))
+    }
+}
+
+pub fn check_host_id(id: &str) -> anyhow::Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= 63
+        && id
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !id.starts_with('-');
+    anyhow::ensure!(
+        ok,
+        "host_id: {id:?} must be 1 to 63 characters of a-z, 0-9 and '-', not starting with '-'"
+    );
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+host_id = "host-1"
+controller_endpoint = "http://127.0.0.1:7000"
+image_dir = "/var/lib/betang/images"
+vm_dir = "/var/lib/betang/vms"
+"#;
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let c = AgentConfig::from_toml(MINIMAL).unwrap();
+        assert_eq!(c.libvirt_uri, "qemu:///system");
+        assert_eq!(c.domain_type, DomainTypeSetting::Auto);
+        assert_eq!(c.heartbeat_interval_ms, 2000);
+        assert_eq!(c.network, NetworkConfig::None);
+        assert_eq!(c.advertised(), "http://127.0.0.1:7100");
+    }
+
+    #[test]
+    fn unknown_keys_are_refused() {
+        let e = AgentConfig::from_toml(&format!("{MINIMAL}\nheartbeat_ms = 5\n")).unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn bad_host_id_and_bridge_are_refused() {
+        let e = AgentConfig::from_toml(&MINIMAL.replace("host-1", "../host")).unwrap_err();
+        assert!(e.to_string().starts_with("host_id:"), "{e}");
+        let e = AgentConfig::from_toml(&format!(
+            "{MINIMAL}\n[network]\nmode = \"bridge\"\nsource = \"br0;rm\"\n"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().starts_with("network.source:"), "{e}");
+    }
+
+    #[test]
+    fn shipped_example_parses() {
+        let text = include_str!("../../deploy/agent.example.toml");
+        AgentConfig::from_toml(text).unwrap();
+    }
+}

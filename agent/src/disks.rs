@@ -1,0 +1,161 @@
+//! qcow2 overlays on catalogue images, made and inspected with `qemu-img`
+//! (arguments passed one by one, never through a shell). Formats are always
+//! explicit, and images with a backing file or an external data file are refused,
+//! so a crafted image can never make QEMU open a file on the host.
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{AgentError, Result};
+
+pub const GIB: u64 = 1024 * 1024 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ImageFacts {
+    pub virtual_size: u64,
+    pub actual_size: u64,
+}
+
+#[derive(Deserialize)]
+struct QemuImgInfo {
+    format: String,
+    #[serde(rename = "virtual-size")]
+    virtual_size: u64,
+    #[serde(rename = "actual-size", default)]
+    actual_size: u64,
+    #[serde(rename = "backing-filename", default)]
+    backing_filename: Option<String>,
+    #[serde(rename = "full-backing-filename", default)]
+    full_backing_filename: Option<String>,
+    #[serde(rename = "format-specific", default)]
+    format_specific: Option<FormatSpecific>,
+}
+
+#[derive(Deserialize)]
+struct FormatSpecific {
+    #[serde(default)]
+    data: Option<serde_json::Value>,
+}
+
+fn run(cmd: &mut std::process::Command) -> Result<Vec<u8>> {
+    let out = cmd
+        .output()
+        .map_err(|e| AgentError::Disk(format!("cannot run qemu-img: {e}")))?;
+    if !out.status.success() {
+        return Err(AgentError::Disk(
+            String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(out.stdout)
+}
+
+/// Inspects a base image and refuses anything but a self-contained qcow2.
+pub fn inspect_base(path: &Path) -> Result<ImageFacts> {
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2", "--"])
+        .arg(path))?;
+    check_info(&out, path)
+}
+
+fn check_info(json: &[u8], path: &Path) -> Result<ImageFacts> {
+    let info: QemuImgInfo = serde_json::from_slice(json)
+        .map_err(|e| AgentError::Disk(format!("qemu-img info {}: {e}", path.display())))?;
+    if info.format != "qcow2" {
+        return Err(AgentError::Disk(format!(
+            "{} is {}, not qcow2",
+            path.display(),
+            info.format
+        )));
+    }
+    if info.backing_filename.is_some() || info.full_backing_filename.is_some() {
+        return Err(AgentError::Disk(format!(
+            "{} has a backing file; catalogue images must be self-contained",
+            path.display()
+        )));
+    }
+    let data_file = info
+        .format_specific
+        .and_then(|f| f.data)
+        .and_then(|d| d.get("data-file").cloned());
+    if data_file.is_some() {
+        return Err(AgentError::Disk(format!(
+            "{} has an external data file; refused",
+            path.display()
+        )));
+    }
+    Ok(ImageFacts {
+        virtual_size: info.virtual_size,
+        actual_size: info.actual_size,
+    })
+}
+
+/// Creates `overlay` on top of `base` with `size_bytes` of virtual size.
+pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: u64) -> Result<()> {
+    run(std::process::Command::new("qemu-img")
+        .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg("--")
+        .arg(overlay)
+        .arg(size_bytes.to_string()))?;
+    Ok(())
+}
+
+/// True when `overlay` is a qcow2 whose backing file is exactly `base`; used to
+/// decide whether a leftover file from an interrupted ensure can be kept.
+pub fn overlay_matches(base: &Path, overlay: &Path) -> bool {
+    let Ok(out) = run(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2", "--"])
+        .arg(overlay))
+    else {
+        return false;
+    };
+    let Ok(info) = serde_json::from_slice::<QemuImgInfo>(&out) else {
+        return false;
+    };
+    info.full_backing_filename
+        .or(info.backing_filename)
+        .is_some_and(|b| Path::new(&b) == base)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn info_with_backing_file_or_data_file_is_refused() {
+        let p = Path::new("/x.qcow2");
+        let ok = br#"{"format":"qcow2","virtual-size":1073741824,"actual-size":200704}"#;
+        assert_eq!(
+            check_info(ok, p).unwrap(),
+            ImageFacts {
+                virtual_size: GIB,
+                actual_size: 200704
+            }
+        );
+        let backing = br#"{"format":"qcow2","virtual-size":1,"backing-filename":"/etc/shadow"}"#;
+        assert!(check_info(backing, p).unwrap_err().to_string().contains("backing file"));
+        let data = br#"{"format":"qcow2","virtual-size":1,"format-specific":{"type":"qcow2","data":{"data-file":"/dev/sda"}}}"#;
+        assert!(check_info(data, p).unwrap_err().to_string().contains("data file"));
+        let raw = br#"{"format":"raw","virtual-size":1}"#;
+        assert!(check_info(raw, p).unwrap_err().to_string().contains("not qcow2"));
+    }
+
+    #[test]
+    fn real_overlay_on_real_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2"])
+            .arg(&base)
+            .arg("64M"))
+        .unwrap();
+        assert_eq!(inspect_base(&base).unwrap().virtual_size, 64 << 20);
+        let overlay = dir.path().join("root.qcow2");
+        create_overlay(&base, &overlay, GIB).unwrap();
+        assert!(overlay_matches(&base, &overlay));
+        // The overlay itself has a backing file, so it can never be a base.
+        assert!(inspect_base(&overlay).is_err());
+        assert!(!overlay_matches(&dir.path().join("other.qcow2"), &overlay));
+    }
+}

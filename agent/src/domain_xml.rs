@@ -1,0 +1,467 @@
+//! Libvirt domain XML, built by a serializer from typed structs. Nothing here
+//! pastes strings into XML: names, titles and paths are escaped by quick-xml.
+
+use serde::{Deserialize, Serialize};
+use std::path::PathBuf;
+
+use crate::error::{AgentError, Result};
+
+/// Namespace of Betang's element inside `<metadata>`.
+pub const METADATA_URI: &str = "https://betang.dev/xmlns/vps/1";
+pub const METADATA_KEY: &str = "betang";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DomainType {
+    Kvm,
+    Qemu,
+}
+
+impl DomainType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DomainType::Kvm => "kvm",
+            DomainType::Qemu => "qemu",
+        }
+    }
+}
+
+/// What Betang keeps in the domain itself, so an agent can adopt its guests
+/// from libvirt alone.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename = "vps")]
+pub struct VpsMetadata {
+    #[serde(rename = "@id")]
+    pub vps_id: String,
+    #[serde(rename = "@generation")]
+    pub generation: u64,
+    #[serde(rename = "@name")]
+    pub name: String,
+}
+
+impl VpsMetadata {
+    /// The element as libvirt's metadata API wants it (namespace given separately).
+    pub fn to_xml(&self) -> Result<String> {
+        quick_xml::se::to_string(self).map_err(|e| AgentError::Xml(e.to_string()))
+    }
+
+    pub fn from_xml(xml: &str) -> Result<Self> {
+        quick_xml::de::from_str(xml).map_err(|e| AgentError::Xml(e.to_string()))
+    }
+}
+
+/// Everything needed to define one guest.
+#[derive(Debug, Clone)]
+pub struct DomainSpec {
+    pub domain_type: DomainType,
+    pub name: String,
+    pub uuid: String,
+    pub title: String,
+    pub metadata: VpsMetadata,
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub root_disk: PathBuf,
+    pub seed_disk: PathBuf,
+    pub serial_log: PathBuf,
+    pub network: crate::config::NetworkConfig,
+}
+
+#[derive(Serialize)]
+#[serde(rename = "domain")]
+struct Domain<'a> {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    name: &'a str,
+    uuid: &'a str,
+    title: &'a str,
+    metadata: Metadata<'a>,
+    memory: Sized,
+    #[serde(rename = "currentMemory")]
+    current_memory: Sized,
+    vcpu: u32,
+    os: Os,
+    features: Features,
+    on_poweroff: &'static str,
+    on_reboot: &'static str,
+    on_crash: &'static str,
+    devices: Devices<'a>,
+}
+
+#[derive(Serialize)]
+struct Metadata<'a> {
+    #[serde(rename = "betang:vps")]
+    vps: MetadataVps<'a>,
+}
+
+#[derive(Serialize)]
+struct MetadataVps<'a> {
+    #[serde(rename = "@xmlns:betang")]
+    xmlns: &'static str,
+    #[serde(rename = "@id")]
+    id: &'a str,
+    #[serde(rename = "@generation")]
+    generation: u64,
+    #[serde(rename = "@name")]
+    name: &'a str,
+}
+
+#[derive(Serialize)]
+struct Sized {
+    #[serde(rename = "@unit")]
+    unit: &'static str,
+    #[serde(rename = "$text")]
+    value: u64,
+}
+
+#[derive(Serialize)]
+struct Os {
+    #[serde(rename = "type")]
+    kind: OsType,
+    boot: Boot,
+}
+
+#[derive(Serialize)]
+struct OsType {
+    #[serde(rename = "@arch")]
+    arch: &'static str,
+    #[serde(rename = "@machine")]
+    machine: &'static str,
+    #[serde(rename = "$text")]
+    value: &'static str,
+}
+
+#[derive(Serialize)]
+struct Boot {
+    #[serde(rename = "@dev")]
+    dev: &'static str,
+}
+
+/// Without ACPI a guest can never honour a graceful shutdown.
+#[derive(Serialize)]
+struct Features {
+    acpi: (),
+    apic: (),
+}
+
+#[derive(Serialize)]
+struct Devices<'a> {
+    disk: Vec<Disk>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    interface: Option<Interface<'a>>,
+    serial: Serial,
+    console: Console,
+}
+
+#[derive(Serialize)]
+struct Disk {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@device")]
+    device: &'static str,
+    driver: DiskDriver,
+    source: FileSource,
+    target: DiskTarget,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    readonly: Option<()>,
+}
+
+#[derive(Serialize)]
+struct DiskDriver {
+    #[serde(rename = "@name")]
+    name: &'static str,
+    #[serde(rename = "@type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct FileSource {
+    #[serde(rename = "@file")]
+    file: String,
+}
+
+#[derive(Serialize)]
+struct DiskTarget {
+    #[serde(rename = "@dev")]
+    dev: &'static str,
+    #[serde(rename = "@bus")]
+    bus: &'static str,
+}
+
+#[derive(Serialize)]
+struct Interface<'a> {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    source: InterfaceSource<'a>,
+    model: InterfaceModel,
+}
+
+#[derive(Serialize)]
+struct InterfaceSource<'a> {
+    #[serde(rename = "@network", skip_serializing_if = "Option::is_none")]
+    network: Option<&'a str>,
+    #[serde(rename = "@bridge", skip_serializing_if = "Option::is_none")]
+    bridge: Option<&'a str>,
+}
+
+#[derive(Serialize)]
+struct InterfaceModel {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+}
+
+#[derive(Serialize)]
+struct Serial {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    source: PathSource,
+    target: SerialTarget,
+}
+
+#[derive(Serialize)]
+struct PathSource {
+    #[serde(rename = "@path")]
+    path: String,
+}
+
+#[derive(Serialize)]
+struct SerialTarget {
+    #[serde(rename = "@port")]
+    port: u32,
+}
+
+#[derive(Serialize)]
+struct Console {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    source: PathSource,
+    target: ConsoleTarget,
+}
+
+#[derive(Serialize)]
+struct ConsoleTarget {
+    #[serde(rename = "@type")]
+    kind: &'static str,
+    #[serde(rename = "@port")]
+    port: u32,
+}
+
+fn path_string(p: &std::path::Path) -> Result<String> {
+    p.to_str()
+        .map(str::to_owned)
+        .ok_or_else(|| AgentError::Xml(format!("path {} is not UTF-8", p.display())))
+}
+
+impl DomainSpec {
+    pub fn to_xml(&self) -> Result<String> {
+        use crate::config::NetworkConfig;
+        let serial_path = path_string(&self.serial_log)?;
+        let interface = match &self.network {
+            NetworkConfig::None => None,
+            NetworkConfig::Network { source } => Some(Interface {
+                kind: "network",
+                source: InterfaceSource {
+                    network: Some(source),
+                    bridge: None,
+                },
+                model: InterfaceModel { kind: "virtio" },
+            }),
+            NetworkConfig::Bridge { source } => Some(Interface {
+                kind: "bridge",
+                source: InterfaceSource {
+                    network: None,
+                    bridge: Some(source),
+                },
+                model: InterfaceModel { kind: "virtio" },
+            }),
+        };
+        let doc = Domain {
+            kind: self.domain_type.as_str(),
+            name: &self.name,
+            uuid: &self.uuid,
+            title: &self.title,
+            metadata: Metadata {
+                vps: MetadataVps {
+                    xmlns: METADATA_URI,
+                    id: &self.metadata.vps_id,
+                    generation: self.metadata.generation,
+                    name: &self.metadata.name,
+                },
+            },
+            memory: Sized {
+                unit: "MiB",
+                value: self.memory_mib,
+            },
+            current_memory: Sized {
+                unit: "MiB",
+                value: self.memory_mib,
+            },
+            vcpu: self.vcpus,
+            os: Os {
+                kind: OsType {
+                    arch: "x86_64",
+                    machine: "pc",
+                    value: "hvm",
+                },
+                boot: Boot { dev: "hd" },
+            },
+            features: Features { acpi: (), apic: () },
+            on_poweroff: "destroy",
+            on_reboot: "restart",
+            on_crash: "restart",
+            devices: Devices {
+                disk: vec![
+                    Disk {
+                        kind: "file",
+                        device: "disk",
+                        driver: DiskDriver {
+                            name: "qemu",
+                            kind: "qcow2",
+                        },
+                        source: FileSource {
+                            file: path_string(&self.root_disk)?,
+                        },
+                        target: DiskTarget {
+                            dev: "vda",
+                            bus: "virtio",
+                        },
+                        readonly: None,
+                    },
+                    Disk {
+                        kind: "file",
+                        device: "disk",
+                        driver: DiskDriver {
+                            name: "qemu",
+                            kind: "raw",
+                        },
+                        source: FileSource {
+                            file: path_string(&self.seed_disk)?,
+                        },
+                        target: DiskTarget {
+                            dev: "vdb",
+                            bus: "virtio",
+                        },
+                        readonly: Some(()),
+                    },
+                ],
+                interface,
+                serial: Serial {
+                    kind: "file",
+                    source: PathSource {
+                        path: serial_path.clone(),
+                    },
+                    target: SerialTarget { port: 0 },
+                },
+                console: Console {
+                    kind: "file",
+                    source: PathSource { path: serial_path },
+                    target: ConsoleTarget {
+                        kind: "serial",
+                        port: 0,
+                    },
+                },
+            },
+        };
+        quick_xml::se::to_string(&doc).map_err(|e| AgentError::Xml(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::NetworkConfig;
+
+    fn spec(title: &str) -> DomainSpec {
+        DomainSpec {
+            domain_type: DomainType::Qemu,
+            name: "betang-0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
+            uuid: "0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
+            title: title.into(),
+            metadata: VpsMetadata {
+                vps_id: "0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
+                generation: 7,
+                name: title.into(),
+            },
+            vcpus: 2,
+            memory_mib: 128,
+            root_disk: "/var/lib/betang/vms/x/root.qcow2".into(),
+            seed_disk: "/var/lib/betang/vms/x/seed.img".into(),
+            serial_log: "/var/lib/betang/vms/x/console.log".into(),
+            network: NetworkConfig::None,
+        }
+    }
+
+    #[test]
+    fn hostile_title_is_escaped() {
+        let hostile = r#"web"/><devices><disk file='/etc/shadow'/>&amp;<!--"#;
+        let xml = spec(hostile).to_xml().unwrap();
+        assert!(!xml.contains("<disk file='/etc/shadow'"), "{xml}");
+        assert!(!xml.contains("<!--"), "{xml}");
+        // Parsing the document back yields exactly the hostile string.
+        let mut reader = quick_xml::Reader::from_str(&xml);
+        let mut titles = Vec::new();
+        let mut in_title = false;
+        loop {
+            match reader.read_event().unwrap() {
+                quick_xml::events::Event::Start(e) if e.name().as_ref() == b"title" => {
+                    in_title = true
+                }
+                quick_xml::events::Event::Text(t) if in_title => {
+                    titles.push(t.xml_content().unwrap().into_owned());
+                    in_title = false;
+                }
+                quick_xml::events::Event::Eof => break,
+                _ => {}
+            }
+        }
+        assert_eq!(titles, vec![hostile.to_string()]);
+        assert_eq!(xml.matches("<disk ").count(), 2);
+    }
+
+    #[test]
+    fn shape_of_the_domain() {
+        let xml = spec("web").to_xml().unwrap();
+        for needle in [
+            r#"<domain type="qemu">"#,
+            r#"<memory unit="MiB">128</memory>"#,
+            "<vcpu>2</vcpu>",
+            r#"<boot dev="hd"/>"#,
+            "<features><acpi/><apic/></features>",
+            r#"<driver name="qemu" type="qcow2"/>"#,
+            r#"<driver name="qemu" type="raw"/>"#,
+            r#"<target dev="vdb" bus="virtio"/><readonly/>"#,
+            r#"<betang:vps xmlns:betang="https://betang.dev/xmlns/vps/1" id="0192c3a4-5b6c-7d8e-9f00-112233445566" generation="7" name="web"/>"#,
+            r#"<serial type="file"><source path="/var/lib/betang/vms/x/console.log"/>"#,
+        ] {
+            assert!(xml.contains(needle), "missing {needle} in {xml}");
+        }
+        assert!(!xml.contains("<interface"));
+    }
+
+    #[test]
+    fn bridge_interface() {
+        let mut s = spec("web");
+        s.network = NetworkConfig::Bridge {
+            source: "br0".into(),
+        };
+        let xml = s.to_xml().unwrap();
+        assert!(
+            xml.contains(r#"<interface type="bridge"><source bridge="br0"/><model type="virtio"/></interface>"#),
+            "{xml}"
+        );
+    }
+
+    #[test]
+    fn metadata_round_trips() {
+        let m = VpsMetadata {
+            vps_id: "0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
+            generation: 42,
+            name: "a<b&\"c".into(),
+        };
+        let xml = m.to_xml().unwrap();
+        assert_eq!(VpsMetadata::from_xml(&xml).unwrap(), m);
+        // libvirt hands the element back with its namespace prefix.
+        let prefixed = r#"<betang:vps xmlns:betang="https://betang.dev/xmlns/vps/1" id="0192c3a4-5b6c-7d8e-9f00-112233445566" generation="3" name="web"/>"#;
+        let back = VpsMetadata::from_xml(prefixed).unwrap();
+        assert_eq!(back.generation, 3);
+    }
+}

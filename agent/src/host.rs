@@ -1,0 +1,69 @@
+//! What this host offers and uses, as the controller sees it.
+
+use betang_proto::v1::{HostCapacity, HostInfoResponse, Image};
+
+use crate::{config::CapacityConfig, error::Result, usage::HostSampler, vms::VmManager};
+
+pub struct HostReporter {
+    host_id: String,
+    hostname: String,
+    capacity: Option<CapacityConfig>,
+    sampler: HostSampler,
+}
+
+impl HostReporter {
+    pub fn new(host_id: String, capacity: Option<CapacityConfig>) -> Self {
+        HostReporter {
+            host_id,
+            hostname: sysinfo::System::host_name().unwrap_or_default(),
+            capacity,
+            sampler: HostSampler::default(),
+        }
+    }
+
+    pub fn host_id(&self) -> &str {
+        &self.host_id
+    }
+
+    pub fn usage(&self, vms: &VmManager) -> betang_proto::v1::HostUsage {
+        self.sampler.sample(vms.vm_dir())
+    }
+
+    pub async fn info(&self, vms: &VmManager) -> Result<HostInfoResponse> {
+        let capacity = match self.capacity {
+            Some(c) => HostCapacity {
+                vcpus: c.vcpus,
+                memory_mib: c.memory_mib,
+                disk_gib: c.disk_gib,
+            },
+            None => {
+                let node = vms.hypervisor().call(|hv| hv.node()).await?;
+                let (_, disk_total) = crate::usage::disk_of(vms.vm_dir());
+                HostCapacity {
+                    vcpus: node.cpus,
+                    memory_mib: node.memory_kib / 1024,
+                    disk_gib: disk_total / crate::disks::GIB,
+                }
+            }
+        };
+        let images = vms
+            .catalog()
+            .images()
+            .map(|i| Image {
+                name: i.name.clone(),
+                description: i.description.clone(),
+                os: i.os.clone(),
+                min_disk_gib: i.min_disk_gib(),
+                size_bytes: i.size_bytes,
+            })
+            .collect();
+        Ok(HostInfoResponse {
+            host_id: self.host_id.clone(),
+            hostname: self.hostname.clone(),
+            capacity: Some(capacity),
+            usage: Some(self.usage(vms)),
+            images,
+            domain_type: vms.domain_type().as_str().to_owned(),
+        })
+    }
+}

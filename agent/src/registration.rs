@@ -1,0 +1,76 @@
+//! Registering with the controller and sending heartbeats that carry host and
+//! per-VM usage. A controller that forgot this host (or restarted on an empty
+//! store) answers `NotFound`, and the agent registers again.
+
+use std::{sync::Arc, time::Duration};
+
+use betang_proto::v1::{
+    HeartbeatRequest, RegisterHostRequest, registry_service_client::RegistryServiceClient,
+};
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::{host::HostReporter, vms::VmManager};
+
+pub struct Registration {
+    pub controller: Channel,
+    pub advertise: String,
+    pub host: Arc<HostReporter>,
+    pub vms: Arc<VmManager>,
+    pub interval: Duration,
+}
+
+impl Registration {
+    async fn register(&self, client: &mut RegistryServiceClient<Channel>) -> anyhow::Result<()> {
+        let info = self.host.info(&self.vms).await?;
+        client
+            .register_host(RegisterHostRequest {
+                info: Some(info),
+                agent_endpoint: self.advertise.clone(),
+            })
+            .await?;
+        info!(host_id = %self.host.host_id(), "registered with the controller");
+        Ok(())
+    }
+
+    /// Runs until the task is dropped.
+    pub async fn run(self) {
+        let mut client = RegistryServiceClient::new(self.controller.clone());
+        let mut registered = false;
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            if !registered {
+                match self.register(&mut client).await {
+                    Ok(()) => registered = true,
+                    Err(e) => {
+                        warn!(error = %e, "cannot register with the controller yet");
+                        continue;
+                    }
+                }
+            }
+            let (vms, vms_listed) = match self.vms.list().await {
+                Ok(v) => (v, true),
+                Err(e) => {
+                    warn!(error = %e, "cannot list VMs for the heartbeat");
+                    (Vec::new(), false)
+                }
+            };
+            let hb = HeartbeatRequest {
+                host_id: self.host.host_id().to_owned(),
+                usage: Some(self.host.usage(&self.vms)),
+                vms,
+                vms_listed,
+            };
+            match client.heartbeat(hb).await {
+                Ok(_) => {}
+                Err(s) if s.code() == tonic::Code::NotFound => {
+                    warn!("controller does not know this host; registering again");
+                    registered = false;
+                }
+                Err(s) => warn!(error = %s, "heartbeat failed"),
+            }
+        }
+    }
+}

@@ -1,0 +1,135 @@
+//! Wiring: the hypervisor, the VM manager, the gRPC server with health and
+//! reflection, the registration loop and the reconcile timer.
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use anyhow::Context;
+use betang_proto::v1::agent_service_server::AgentServiceServer;
+use tokio::{net::TcpListener, task::JoinHandle};
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::{Endpoint, Server};
+use tracing::{info, warn};
+
+use crate::{
+    config::{AgentConfig, DomainTypeSetting},
+    domain_xml::DomainType,
+    host::HostReporter,
+    hypervisor::{Blocking, Hypervisor, LibvirtHypervisor, probe_domain_type},
+    registration::Registration,
+    service::AgentApi,
+    vms::VmManager,
+};
+
+/// A running agent. Dropping it stops its tasks.
+pub struct RunningAgent {
+    pub addr: SocketAddr,
+    pub vms: Arc<VmManager>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl RunningAgent {
+    pub fn shutdown(&mut self) {
+        for t in self.tasks.drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for RunningAgent {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Resolves `auto` into the domain type that works on this host.
+pub async fn domain_type_for(cfg: &AgentConfig) -> DomainType {
+    match cfg.domain_type {
+        DomainTypeSetting::Kvm => DomainType::Kvm,
+        DomainTypeSetting::Qemu => DomainType::Qemu,
+        DomainTypeSetting::Auto => {
+            let uri = cfg.libvirt_uri.clone();
+            tokio::task::spawn_blocking(move || probe_domain_type(&uri))
+                .await
+                .unwrap_or(DomainType::Qemu)
+        }
+    }
+}
+
+/// Starts the agent on an already bound listener (tests bind port 0).
+pub async fn start(cfg: AgentConfig, listener: TcpListener) -> anyhow::Result<RunningAgent> {
+    cfg.validate()?;
+    let addr = listener.local_addr()?;
+    let uri = cfg.libvirt_uri.clone();
+    let hv: Arc<dyn Hypervisor> = Arc::new(
+        tokio::task::spawn_blocking(move || LibvirtHypervisor::new(&uri))
+            .await?
+            .with_context(|| format!("connecting to {}", cfg.libvirt_uri))?,
+    );
+    let domain_type = domain_type_for(&cfg).await;
+    info!(host_id = %cfg.host_id, uri = %cfg.libvirt_uri, domain_type = domain_type.as_str(), %addr, "agent starting");
+    let blocking = Blocking::new(hv, Duration::from_secs(cfg.libvirt_call_timeout_seconds));
+    let vms = Arc::new(VmManager::new(
+        blocking,
+        cfg.image_dir.clone(),
+        cfg.vm_dir.clone(),
+        domain_type,
+        cfg.network.clone(),
+    )?);
+    let adopted = vms.reconcile().await?;
+    info!(adopted, "adopted existing guests");
+    let host = Arc::new(HostReporter::new(cfg.host_id.clone(), cfg.capacity));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<AgentServiceServer<AgentApi>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(betang_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let api = AgentApi {
+        vms: vms.clone(),
+        host: host.clone(),
+    };
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(AgentServiceServer::new(api))
+        .serve_with_incoming(TcpListenerStream::new(listener));
+    let mut tasks = vec![tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "agent gRPC server stopped");
+        }
+    })];
+
+    let controller = Endpoint::from_shared(cfg.controller_endpoint.clone())
+        .context("controller_endpoint")?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(30))
+        .connect_lazy();
+    let registration = Registration {
+        controller,
+        advertise: cfg.advertise_endpoint.clone().unwrap_or_else(|| format!("http://{addr}")),
+        host,
+        vms: vms.clone(),
+        interval: Duration::from_millis(cfg.heartbeat_interval_ms),
+    };
+    tasks.push(tokio::spawn(registration.run()));
+
+    let reconcile_vms = vms.clone();
+    let every = Duration::from_secs(cfg.reconcile_interval_seconds.max(1));
+    tasks.push(tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(every);
+        ticker.tick().await;
+        loop {
+            ticker.tick().await;
+            if let Err(e) = reconcile_vms.reload_catalog() {
+                warn!(error = %e, "cannot reload the image catalogue");
+            }
+            if let Err(e) = reconcile_vms.reconcile().await {
+                warn!(error = %e, "reconcile failed");
+            }
+        }
+    }));
+    Ok(RunningAgent { addr, vms, tasks })
+}

@@ -1,0 +1,462 @@
+//! Converging one VPS's VM to what the controller asked for. Every operation
+//! measures before it acts, so calling it again after a failure or a crash
+//! picks up where the last call stopped; a new VM that fails half-way is
+//! undone step by step, leaving neither a domain nor files behind.
+
+use std::{
+    collections::HashMap,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, RwLock},
+    time::Duration,
+};
+
+use betang_proto::v1::{PowerState, VmStatus, VpsSpec};
+use tracing::{info, instrument, warn};
+
+use crate::{
+    config::NetworkConfig,
+    disks,
+    domain_xml::{DomainSpec, DomainType, VpsMetadata},
+    error::{AgentError, Result},
+    hypervisor::{Blocking, DomainState, Power},
+    images::Catalog,
+    names,
+    seed::SeedContent,
+    usage::CpuRates,
+};
+
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
+
+pub struct EnsureArgs {
+    pub vps_id: String,
+    pub spec: VpsSpec,
+    pub desired: PowerState,
+    pub generation: u64,
+    pub stop_timeout: Duration,
+    pub force_stop: bool,
+}
+
+pub struct VmManager {
+    hv: Blocking,
+    catalog: RwLock<Arc<Catalog>>,
+    image_dir: PathBuf,
+    vm_dir: PathBuf,
+    domain_type: DomainType,
+    network: NetworkConfig,
+    /// One ensure/delete at a time per VPS; different VPS proceed in parallel.
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    pub rates: CpuRates,
+}
+
+impl VmManager {
+    pub fn new(
+        hv: Blocking,
+        image_dir: PathBuf,
+        vm_dir: PathBuf,
+        domain_type: DomainType,
+        network: NetworkConfig,
+    ) -> Result<Self> {
+        std::fs::create_dir_all(&vm_dir).map_err(|e| AgentError::io(&vm_dir, e))?;
+        let m = VmManager {
+            hv,
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            image_dir,
+            vm_dir,
+            domain_type,
+            network,
+            locks: Mutex::new(HashMap::new()),
+            rates: CpuRates::default(),
+        };
+        m.reload_catalog()?;
+        Ok(m)
+    }
+
+    pub fn domain_type(&self) -> DomainType {
+        self.domain_type
+    }
+
+    pub fn vm_dir(&self) -> &Path {
+        &self.vm_dir
+    }
+
+    pub fn hypervisor(&self) -> &Blocking {
+        &self.hv
+    }
+
+    pub fn reload_catalog(&self) -> Result<Arc<Catalog>> {
+        let c = Arc::new(Catalog::load(&self.image_dir)?);
+        for r in &c.refused {
+            warn!(entry = %r, "image refused");
+        }
+        *self.catalog.write().unwrap_or_else(|p| p.into_inner()) = c.clone();
+        Ok(c)
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn lock_for(&self, vps_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        self.locks
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(vps_id.to_owned())
+            .or_default()
+            .clone()
+    }
+
+    /// The directory of one VPS's files. Only called with a validated id.
+    fn dir_of(&self, vps_id: &str) -> PathBuf {
+        self.vm_dir.join(vps_id)
+    }
+
+    pub fn serial_log(&self, vps_id: &str) -> Result<PathBuf> {
+        names::check_vps_id(vps_id)?;
+        Ok(self.dir_of(vps_id).join("console.log"))
+    }
+
+    #[instrument(skip_all, fields(vps_id = %args.vps_id, generation = args.generation))]
+    pub async fn ensure(&self, args: EnsureArgs) -> Result<VmStatus> {
+        names::check_vps_id(&args.vps_id)?;
+        check_spec(&args.spec)?;
+        let desired = match args.desired {
+            PowerState::Running | PowerState::Stopped => args.desired,
+            other => {
+                return Err(AgentError::InvalidArgument {
+                    field: "desired_power",
+                    rule: format!("must be RUNNING or STOPPED, not {}", other.as_str_name()),
+                });
+            }
+        };
+        let lock = self.lock_for(&args.vps_id);
+        let _guard = lock.lock().await;
+        let name = names::domain_name(&args.vps_id);
+        let existing = self
+            .hv
+            .call({
+                let name = name.clone();
+                move |hv| hv.lookup(&name)
+            })
+            .await?;
+        let meta = VpsMetadata {
+            vps_id: args.vps_id.clone(),
+            generation: args.generation,
+            name: args.spec.name.clone(),
+        };
+        match existing {
+            None => self.create(&args, &name, &meta, desired).await?,
+            Some(state) => {
+                let known = state.metadata.as_ref().map_or(0, |m| m.generation);
+                if args.generation > known {
+                    self.hv
+                        .call({
+                            let (name, meta) = (name.clone(), meta.clone());
+                            move |hv| hv.set_metadata(&name, &meta)
+                        })
+                        .await?;
+                }
+            }
+        }
+        self.converge_power(&name, desired, args.stop_timeout, args.force_stop)
+            .await?;
+        self.status(&args.vps_id).await
+    }
+
+    /// Disk, seed, define. Each step is undone if a later one fails.
+    async fn create(
+        &self,
+        args: &EnsureArgs,
+        name: &str,
+        meta: &VpsMetadata,
+        desired: PowerState,
+    ) -> Result<()> {
+        let image = match self.catalog().get(&args.spec.image).cloned() {
+            Some(i) => i,
+            None => self
+                .reload_catalog()?
+                .get(&args.spec.image)
+                .cloned()
+                .ok_or_else(|| AgentError::UnknownImage(args.spec.image.clone()))?,
+        };
+        let disk_bytes = args.spec.disk_gib.saturating_mul(disks::GIB);
+        if disk_bytes < image.virtual_size {
+            return Err(AgentError::InvalidArgument {
+                field: "disk_gib",
+                rule: format!(
+                    "image {} needs at least {} GiB, {} GiB was asked",
+                    image.name,
+                    image.min_disk_gib(),
+                    args.spec.disk_gib
+                ),
+            });
+        }
+        let dir = self.dir_of(&args.vps_id);
+        let created_dir = !dir.exists();
+        let result = self.create_steps(args, name, meta, desired, &image.path, disk_bytes, &dir);
+        let result = result.await;
+        if let Err(e) = &result {
+            warn!(error = %e, "provisioning failed; undoing");
+            let undo_name = name.to_owned();
+            let _ = self.hv.call(move |hv| hv.undefine(&undo_name)).await;
+            if created_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            }
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn create_steps(
+        &self,
+        args: &EnsureArgs,
+        name: &str,
+        meta: &VpsMetadata,
+        desired: PowerState,
+        base: &Path,
+        disk_bytes: u64,
+        dir: &Path,
+    ) -> Result<()> {
+        std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+        let root = dir.join("root.qcow2");
+        let seed = dir.join("seed.img");
+        let serial = dir.join("console.log");
+        let (b, r) = (base.to_path_buf(), root.clone());
+        tokio::task::spawn_blocking(move || {
+            // A disk left by an interrupted call is kept only if it is ours.
+            if r.exists() && !disks::overlay_matches(&b, &r) {
+                std::fs::remove_file(&r).map_err(|e| AgentError::io(&r, e))?;
+            }
+            if !r.exists() {
+                disks::create_overlay(&b, &r, disk_bytes)?;
+            }
+            Ok::<_, AgentError>(())
+        })
+        .await
+        .map_err(|e| AgentError::Internal(e.to_string()))??;
+        let content = SeedContent {
+            instance_id: args.vps_id.clone(),
+            hostname: args.spec.name.clone(),
+            ssh_public_key: args.spec.ssh_public_key.clone(),
+            user_data: args.spec.user_data.clone(),
+        };
+        let s = seed.clone();
+        tokio::task::spawn_blocking(move || content.write_image(&s))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        let xml = DomainSpec {
+            domain_type: self.domain_type,
+            name: name.to_owned(),
+            uuid: args.vps_id.clone(),
+            title: args.spec.name.clone(),
+            metadata: meta.clone(),
+            vcpus: args.spec.vcpus,
+            memory_mib: args.spec.memory_mib,
+            root_disk: root,
+            seed_disk: seed,
+            serial_log: serial,
+            network: self.network.clone(),
+        }
+        .to_xml()?;
+        let (n, running) = (name.to_owned(), desired == PowerState::Running);
+        self.hv
+            .call(move |hv| {
+                hv.define(&xml)?;
+                hv.set_autostart(&n, running)?;
+                if running {
+                    hv.start(&n)?;
+                }
+                Ok(())
+            })
+            .await?;
+        info!(domain = %name, "VM defined");
+        Ok(())
+    }
+
+    async fn converge_power(
+        &self,
+        name: &str,
+        desired: PowerState,
+        stop_timeout: Duration,
+        force: bool,
+    ) -> Result<()> {
+        let running = desired == PowerState::Running;
+        let n = name.to_owned();
+        let power = self
+            .hv
+            .call(move |hv| {
+                hv.set_autostart(&n, running)?;
+                hv.lookup(&n)?
+                    .map(|s| s.power)
+                    .ok_or_else(|| AgentError::NoSuchVm(n.clone()))
+            })
+            .await?;
+        match (desired, power) {
+            (PowerState::Running, Power::Stopped | Power::Crashed) => {
+                let n = name.to_owned();
+                self.hv.call(move |hv| hv.start(&n)).await?;
+                info!(domain = %name, "started");
+            }
+            (PowerState::Stopped, Power::Running | Power::Paused) => {
+                self.stop(name, stop_timeout.min(MAX_STOP_TIMEOUT), force)
+                    .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// ACPI power button, then wait; pull the plug when the guest does not
+    /// power off in time.
+    async fn stop(&self, name: &str, timeout: Duration, force: bool) -> Result<()> {
+        if !force {
+            let n = name.to_owned();
+            self.hv.call(move |hv| hv.shutdown(&n)).await?;
+            let deadline = tokio::time::Instant::now() + timeout;
+            while tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+                let n = name.to_owned();
+                let state = self.hv.call(move |hv| hv.lookup(&n)).await?;
+                if state.is_none_or(|s| s.power == Power::Stopped) {
+                    info!(domain = %name, "stopped gracefully");
+                    return Ok(());
+                }
+            }
+            warn!(domain = %name, ?timeout, "guest did not power off in time; forcing");
+        }
+        let n = name.to_owned();
+        self.hv.call(move |hv| hv.destroy(&n)).await?;
+        info!(domain = %name, "stopped by force");
+        Ok(())
+    }
+
+    #[instrument(skip(self))]
+    pub async fn delete(&self, vps_id: &str) -> Result<()> {
+        names::check_vps_id(vps_id)?;
+        let lock = self.lock_for(vps_id);
+        let _guard = lock.lock().await;
+        let name = names::domain_name(vps_id);
+        self.hv.call(move |hv| hv.undefine(&name)).await?;
+        let dir = self.dir_of(vps_id);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(AgentError::io(&dir, e)),
+        }
+        self.rates.forget(vps_id);
+        info!("VM deleted");
+        Ok(())
+    }
+
+    #[instrument(skip(self))]
+    pub async fn reboot(&self, vps_id: &str, force: bool) -> Result<VmStatus> {
+        names::check_vps_id(vps_id)?;
+        let name = names::domain_name(vps_id);
+        self.hv.call(move |hv| hv.reboot(&name, force)).await?;
+        self.status(vps_id).await
+    }
+
+    pub async fn status(&self, vps_id: &str) -> Result<VmStatus> {
+        let name = names::domain_name(vps_id);
+        let n = name.clone();
+        let state = self
+            .hv
+            .call(move |hv| hv.lookup(&n))
+            .await?
+            .ok_or_else(|| AgentError::NoSuchVm(vps_id.to_owned()))?;
+        Ok(self.status_of(vps_id, &state).await)
+    }
+
+    /// Status with usage; a domain whose stats do not come in time is still
+    /// reported, without usage.
+    async fn status_of(&self, vps_id: &str, state: &DomainState) -> VmStatus {
+        let n = state.name.clone();
+        let usage = self
+            .hv
+            .call_within(Duration::from_secs(5), move |hv| hv.stats(&n))
+            .await
+            .ok()
+            .map(|s| self.rates.usage(vps_id, &s));
+        VmStatus {
+            vps_id: vps_id.to_owned(),
+            power: state.power.to_proto() as i32,
+            generation: state.metadata.as_ref().map_or(0, |m| m.generation),
+            usage,
+            vcpus: state.vcpus,
+            memory_mib: state.memory_kib / 1024,
+            domain_name: state.name.clone(),
+        }
+    }
+
+    /// Every VM this agent owns, with usage, measured concurrently so one slow
+    /// domain does not hold up the others.
+    pub async fn list(&self) -> Result<Vec<VmStatus>> {
+        let states = self.hv.call(|hv| hv.list_owned()).await?;
+        let futs = states.iter().filter_map(|s| {
+            let id = names::vps_id_of_domain(&s.name)?;
+            Some(self.status_of(id, s))
+        });
+        Ok(futures::future::join_all(futs).await)
+    }
+
+    /// Adopts the domains libvirt already has (after an agent restart, a
+    /// libvirtd restart or a host reboot) and restarts those that crashed
+    /// while they should run. Desired power is what the last ensure recorded
+    /// in the domain's autostart flag. Running guests are never touched, and a
+    /// guest that powered itself off is left off: the controller hears of it
+    /// from the next heartbeat and records it as stopped.
+    pub async fn reconcile(&self) -> Result<usize> {
+        let states = self.hv.call(|hv| hv.list_owned()).await?;
+        let count = states.len();
+        for s in states {
+            let Some(id) = names::vps_id_of_domain(&s.name) else {
+                continue;
+            };
+            if s.metadata.as_ref().is_none_or(|m| m.vps_id != id) {
+                warn!(domain = %s.name, "domain has Betang's prefix but no matching metadata; left alone");
+                continue;
+            }
+            if s.autostart && s.power == Power::Crashed {
+                warn!(domain = %s.name, vps_id = %id, "crashed guest; starting it again");
+                let n = s.name.clone();
+                if let Err(e) = self
+                    .hv
+                    .call(move |hv| {
+                        hv.destroy(&n)?;
+                        hv.start(&n)
+                    })
+                    .await
+                {
+                    warn!(domain = %s.name, error = %e, "restart failed");
+                }
+            }
+        }
+        Ok(count)
+    }
+}
+
+/// The agent checks what it relies on itself; the controller's validation is
+/// stricter and speaks to people.
+fn check_spec(spec: &VpsSpec) -> Result<()> {
+    names::check_hostname(&spec.name)?;
+    names::check_image_name(&spec.image)?;
+    let bad = |field: &'static str, rule: &str| {
+        Err(AgentError::InvalidArgument {
+            field,
+            rule: rule.to_owned(),
+        })
+    };
+    if spec.vcpus == 0 || spec.vcpus > 256 {
+        return bad("vcpus", "must be between 1 and 256");
+    }
+    if spec.memory_mib < 16 || spec.memory_mib > 4 * 1024 * 1024 {
+        return bad("memory_mib", "must be between 16 and 4194304");
+    }
+    if spec.disk_gib == 0 || spec.disk_gib > 64 * 1024 {
+        return bad("disk_gib", "must be between 1 and 65536");
+    }
+    Ok(())
+}

@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Makes sure libvirtd (qemu:///system) answers. Starts virtlogd and libvirtd
+# only when they are not already running, so a libvirtd someone else runs is
+# never touched. Works with and without systemd.
+set -euo pipefail
+
+libvirtd_answers() { virsh -c qemu:///system version >/dev/null 2>&1; }
+
+ensure_libvirtd() {
+  if libvirtd_answers; then
+    return 0
+  fi
+  getent group kvm >/dev/null || groupadd --system kvm
+  getent group libvirt-qemu >/dev/null || groupadd --system libvirt-qemu
+  getent passwd libvirt-qemu >/dev/null ||
+    useradd --system --no-create-home --home-dir /var/lib/libvirt --gid kvm \
+      --shell /usr/sbin/nologin libvirt-qemu
+  mkdir -p /var/log/libvirt /var/run/libvirt /var/lib/libvirt/qemu \
+    /var/lib/libvirt/images /var/cache/libvirt
+  if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
+    systemctl start virtlogd.socket libvirtd.socket libvirtd.service >/dev/null 2>&1 || true
+  fi
+  if ! libvirtd_answers; then
+    pgrep -x virtlogd >/dev/null || virtlogd -d
+    pgrep -x libvirtd >/dev/null || libvirtd -d
+  fi
+  for _ in $(seq 1 50); do
+    libvirtd_answers && return 0
+    sleep 0.2
+  done
+  echo "libvirtd did not answer on qemu:///system" >&2
+  return 1
+}
+
+if [ "${BASH_SOURCE[0]}" = "$0" ]; then
+  ensure_libvirtd
+fi

@@ -1,0 +1,9 @@
+//! Betang's versioned gRPC API. Everything is generated from `proto/betang/v1`.
+
+pub mod v1 {
+    #![allow(clippy::all, clippy::pedantic)]
+    tonic::include_proto!("betang.v1");
+
+    /// Encoded descriptors of every `betang.v1` file, for gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("betang_v1_descriptor");
+}
