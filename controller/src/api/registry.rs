@@ -1,0 +1,75 @@
+use betang_proto::v1::{
+    HeartbeatRequest, HeartbeatResponse, RegisterHostRequest, RegisterHostResponse,
+    registry_service_server::RegistryService,
+};
+use tonic::{Request, Response, Status};
+use tracing::{info, instrument};
+
+use super::Ctx;
+use crate::{error::ApiError, ids::HostId, now_ms, store::hosts};
+
+pub struct RegistryApi {
+    pub ctx: Ctx,
+}
+
+fn check_endpoint(e: &str) -> Result<(), ApiError> {
+    let ok = (e.starts_with("http://") || e.starts_with("https://"))
+        && e.len() <= 255
+        && e.parse::<tonic::transport::Uri>().is_ok();
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            "agent_endpoint",
+            "must be an http:// or https:// URL",
+        ))
+    }
+}
+
+#[tonic::async_trait]
+impl RegistryService for RegistryApi {
+    #[instrument(skip_all, fields(host_id))]
+    async fn register_host(
+        &self,
+        req: Request<RegisterHostRequest>,
+    ) -> Result<Response<RegisterHostResponse>, Status> {
+        let r = req.into_inner();
+        let info = r
+            .info
+            .ok_or_else(|| ApiError::invalid("info", "is required"))?;
+        HostId::parse(&info.host_id)?;
+        tracing::Span::current().record("host_id", info.host_id.as_str());
+        check_endpoint(&r.agent_endpoint)?;
+        for img in &info.images {
+            crate::validation::image(&img.name)?;
+        }
+        let now = now_ms();
+        let endpoint = r.agent_endpoint.clone();
+        self.ctx
+            .store
+            .run(move |c| hosts::register(c, &info, &endpoint, now))
+            .await?;
+        info!(endpoint = %r.agent_endpoint, "host registered");
+        // A returning host may have work waiting.
+        self.ctx.wake.notify_one();
+        Ok(Response::new(RegisterHostResponse {
+            heartbeat_interval_ms: self.ctx.cfg.heartbeat_interval_ms,
+        }))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatResponse>, Status> {
+        let r = req.into_inner();
+        let host = HostId::parse(&r.host_id)?;
+        let now = now_ms();
+        self.ctx
+            .store
+            .run(move |c| {
+                hosts::heartbeat(c, &host, r.usage.as_ref(), &r.vms, r.vms_listed, now)
+            })
+            .await?;
+        Ok(Response::new(HeartbeatResponse {}))
+    }
+}

@@ -1,0 +1,109 @@
+//! The controller's configuration file (TOML). Unknown keys are refused.
+
+use std::{net::SocketAddr, path::PathBuf};
+
+use serde::Deserialize;
+
+use crate::scheduler::Ratios;
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControllerConfig {
+    /// The gRPC API for people, tools and agents. Loopback by default.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Holds `betang.db`.
+    pub data_dir: PathBuf,
+    #[serde(default)]
+    pub overcommit: Ratios,
+    /// A host whose last heartbeat is older than this is DOWN.
+    #[serde(default = "default_down_after_ms")]
+    pub host_down_after_ms: u64,
+    /// Heartbeat interval the controller asks agents for.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u32,
+    /// How often the reconciler looks for work without being woken.
+    #[serde(default = "default_reconcile_ms")]
+    pub reconcile_interval_ms: u64,
+    /// A VPS still being built after this long goes to ERROR.
+    #[serde(default = "default_build_timeout_s")]
+    pub build_timeout_seconds: u64,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7000))
+}
+fn default_down_after_ms() -> u64 {
+    10_000
+}
+fn default_heartbeat_ms() -> u32 {
+    2_000
+}
+fn default_reconcile_ms() -> u64 {
+    2_000
+}
+fn default_build_timeout_s() -> u64 {
+    600
+}
+
+impl ControllerConfig {
+    pub fn from_toml(text: &str) -> anyhow::Result<Self> {
+        let c: ControllerConfig = toml::from_str(text)?;
+        c.validate()?;
+        Ok(c)
+    }
+
+    pub fn validate(&self) -> anyhow::Result<()> {
+        for (field, v) in [
+            ("overcommit.cpu", self.overcommit.cpu),
+            ("overcommit.memory", self.overcommit.memory),
+            ("overcommit.disk", self.overcommit.disk),
+        ] {
+            anyhow::ensure!(
+                v.is_finite() && (0.1..=64.0).contains(&v),
+                "{field}: must be between 0.1 and 64, got {v}"
+            );
+        }
+        anyhow::ensure!(
+            self.host_down_after_ms > u64::from(self.heartbeat_interval_ms),
+            "host_down_after_ms: must be longer than heartbeat_interval_ms"
+        );
+        Ok(())
+    }
+
+    /// A configuration for tests and tools: everything default but the data dir.
+    pub fn with_data_dir(data_dir: PathBuf) -> Self {
+        ControllerConfig {
+            listen: default_listen(),
+            data_dir,
+            overcommit: Ratios::default(),
+            host_down_after_ms: default_down_after_ms(),
+            heartbeat_interval_ms: default_heartbeat_ms(),
+            reconcile_interval_ms: default_reconcile_ms(),
+            build_timeout_seconds: default_build_timeout_s(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_example_parses() {
+        let c = ControllerConfig::from_toml(include_str!("../../deploy/controller.example.toml"))
+            .unwrap();
+        assert_eq!(c.host_down_after_ms, 10_000);
+        assert_eq!(c.overcommit.cpu, 4.0);
+    }
+
+    #[test]
+    fn typos_and_bad_ratios_are_refused() {
+        let e = ControllerConfig::from_toml("data_dir = \"/x\"\nlisten_addr = \"1.2.3.4:5\"\n")
+            .unwrap_err();
+        assert!(e.to_string().contains("unknown field"), "{e}");
+        let e = ControllerConfig::from_toml("data_dir = \"/x\"\n[overcommit]\ncpu = -1\n")
+            .unwrap_err();
+        assert!(e.to_string().starts_with("overcommit.cpu:"), "{e}");
+    }
+}

@@ -1,0 +1,65 @@
+//! Typed errors inside the controller and their one translation into gRPC
+//! statuses at the edge.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum ApiError {
+    #[error("{field}: {rule}")]
+    InvalidArgument { field: &'static str, rule: String },
+    /// Also what a caller gets for a VPS they may not see.
+    #[error("VPS {0} not found")]
+    VpsNotFound(String),
+    #[error("host {0} not found")]
+    HostNotFound(String),
+    #[error("{0}")]
+    NoHostFits(String),
+    #[error("VPS {id} is {state}; {action} is not possible now")]
+    WrongState {
+        id: String,
+        state: &'static str,
+        action: &'static str,
+    },
+    #[error("agent on host {host}: {message}")]
+    Agent { host: String, message: String },
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl ApiError {
+    pub fn invalid(field: &'static str, rule: impl Into<String>) -> Self {
+        ApiError::InvalidArgument {
+            field,
+            rule: rule.into(),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("migration: {0}")]
+    Migration(#[from] rusqlite_migration::Error),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("store task: {0}")]
+    Task(String),
+}
+
+impl From<ApiError> for tonic::Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
+            ApiError::VpsNotFound(_) | ApiError::HostNotFound(_) => tonic::Status::not_found(msg),
+            ApiError::NoHostFits(_) => tonic::Status::resource_exhausted(msg),
+            ApiError::WrongState { .. } => tonic::Status::failed_precondition(msg),
+            ApiError::Agent { .. } => tonic::Status::unavailable(msg),
+            ApiError::Store(_) => {
+                tracing::error!(error = %msg, "store error");
+                tonic::Status::internal("internal error in the controller's store")
+            }
+        }
+    }
+}

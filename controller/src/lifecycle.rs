@@ -1,0 +1,168 @@
+//! The lifecycle of a VPS as an explicit state machine. Every change of state
+//! in the store goes through `VpsState::can_become`.
+
+use std::fmt;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum VpsState {
+    Pending,
+    Scheduled,
+    Provisioning,
+    Running,
+    Stopped,
+    Deleting,
+    Deleted,
+    Error,
+}
+
+pub const ALL_STATES: [VpsState; 8] = [
+    VpsState::Pending,
+    VpsState::Scheduled,
+    VpsState::Provisioning,
+    VpsState::Running,
+    VpsState::Stopped,
+    VpsState::Deleting,
+    VpsState::Deleted,
+    VpsState::Error,
+];
+
+impl VpsState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VpsState::Pending => "PENDING",
+            VpsState::Scheduled => "SCHEDULED",
+            VpsState::Provisioning => "PROVISIONING",
+            VpsState::Running => "RUNNING",
+            VpsState::Stopped => "STOPPED",
+            VpsState::Deleting => "DELETING",
+            VpsState::Deleted => "DELETED",
+            VpsState::Error => "ERROR",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        ALL_STATES.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// The transitions the controller may make.
+    pub fn can_become(self, next: VpsState) -> bool {
+        use VpsState::*;
+        match (self, next) {
+            (Deleted, _) => false,
+            (_, Deleting) => !matches!(self, Deleting),
+            (Deleting, Deleted | Error) => true,
+            (Deleting, _) => false,
+            (Pending, Scheduled | Error) => true,
+            (Scheduled, Provisioning | Error) => true,
+            (Provisioning, Running | Stopped | Error) => true,
+            (Running, Stopped | Error) => true,
+            (Stopped, Running | Error) => true,
+            // An ERROR VPS can be tried again; it goes back through provisioning.
+            (Error, Provisioning) => true,
+            (Pending, Deleted) => true,
+            _ => false,
+        }
+    }
+
+    /// Whether the VPS still holds capacity on its host.
+    pub fn holds_capacity(self) -> bool {
+        !matches!(self, VpsState::Deleted)
+    }
+
+    pub fn to_proto(self) -> betang_proto::v1::VpsState {
+        use betang_proto::v1::VpsState as P;
+        match self {
+            VpsState::Pending => P::Pending,
+            VpsState::Scheduled => P::Scheduled,
+            VpsState::Provisioning => P::Provisioning,
+            VpsState::Running => P::Running,
+            VpsState::Stopped => P::Stopped,
+            VpsState::Deleting => P::Deleting,
+            VpsState::Deleted => P::Deleted,
+            VpsState::Error => P::Error,
+        }
+    }
+}
+
+impl fmt::Display for VpsState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The power state the controller drives a VPS towards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DesiredPower {
+    Running,
+    Stopped,
+}
+
+impl DesiredPower {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DesiredPower::Running => "running",
+            DesiredPower::Stopped => "stopped",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "running" => Some(DesiredPower::Running),
+            "stopped" => Some(DesiredPower::Stopped),
+            _ => None,
+        }
+    }
+
+    pub fn to_proto(self) -> betang_proto::v1::PowerState {
+        match self {
+            DesiredPower::Running => betang_proto::v1::PowerState::Running,
+            DesiredPower::Stopped => betang_proto::v1::PowerState::Stopped,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::VpsState::*;
+    use super::*;
+
+    #[test]
+    fn every_transition_from_every_state() {
+        let allowed: &[(VpsState, &[VpsState])] = &[
+            (Pending, &[Scheduled, Error, Deleting, Deleted]),
+            (Scheduled, &[Provisioning, Error, Deleting]),
+            (Provisioning, &[Running, Stopped, Error, Deleting]),
+            (Running, &[Stopped, Error, Deleting]),
+            (Stopped, &[Running, Error, Deleting]),
+            (Deleting, &[Deleted, Error]),
+            (Deleted, &[]),
+            (Error, &[Provisioning, Deleting]),
+        ];
+        for (from, tos) in allowed {
+            for to in ALL_STATES {
+                assert_eq!(
+                    from.can_become(to),
+                    tos.contains(&to),
+                    "{from} -> {to} should be {}",
+                    tos.contains(&to)
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn names_round_trip() {
+        for s in ALL_STATES {
+            assert_eq!(VpsState::parse(s.as_str()), Some(s));
+        }
+        assert_eq!(VpsState::parse("running"), None);
+        assert_eq!(DesiredPower::parse("stopped"), Some(DesiredPower::Stopped));
+    }
+
+    #[test]
+    fn only_deleted_releases_capacity() {
+        for s in ALL_STATES {
+            assert_eq!(s.holds_capacity(), s != Deleted);
+        }
+    }
+}

@@ -1,0 +1,395 @@
+//! Hosts, their images, their heartbeats and the VM reports they carry.
+
+use std::collections::{BTreeSet, HashMap};
+
+use betang_proto::v1::{
+    Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, PowerState, VmStatus,
+};
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{
+    error::ApiError,
+    ids::HostId,
+    lifecycle::{DesiredPower, VpsState},
+    scheduler::{HostView, Resources},
+};
+
+/// Records a host (again). Capacity and images are replaced by what the agent says now.
+pub fn register(
+    c: &mut Connection,
+    info: &HostInfoResponse,
+    endpoint: &str,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let id = HostId::parse(&info.host_id)?;
+    let cap = info.capacity.unwrap_or_default();
+    let tx = c.transaction()?;
+    tx.execute(
+        "INSERT INTO hosts (id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
+                            registered_at_ms, last_heartbeat_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+         ON CONFLICT(id) DO UPDATE SET hostname = ?2, agent_endpoint = ?3, domain_type = ?4,
+             vcpus = ?5, memory_mib = ?6, disk_gib = ?7, last_heartbeat_ms = ?8",
+        params![
+            id.as_str(),
+            info.hostname,
+            endpoint,
+            info.domain_type,
+            cap.vcpus,
+            cap.memory_mib as i64,
+            cap.disk_gib as i64,
+            now_ms
+        ],
+    )?;
+    tx.execute("DELETE FROM host_images WHERE host_id = ?1", [id.as_str()])?;
+    for img in &info.images {
+        tx.execute(
+            "INSERT INTO host_images (host_id, name, description, os, min_disk_gib, size_bytes)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                id.as_str(),
+                img.name,
+                img.description,
+                img.os,
+                img.min_disk_gib as i64,
+                img.size_bytes as i64
+            ],
+        )?;
+    }
+    if let Some(u) = &info.usage {
+        store_usage(&tx, &id, u)?;
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn store_usage(c: &Connection, id: &HostId, u: &HostUsage) -> Result<(), ApiError> {
+    c.execute(
+        "UPDATE hosts SET cpu_percent = ?2, mem_used_bytes = ?3, mem_total_bytes = ?4,
+             disk_used_bytes = ?5, disk_total_bytes = ?6, load_1m = ?7, load_5m = ?8,
+             load_15m = ?9, usage_at_ms = ?10 WHERE id = ?1",
+        params![
+            id.as_str(),
+            u.cpu_percent,
+            u.memory_used_bytes as i64,
+            u.memory_total_bytes as i64,
+            u.disk_used_bytes as i64,
+            u.disk_total_bytes as i64,
+            u.load_1m,
+            u.load_5m,
+            u.load_15m,
+            u.sampled_at_ms
+        ],
+    )?;
+    Ok(())
+}
+
+struct VpsOnHost {
+    id: String,
+    state: VpsState,
+    desired: DesiredPower,
+    generation: u64,
+}
+
+/// Applies a heartbeat: host usage, and each VM's usage and power. A report
+/// older than the VPS's generation changes no state.
+pub fn heartbeat(
+    c: &mut Connection,
+    host_id: &HostId,
+    usage: Option<&HostUsage>,
+    vms: &[VmStatus],
+    vms_listed: bool,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let n = tx.execute(
+        "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1",
+        params![host_id.as_str(), now_ms],
+    )?;
+    if n == 0 {
+        return Err(ApiError::HostNotFound(host_id.to_string()));
+    }
+    if let Some(u) = usage {
+        store_usage(&tx, host_id, u)?;
+    }
+    let mut placed: HashMap<String, VpsOnHost> = HashMap::new();
+    {
+        let mut q = tx.prepare_cached(
+            "SELECT id, state, desired_power, generation FROM vps
+             WHERE host_id = ?1 AND state <> 'DELETED'",
+        )?;
+        let rows = q.query_map([host_id.as_str()], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, i64>(3)?,
+            ))
+        })?;
+        for row in rows {
+            let (id, state, desired, generation) = row?;
+            let (Some(state), Some(desired)) =
+                (VpsState::parse(&state), DesiredPower::parse(&desired))
+            else {
+                continue;
+            };
+            placed.insert(
+                id.clone(),
+                VpsOnHost {
+                    id,
+                    state,
+                    desired,
+                    generation: generation as u64,
+                },
+            );
+        }
+    }
+    let mut seen = BTreeSet::new();
+    for vm in vms {
+        let Some(v) = placed.get(&vm.vps_id) else {
+            continue;
+        };
+        seen.insert(v.id.clone());
+        if let Some(u) = &vm.usage {
+            tx.execute(
+                "UPDATE vps SET cpu_rate = ?2, cpu_time_ns = ?3, mem_max_bytes = ?4,
+                     mem_used_bytes = ?5, disk_read_bytes = ?6, disk_write_bytes = ?7,
+                     net_rx_bytes = ?8, net_tx_bytes = ?9, usage_at_ms = ?10 WHERE id = ?1",
+                params![
+                    v.id,
+                    u.cpu_rate,
+                    u.cpu_time_ns as i64,
+                    u.memory_max_bytes as i64,
+                    u.memory_used_bytes as i64,
+                    u.disk_read_bytes as i64,
+                    u.disk_write_bytes as i64,
+                    u.net_rx_bytes as i64,
+                    u.net_tx_bytes as i64,
+                    u.sampled_at_ms
+                ],
+            )?;
+        }
+        if vm.generation < v.generation || !matches!(v.state, VpsState::Running | VpsState::Stopped)
+        {
+            continue;
+        }
+        let power = PowerState::try_from(vm.power).unwrap_or(PowerState::Unspecified);
+        let observed = power_name(power);
+        match (v.desired, power) {
+            // The guest powered itself off: that is now what its owner wants.
+            (DesiredPower::Running, PowerState::Stopped) => {
+                tx.execute(
+                    "UPDATE vps SET state = 'STOPPED', desired_power = 'stopped',
+                         generation = generation + 1, observed_power = ?2, updated_at_ms = ?3,
+                         state_reason = 'the guest powered itself off'
+                     WHERE id = ?1",
+                    params![v.id, observed, now_ms],
+                )?;
+            }
+            _ => {
+                let state = if power == PowerState::Running {
+                    VpsState::Running
+                } else {
+                    VpsState::Stopped
+                };
+                tx.execute(
+                    "UPDATE vps SET observed_power = ?2,
+                         state = ?3,
+                         updated_at_ms = CASE WHEN state = ?3 THEN updated_at_ms ELSE ?4 END
+                     WHERE id = ?1",
+                    params![v.id, observed, state.as_str(), now_ms],
+                )?;
+            }
+        }
+    }
+    if vms_listed {
+        for v in placed.values() {
+            if !seen.contains(&v.id) && matches!(v.state, VpsState::Running | VpsState::Stopped) {
+                tx.execute(
+                    "UPDATE vps SET observed_power = 'absent' WHERE id = ?1",
+                    [&v.id],
+                )?;
+            }
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+pub fn power_name(p: PowerState) -> &'static str {
+    match p {
+        PowerState::Running => "running",
+        PowerState::Stopped => "stopped",
+        PowerState::Paused => "paused",
+        PowerState::Crashed => "crashed",
+        PowerState::Absent => "absent",
+        PowerState::Unspecified => "unknown",
+    }
+}
+
+pub fn endpoint(c: &Connection, id: &HostId) -> Result<String, ApiError> {
+    c.query_row(
+        "SELECT agent_endpoint FROM hosts WHERE id = ?1",
+        [id.as_str()],
+        |r| r.get(0),
+    )
+    .optional()?
+    .ok_or_else(|| ApiError::HostNotFound(id.to_string()))
+}
+
+fn allocations(c: &Connection) -> Result<HashMap<String, (Resources, u32)>, ApiError> {
+    let mut q = c.prepare_cached(
+        "SELECT host_id, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*) FROM vps
+         WHERE host_id IS NOT NULL AND state <> 'DELETED' GROUP BY host_id",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Resources {
+                vcpus: r.get::<_, i64>(1)? as u64,
+                memory_mib: r.get::<_, i64>(2)? as u64,
+                disk_gib: r.get::<_, i64>(3)? as u64,
+            },
+            r.get::<_, i64>(4)? as u32,
+        ))
+    })?;
+    let mut out = HashMap::new();
+    for row in rows {
+        let (h, res, n) = row?;
+        out.insert(h, (res, n));
+    }
+    Ok(out)
+}
+
+fn images(c: &Connection) -> Result<HashMap<String, Vec<Image>>, ApiError> {
+    let mut q = c.prepare_cached(
+        "SELECT host_id, name, description, os, min_disk_gib, size_bytes FROM host_images
+         ORDER BY host_id, name",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Image {
+                name: r.get(1)?,
+                description: r.get(2)?,
+                os: r.get(3)?,
+                min_disk_gib: r.get::<_, i64>(4)? as u64,
+                size_bytes: r.get::<_, i64>(5)? as u64,
+            },
+        ))
+    })?;
+    let mut out: HashMap<String, Vec<Image>> = HashMap::new();
+    for row in rows {
+        let (h, img) = row?;
+        out.entry(h).or_default().push(img);
+    }
+    Ok(out)
+}
+
+/// Every host as the scheduler sees it.
+pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<HostView>, ApiError> {
+    let alloc = allocations(c)?;
+    let imgs = images(c)?;
+    let mut q =
+        c.prepare_cached("SELECT id, vcpus, memory_mib, disk_gib, last_heartbeat_ms FROM hosts")?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, i64>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, i64>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, vcpus, mem, disk, hb) = row?;
+        out.push(HostView {
+            id: HostId::parse(&id)?,
+            up: now_ms - hb <= down_after_ms,
+            capacity: Resources {
+                vcpus: vcpus as u64,
+                memory_mib: mem as u64,
+                disk_gib: disk as u64,
+            },
+            allocated: alloc.get(&id).map(|a| a.0).unwrap_or_default(),
+            images: imgs
+                .get(&id)
+                .map(|v| v.iter().map(|i| i.name.clone()).collect())
+                .unwrap_or_default(),
+        });
+    }
+    Ok(out)
+}
+
+/// Hosts for operators, with allocation, usage and state.
+pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>, ApiError> {
+    let alloc = allocations(c)?;
+    let mut imgs = images(c)?;
+    let mut q = c.prepare_cached(
+        "SELECT id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
+                last_heartbeat_ms, cpu_percent, mem_used_bytes, mem_total_bytes,
+                disk_used_bytes, disk_total_bytes, load_1m, load_5m, load_15m, usage_at_ms
+         FROM hosts ORDER BY id",
+    )?;
+    let rows = q.query_map([], |r| {
+        let id: String = r.get(0)?;
+        let hb: i64 = r.get(7)?;
+        Ok(Host {
+            id,
+            hostname: r.get(1)?,
+            agent_endpoint: r.get(2)?,
+            domain_type: r.get(3)?,
+            state: if now_ms - hb <= down_after_ms {
+                HostState::Up as i32
+            } else {
+                HostState::Down as i32
+            },
+            capacity: Some(HostCapacity {
+                vcpus: r.get::<_, i64>(4)? as u32,
+                memory_mib: r.get::<_, i64>(5)? as u64,
+                disk_gib: r.get::<_, i64>(6)? as u64,
+            }),
+            allocated: None,
+            usage: Some(HostUsage {
+                cpu_percent: r.get(8)?,
+                memory_used_bytes: r.get::<_, i64>(9)? as u64,
+                memory_total_bytes: r.get::<_, i64>(10)? as u64,
+                disk_used_bytes: r.get::<_, i64>(11)? as u64,
+                disk_total_bytes: r.get::<_, i64>(12)? as u64,
+                load_1m: r.get(13)?,
+                load_5m: r.get(14)?,
+                load_15m: r.get(15)?,
+                sampled_at_ms: r.get(16)?,
+            }),
+            last_heartbeat_ms: hb,
+            vps_count: 0,
+            images: Vec::new(),
+        })
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let mut h = row?;
+        let (a, n) = alloc.get(&h.id).copied().unwrap_or_default();
+        h.allocated = Some(HostCapacity {
+            vcpus: a.vcpus as u32,
+            memory_mib: a.memory_mib,
+            disk_gib: a.disk_gib,
+        });
+        h.vps_count = n;
+        h.images = imgs.remove(&h.id).unwrap_or_default();
+        out.push(h);
+    }
+    Ok(out)
+}
+
+/// The images offered by at least one host, each once.
+pub fn catalogue(c: &Connection) -> Result<Vec<Image>, ApiError> {
+    let mut by_name: std::collections::BTreeMap<String, Image> = Default::default();
+    for (_, imgs) in images(c)? {
+        for i in imgs {
+            by_name.entry(i.name.clone()).or_insert(i);
+        }
+    }
+    Ok(by_name.into_values().collect())
+}
