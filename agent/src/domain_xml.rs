@@ -221,6 +221,9 @@ struct Serial {
 struct PathSource {
     #[serde(rename = "@path")]
     path: String,
+    /// Keep the console history across restarts instead of truncating it.
+    #[serde(rename = "@append")]
+    append: &'static str,
 }
 
 #[derive(Serialize)]
@@ -348,12 +351,16 @@ impl DomainSpec {
                     kind: "file",
                     source: PathSource {
                         path: serial_path.clone(),
+                        append: "on",
                     },
                     target: SerialTarget { port: 0 },
                 },
                 console: Console {
                     kind: "file",
-                    source: PathSource { path: serial_path },
+                    source: PathSource {
+                        path: serial_path,
+                        append: "on",
+                    },
                     target: ConsoleTarget {
                         kind: "serial",
                         port: 0,
@@ -419,7 +426,7 @@ mod tests {
             r#"<driver name="qemu" type="raw"/>"#,
             r#"<target dev="vdb" bus="virtio"/><readonly/>"#,
             r#"<betang:vps xmlns:betang="https://betang.dev/xmlns/vps/1" id="0192c3a4-5b6c-7d8e-9f00-112233445566" generation="7" name="web"/>"#,
-            r#"<serial type="file"><source path="/var/lib/betang/vms/x/console.log"/>"#,
+            r#"<serial type="file"><source path="/var/lib/betang/vms/x/console.log" append="on"/>"#,
         ] {
             assert!(xml.contains(needle), "missing {needle} in {xml}");
         }

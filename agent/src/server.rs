@@ -57,14 +57,24 @@ pub async fn domain_type_for(cfg: &AgentConfig) -> DomainType {
 
 /// Starts the agent on an already bound listener (tests bind port 0).
 pub async fn start(cfg: AgentConfig, listener: TcpListener) -> anyhow::Result<RunningAgent> {
-    cfg.validate()?;
-    let addr = listener.local_addr()?;
     let uri = cfg.libvirt_uri.clone();
     let hv: Arc<dyn Hypervisor> = Arc::new(
         tokio::task::spawn_blocking(move || LibvirtHypervisor::new(&uri))
             .await?
             .with_context(|| format!("connecting to {}", cfg.libvirt_uri))?,
     );
+    start_with(cfg, listener, hv).await
+}
+
+/// Starts the agent on a given hypervisor. Tests use it to restart an agent
+/// on the same libvirt test-driver state, as a real restart would find it.
+pub async fn start_with(
+    cfg: AgentConfig,
+    listener: TcpListener,
+    hv: Arc<dyn Hypervisor>,
+) -> anyhow::Result<RunningAgent> {
+    cfg.validate()?;
+    let addr = listener.local_addr()?;
     let domain_type = domain_type_for(&cfg).await;
     info!(host_id = %cfg.host_id, uri = %cfg.libvirt_uri, domain_type = domain_type.as_str(), %addr, "agent starting");
     let blocking = Blocking::new(hv, Duration::from_secs(cfg.libvirt_call_timeout_seconds));

@@ -41,8 +41,9 @@ impl LibvirtHypervisor {
         &self.uri
     }
 
-    /// A handle on the shared connection, reopened when it has died.
-    fn conn(&self) -> Result<Connect> {
+    /// A handle on the shared connection, reopened when it has died. Public so
+    /// tests can look at test-driver state, which lives in this connection.
+    pub fn conn(&self) -> Result<Connect> {
         let mut slot = self
             .conn
             .lock()
@@ -206,10 +207,9 @@ impl Hypervisor for LibvirtHypervisor {
         if dom.is_active()? {
             dom.destroy()?;
         }
+        // Guests boot with BIOS, so there is no NVRAM to remove.
         dom.undefine_flags(
-            sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-                | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-                | sys::VIR_DOMAIN_UNDEFINE_NVRAM,
+            sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA,
         )?;
         Ok(())
     }

@@ -165,10 +165,22 @@ pub fn create(
         },
         image: spec.image.clone(),
     };
-    if !views.iter().any(|h| h.images.contains(&spec.image)) {
+    let Some(image) = hosts::catalogue(&tx)?
+        .into_iter()
+        .find(|i| i.name == spec.image)
+    else {
         return Err(ApiError::invalid(
             "image",
             format!("no image named {:?} in the catalogue; see `betangctl image list`", spec.image),
+        ));
+    };
+    if spec.disk_gib < image.min_disk_gib {
+        return Err(ApiError::invalid(
+            "disk_gib",
+            format!(
+                "image {} needs a disk of at least {} GiB, {} GiB was asked",
+                image.name, image.min_disk_gib, spec.disk_gib
+            ),
         ));
     }
     let host = scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;

@@ -1,0 +1,442 @@
+//! A controller and two agents on libvirt's test driver, in-process.
+
+use std::{collections::HashMap, time::Duration};
+
+use betang_agent::config::CapacityConfig;
+use betang_proto::v1::{
+    CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetVpsRequest, HostState,
+    ListHostsRequest, ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest,
+    StartVpsRequest, StopVpsRequest, VpsState,
+};
+use betang_agent::hypervisor::Hypervisor;
+use betang_tests::{Cluster, ClusterOptions, eventually, state_of, wait_state};
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(20);
+
+fn create(spec: betang_proto::v1::VpsSpec) -> CreateVpsRequest {
+    CreateVpsRequest {
+        request_id: uuid::Uuid::new_v4().to_string(),
+        spec: Some(spec),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut c = cluster.vps_client().await?;
+
+    let images = c.list_images(ListImagesRequest {}).await?.into_inner().images;
+    assert_eq!(images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["tiny"]);
+
+    let mut ids = Vec::new();
+    for n in ["a", "b"] {
+        let v = c.create_vps(create(cluster.spec(n))).await?.into_inner();
+        assert_eq!(state_of(&v), VpsState::Scheduled);
+        assert!(!v.host_id.is_empty());
+        ids.push(v.id);
+    }
+    let mut placed_on = Vec::new();
+    for id in &ids {
+        let v = wait_state(&c, id, VpsState::Running, T).await?;
+        placed_on.push(v.host_id.clone());
+    }
+    // Least loaded first: the two VPS land on different hosts.
+    assert_ne!(placed_on[0], placed_on[1]);
+    let host_index = |host: &str| cluster.hosts.iter().position(|h| h.host_id == host).unwrap();
+    for (id, host) in ids.iter().zip(&placed_on) {
+        let doms = cluster.domains(host_index(host));
+        assert_eq!(doms, vec![format!("betang-{id}")]);
+    }
+
+    let list = c
+        .list_vps(ListVpsRequest {
+            page_size: 1,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(list.vps.len(), 1);
+    assert!(!list.next_page_token.is_empty());
+    let rest = c
+        .list_vps(ListVpsRequest {
+            page_size: 1,
+            page_token: list.next_page_token,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(rest.vps.len(), 1);
+    assert!(rest.next_page_token.is_empty());
+    assert_ne!(list.vps[0].id, rest.vps[0].id);
+
+    // Usage arrives with heartbeats.
+    let id = ids[0].clone();
+    let host = host_index(&placed_on[0]);
+    eventually(T, "usage reported", || {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
+            v.usage.filter(|u| u.memory_max_bytes == 512 << 20 && u.cpu_time_ns > 0)
+        }
+    })
+    .await?;
+
+    // Stop: desired changes at once, the state follows the agent.
+    let v = c
+        .stop_vps(StopVpsRequest {
+            id: id.clone(),
+            timeout_seconds: 1,
+            force: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(v.desired_power, PowerState::Stopped as i32);
+    wait_state(&c, &id, VpsState::Stopped, T).await?;
+    let d = cluster.hosts[host].hv.lookup(&format!("betang-{id}"))?.unwrap();
+    assert_eq!(d.power, betang_agent::hypervisor::Power::Stopped);
+    assert!(!d.autostart, "a stopped VPS must not autostart");
+
+    let err = c
+        .reboot_vps(RebootVpsRequest {
+            id: id.clone(),
+            force: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+
+    c.start_vps(StartVpsRequest { id: id.clone() }).await?;
+    wait_state(&c, &id, VpsState::Running, T).await?;
+    let d = cluster.hosts[host].hv.lookup(&format!("betang-{id}"))?.unwrap();
+    assert_eq!(d.power, betang_agent::hypervisor::Power::Running);
+    assert!(d.autostart);
+    c.reboot_vps(RebootVpsRequest {
+        id: id.clone(),
+        force: true,
+    })
+    .await?;
+
+    for id in &ids {
+        let v = c
+            .delete_vps(DeleteVpsRequest { id: id.clone() })
+            .await?
+            .into_inner();
+        assert_eq!(state_of(&v), VpsState::Deleting);
+    }
+    for id in &ids {
+        wait_state(&c, id, VpsState::Deleted, T).await?;
+    }
+    for i in 0..2 {
+        assert!(cluster.domains(i).is_empty(), "host {i} still has domains");
+        let vm_dir = &cluster.hosts[i].cfg.vm_dir;
+        assert_eq!(std::fs::read_dir(vm_dir)?.count(), 0, "files left in {vm_dir:?}");
+    }
+    // Deleted VPS are hidden unless asked for, and their capacity is free.
+    assert!(c.list_vps(ListVpsRequest::default()).await?.into_inner().vps.is_empty());
+    let all = c
+        .list_vps(ListVpsRequest {
+            include_deleted: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(all.vps.len(), 2);
+    let hosts = cluster.host_client().await?.list_hosts(ListHostsRequest {}).await?;
+    for h in &hosts.get_ref().hosts {
+        assert_eq!(h.allocated.unwrap().vcpus, 0, "{}", h.id);
+    }
+    // Deleting again is harmless.
+    let again = c.delete_vps(DeleteVpsRequest { id: ids[0].clone() }).await?;
+    assert_eq!(state_of(again.get_ref()), VpsState::Deleted);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_same_request_id_twice_gives_one_vps() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let c = cluster.vps_client().await?;
+    let req = create(cluster.spec("once"));
+    // Ten concurrent retries of one request.
+    let results = futures::future::join_all((0..10).map(|_| {
+        let mut c = c.clone();
+        let req = req.clone();
+        async move { c.create_vps(req).await }
+    }))
+    .await;
+    let ids: std::collections::BTreeSet<_> = results
+        .into_iter()
+        .map(|r| r.map(|v| v.into_inner().id))
+        .collect::<Result<_, _>>()?;
+    assert_eq!(ids.len(), 1, "{ids:?}");
+    let id = ids.into_iter().next().unwrap();
+    wait_state(&c, &id, VpsState::Running, T).await?;
+    let total: usize = (0..2).map(|i| cluster.domains(i).len()).sum();
+    assert_eq!(total, 1);
+
+    // The same request id with another spec is refused, and nothing is created.
+    let mut other = req.clone();
+    other.spec.as_mut().unwrap().vcpus = 2;
+    let err = c.clone().create_vps(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert!(err.message().starts_with("request_id:"), "{}", err.message());
+    let all = c.clone().list_vps(ListVpsRequest::default()).await?.into_inner();
+    assert_eq!(all.vps.len(), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vps_that_fits_nowhere_is_refused_with_reasons() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut c = cluster.vps_client().await?;
+    let mut spec = cluster.spec("huge");
+    spec.memory_mib = 32 * 1024;
+    let err = c.create_vps(create(spec)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert_eq!(
+        err.message(),
+        "no host fits 1 vCPU / 32768 MiB memory / 5 GiB disk with image tiny: 2 lack memory"
+    );
+    let mut spec = cluster.spec("many-cpus");
+    spec.vcpus = 64;
+    let err = c.create_vps(create(spec)).await.unwrap_err();
+    assert!(err.message().ends_with(": 2 lack vCPUs"), "{}", err.message());
+    assert!(c.list_vps(ListVpsRequest { include_deleted: true, ..Default::default() })
+        .await?
+        .into_inner()
+        .vps
+        .is_empty());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut c = cluster.vps_client().await?;
+    let cases: Vec<(&str, Box<dyn Fn(&mut betang_proto::v1::VpsSpec)>)> = vec![
+        ("name", Box::new(|s| s.name = "web\"<&>/..".into())),
+        ("name", Box::new(|s| s.name = "dinas-pendidikan-ü".into())),
+        ("vcpus", Box::new(|s| s.vcpus = 0)),
+        ("memory_mib", Box::new(|s| s.memory_mib = u64::MAX)),
+        ("disk_gib", Box::new(|s| s.disk_gib = 0)),
+        ("image", Box::new(|s| s.image = "../../etc/passwd".into())),
+        ("image", Box::new(|s| s.image = "ubuntu-99".into())),
+        ("ssh_public_key", Box::new(|s| s.ssh_public_key = "hello".into())),
+    ];
+    for (field, mutate) in cases {
+        let mut spec = cluster.spec("bad");
+        mutate(&mut spec);
+        let err = c.create_vps(create(spec)).await.unwrap_err();
+        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
+        assert!(
+            err.message().starts_with(&format!("{field}: ")),
+            "{field}: {}",
+            err.message()
+        );
+    }
+    let err = c
+        .create_vps(CreateVpsRequest {
+            request_id: String::new(),
+            spec: Some(cluster.spec("x")),
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("request_id: "));
+    // Ids that are not ids, and ids that do not exist, are both simply not found.
+    for id in ["../../etc", "", &uuid::Uuid::new_v4().to_string()] {
+        let err = c.get_vps(GetVpsRequest { id: id.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{id}");
+        let err = c.delete_vps(DeleteVpsRequest { id: id.into() }).await.unwrap_err();
+        assert_eq!(err.code(), Code::NotFound, "{id}");
+    }
+    let err = c
+        .list_vps(ListVpsRequest {
+            page_token: "abc".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().starts_with("page_token: "));
+    assert!(c.list_vps(ListVpsRequest { include_deleted: true, ..Default::default() })
+        .await?
+        .into_inner()
+        .vps
+        .is_empty());
+    for i in 0..2 {
+        assert!(cluster.domains(i).is_empty());
+    }
+    Ok(())
+}
+
+/// Many placements at once never overfill a host: with room for exactly
+/// twelve 1-vCPU VPS (two hosts of 6 vCPUs at ratio 1), 30 concurrent
+/// requests give exactly 12 placements.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_placements_never_overfill() -> anyhow::Result<()> {
+    let cap = CapacityConfig {
+        vcpus: 6,
+        memory_mib: 65536,
+        disk_gib: 1000,
+    };
+    let mut cluster = Cluster::start(ClusterOptions {
+        hosts: vec![cap; 2],
+        ..Default::default()
+    })
+    .await?;
+    // Restart the controller with no CPU overcommit.
+    cluster.controller_cfg.overcommit.cpu = 1.0;
+    cluster.restart_controller().await?;
+    let c = cluster.vps_client().await?;
+    let results = futures::future::join_all((0..30).map(|i| {
+        let mut c = c.clone();
+        let req = create(cluster.spec(&format!("p{i}")));
+        async move { c.create_vps(req).await }
+    }))
+    .await;
+    let mut per_host: HashMap<String, usize> = HashMap::new();
+    let mut refused = 0;
+    for r in results {
+        match r {
+            Ok(v) => *per_host.entry(v.into_inner().host_id).or_default() += 1,
+            Err(s) => {
+                assert_eq!(s.code(), Code::ResourceExhausted, "{}", s.message());
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!(refused, 18);
+    assert_eq!(per_host.values().copied().collect::<Vec<_>>(), vec![6, 6]);
+    // And every one of them really becomes a running guest.
+    let list = c.clone().list_vps(ListVpsRequest::default()).await?.into_inner();
+    for v in &list.vps {
+        wait_state(&c, &v.id, VpsState::Running, T).await?;
+    }
+    assert_eq!(cluster.domains(0).len() + cluster.domains(1).len(), 12);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut c = cluster.vps_client().await?;
+    let v = c.create_vps(create(cluster.spec("keep"))).await?.into_inner();
+    let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
+    let i = cluster.hosts.iter().position(|h| h.host_id == v.host_id).unwrap();
+    let dom = format!("betang-{}", v.id);
+    let before = cluster.hosts[i].hv.conn()?.lookup_domain_by_name(&dom)?.id();
+
+    cluster.stop_agent(i);
+    let mut hosts = cluster.host_client().await?;
+    let host_id = v.host_id.clone();
+    eventually(T, "host DOWN", || {
+        let mut hosts = hosts.clone();
+        let id = host_id.clone();
+        async move {
+            let h = hosts.get_host(GetHostRequest { id }).await.ok()?.into_inner();
+            (h.state == HostState::Down as i32).then_some(())
+        }
+    })
+    .await?;
+    // Nothing new lands on a down host, and its VPS are not touched.
+    let mut spec = cluster.spec("elsewhere");
+    spec.vcpus = 1;
+    let other = c.create_vps(create(spec)).await?.into_inner();
+    assert_ne!(other.host_id, host_id);
+    let still = c.get_vps(GetVpsRequest { id: v.id.clone() }).await?.into_inner();
+    assert_eq!(state_of(&still), VpsState::Running);
+
+    // The agent restarts: it adopts the running guest without restarting it.
+    cluster.start_agent(i).await?;
+    eventually(T, "host UP", || {
+        let mut hosts = hosts.clone();
+        let id = host_id.clone();
+        async move {
+            let h = hosts.get_host(GetHostRequest { id }).await.ok()?.into_inner();
+            (h.state == HostState::Up as i32).then_some(())
+        }
+    })
+    .await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = cluster.hosts[i].hv.conn()?.lookup_domain_by_name(&dom)?.id();
+    assert_eq!(before, after, "the guest was restarted");
+    assert!(before.is_some());
+    assert_eq!(cluster.domains(i), vec![dom]);
+    let _ = &mut hosts;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_controller_restarting_mid_way_loses_nothing() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let c = cluster.vps_client().await?;
+    let mut ids = Vec::new();
+    for i in 0..4 {
+        let v = c.clone().create_vps(create(cluster.spec(&format!("r{i}")))).await?;
+        ids.push(v.into_inner().id);
+    }
+    // Restart before the reconciler has necessarily finished.
+    cluster.restart_controller().await?;
+    let c = cluster.vps_client().await?;
+    for id in &ids {
+        wait_state(&c, id, VpsState::Running, T).await?;
+    }
+    assert_eq!(cluster.domains(0).len() + cluster.domains(1).len(), 4);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_domain_removed_behind_betangs_back_is_recreated() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let c = cluster.vps_client().await?;
+    let v = c.clone().create_vps(create(cluster.spec("heal"))).await?.into_inner();
+    let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
+    let i = cluster.hosts.iter().position(|h| h.host_id == v.host_id).unwrap();
+    let dom = format!("betang-{}", v.id);
+    cluster.hosts[i].hv.undefine(&dom)?;
+    let hv = cluster.hosts[i].hv.clone();
+    eventually(T, "domain recreated and running", || {
+        let hv = hv.clone();
+        let dom = dom.clone();
+        async move {
+            let d = hv.lookup(&dom).ok()??;
+            (d.power == betang_agent::hypervisor::Power::Running).then_some(())
+        }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let c = cluster.vps_client().await?;
+    // The image disappears from the hosts after they announced it.
+    let image_dir = &cluster.hosts[0].cfg.image_dir;
+    std::fs::remove_file(image_dir.join("tiny.qcow2"))?;
+    let v = c.clone().create_vps(create(cluster.spec("doomed"))).await?.into_inner();
+    let v = wait_state(&c, &v.id, VpsState::Error, T).await?;
+    assert!(v.state_reason.contains("tiny"), "{}", v.state_reason);
+    // The claim is released once the agent has confirmed nothing is left.
+    let id = v.id.clone();
+    eventually(T, "claim released", || {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
+            v.host_id.is_empty().then_some(())
+        }
+    })
+    .await?;
+    for i in 0..2 {
+        assert!(cluster.domains(i).is_empty());
+        let dir = &cluster.hosts[i].cfg.vm_dir;
+        assert_eq!(std::fs::read_dir(dir)?.count(), 0, "{dir:?}");
+    }
+    // Start is refused in ERROR; delete works and needs no host.
+    let err = c.clone().start_vps(StartVpsRequest { id: id.clone() }).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition);
+    let d = c.clone().delete_vps(DeleteVpsRequest { id }).await?.into_inner();
+    assert_eq!(state_of(&d), VpsState::Deleted);
+    Ok(())
+}
