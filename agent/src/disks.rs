@@ -134,11 +134,26 @@ mod tests {
             }
         );
         let backing = br#"{"format":"qcow2","virtual-size":1,"backing-filename":"/etc/shadow"}"#;
-        assert!(check_info(backing, p).unwrap_err().to_string().contains("backing file"));
+        assert!(
+            check_info(backing, p)
+                .unwrap_err()
+                .to_string()
+                .contains("backing file")
+        );
         let data = br#"{"format":"qcow2","virtual-size":1,"format-specific":{"type":"qcow2","data":{"data-file":"/dev/sda"}}}"#;
-        assert!(check_info(data, p).unwrap_err().to_string().contains("data file"));
+        assert!(
+            check_info(data, p)
+                .unwrap_err()
+                .to_string()
+                .contains("data file")
+        );
         let raw = br#"{"format":"raw","virtual-size":1}"#;
-        assert!(check_info(raw, p).unwrap_err().to_string().contains("not qcow2"));
+        assert!(
+            check_info(raw, p)
+                .unwrap_err()
+                .to_string()
+                .contains("not qcow2")
+        );
     }
 
     #[test]

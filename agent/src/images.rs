@@ -68,10 +68,11 @@ impl Catalog {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Catalog::default()),
             Err(e) => return Err(AgentError::io(&manifest_path, e)),
         };
-        let manifest: Manifest = toml::from_str(&text).map_err(|e| AgentError::InvalidArgument {
-            field: "catalog.toml",
-            rule: e.to_string(),
-        })?;
+        let manifest: Manifest =
+            toml::from_str(&text).map_err(|e| AgentError::InvalidArgument {
+                field: "catalog.toml",
+                rule: e.to_string(),
+            })?;
         let mut catalog = Catalog::default();
         for entry in manifest.image {
             match Self::entry(dir, entry) {

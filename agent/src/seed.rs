@@ -65,7 +65,8 @@ impl SeedContent {
             .truncate(true)
             .open(path)
             .map_err(|e| AgentError::io(path, e))?;
-        file.set_len(SEED_BYTES).map_err(|e| AgentError::io(path, e))?;
+        file.set_len(SEED_BYTES)
+            .map_err(|e| AgentError::io(path, e))?;
         let mut file = file;
         fatfs::format_volume(
             &mut file,
@@ -147,8 +148,9 @@ mod tests {
         let mut c = content();
         c.hostname = "db".into();
         c.write_image(&path).unwrap();
-        let fs = fatfs::FileSystem::new(std::fs::File::open(&path).unwrap(), fatfs::FsOptions::new())
-            .unwrap();
+        let fs =
+            fatfs::FileSystem::new(std::fs::File::open(&path).unwrap(), fatfs::FsOptions::new())
+                .unwrap();
         let mut meta = String::new();
         fs.root_dir()
             .open_file("meta-data")

@@ -48,7 +48,8 @@ pub async fn domain_type_for(cfg: &AgentConfig) -> DomainType {
         DomainTypeSetting::Qemu => DomainType::Qemu,
         DomainTypeSetting::Auto => {
             let uri = cfg.libvirt_uri.clone();
-            tokio::task::spawn_blocking(move || probe_domain_type(&uri))
+            let dir = cfg.vm_dir.clone();
+            tokio::task::spawn_blocking(move || probe_domain_type(&uri, &dir))
                 .await
                 .unwrap_or(DomainType::Qemu)
         }
@@ -119,7 +120,10 @@ pub async fn start_with(
         .connect_lazy();
     let registration = Registration {
         controller,
-        advertise: cfg.advertise_endpoint.clone().unwrap_or_else(|| format!("http://{addr}")),
+        advertise: cfg
+            .advertise_endpoint
+            .clone()
+            .unwrap_or_else(|| format!("http://{addr}")),
         host,
         vms: vms.clone(),
         interval: Duration::from_millis(cfg.heartbeat_interval_ms),

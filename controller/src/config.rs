@@ -102,8 +102,8 @@ mod tests {
         let e = ControllerConfig::from_toml("data_dir = \"/x\"\nlisten_addr = \"1.2.3.4:5\"\n")
             .unwrap_err();
         assert!(e.to_string().contains("unknown field"), "{e}");
-        let e = ControllerConfig::from_toml("data_dir = \"/x\"\n[overcommit]\ncpu = -1\n")
-            .unwrap_err();
+        let e =
+            ControllerConfig::from_toml("data_dir = \"/x\"\n[overcommit]\ncpu = -1\n").unwrap_err();
         assert!(e.to_string().starts_with("overcommit.cpu:"), "{e}");
     }
 }

@@ -43,8 +43,7 @@ impl HostId {
     pub fn parse(s: &str) -> Result<Self, ApiError> {
         let ok = !s.is_empty()
             && s.len() <= 63
-            && s
-                .chars()
+            && s.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !s.starts_with('-');
         if ok {
@@ -76,8 +75,17 @@ mod tests {
     fn vps_ids_parse_only_canonical_form() {
         let id = VpsId::new();
         assert_eq!(VpsId::parse(&id.to_string()).unwrap(), id);
-        for bad in ["", "x", "../../etc", &id.to_string().to_uppercase(), &id.to_string().replace('-', "")] {
-            assert!(matches!(VpsId::parse(bad), Err(ApiError::VpsNotFound(_))), "{bad}");
+        for bad in [
+            "",
+            "x",
+            "../../etc",
+            &id.to_string().to_uppercase(),
+            &id.to_string().replace('-', ""),
+        ] {
+            assert!(
+                matches!(VpsId::parse(bad), Err(ApiError::VpsNotFound(_))),
+                "{bad}"
+            );
         }
     }
 

@@ -129,7 +129,10 @@ impl Reconciler {
                             self.store.run(move |c| vps::cleaned_up(c, &id, now)).await
                         }
                     }
-                    Err(s) => self.failed(id, true, format!("delete: {}", s.message())).await,
+                    Err(s) => {
+                        self.failed(id, true, format!("delete: {}", s.message()))
+                            .await
+                    }
                 }
             }
         }

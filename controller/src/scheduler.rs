@@ -80,27 +80,41 @@ fn check(h: &HostView, d: &Demand, r: &Ratios) -> Result<f64, Reject> {
         return Err(Reject::NoImage);
     }
     let fits = |alloc: u64, need: u64, cap: u64, ratio: f64| {
-        alloc.checked_add(need).is_some_and(|t| t <= limit(cap, ratio))
+        alloc
+            .checked_add(need)
+            .is_some_and(|t| t <= limit(cap, ratio))
     };
     if !fits(h.allocated.vcpus, d.need.vcpus, h.capacity.vcpus, r.cpu) {
         return Err(Reject::Cpu);
     }
-    if !fits(h.allocated.memory_mib, d.need.memory_mib, h.capacity.memory_mib, r.memory) {
+    if !fits(
+        h.allocated.memory_mib,
+        d.need.memory_mib,
+        h.capacity.memory_mib,
+        r.memory,
+    ) {
         return Err(Reject::Memory);
     }
-    if !fits(h.allocated.disk_gib, d.need.disk_gib, h.capacity.disk_gib, r.disk) {
+    if !fits(
+        h.allocated.disk_gib,
+        d.need.disk_gib,
+        h.capacity.disk_gib,
+        r.disk,
+    ) {
         return Err(Reject::Disk);
     }
     // Load after placement: the fuller of CPU and memory, as a share of the limit.
     let share = |alloc: u64, need: u64, cap: u64, ratio: f64| {
         (alloc + need) as f64 / limit(cap, ratio).max(1) as f64
     };
-    Ok(share(h.allocated.vcpus, d.need.vcpus, h.capacity.vcpus, r.cpu).max(share(
-        h.allocated.memory_mib,
-        d.need.memory_mib,
-        h.capacity.memory_mib,
-        r.memory,
-    )))
+    Ok(
+        share(h.allocated.vcpus, d.need.vcpus, h.capacity.vcpus, r.cpu).max(share(
+            h.allocated.memory_mib,
+            d.need.memory_mib,
+            h.capacity.memory_mib,
+            r.memory,
+        )),
+    )
 }
 
 /// The least loaded host that fits, or why none does.
@@ -182,7 +196,12 @@ mod tests {
     #[test]
     fn picks_the_least_loaded_host() {
         let hosts = [host("a", 8, 8192, 4, 4096), host("b", 8, 8192, 1, 1024)];
-        assert_eq!(place(&hosts, &demand(1, 1024), &Ratios::default()).unwrap().as_str(), "b");
+        assert_eq!(
+            place(&hosts, &demand(1, 1024), &Ratios::default())
+                .unwrap()
+                .as_str(),
+            "b"
+        );
     }
 
     #[test]

@@ -40,7 +40,10 @@ impl Drop for RunningController {
     }
 }
 
-pub async fn start(cfg: ControllerConfig, listener: TcpListener) -> anyhow::Result<RunningController> {
+pub async fn start(
+    cfg: ControllerConfig,
+    listener: TcpListener,
+) -> anyhow::Result<RunningController> {
     cfg.validate()?;
     std::fs::create_dir_all(&cfg.data_dir)?;
     let db = cfg.data_dir.join("betang.db");

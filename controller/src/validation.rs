@@ -123,7 +123,10 @@ pub fn spec(s: &VpsSpec) -> Result<(), ApiError> {
     if s.disk_gib == 0 || s.disk_gib > MAX_DISK_GIB {
         return Err(ApiError::invalid(
             "disk_gib",
-            format!("must be between 1 and {MAX_DISK_GIB} GiB, got {}", s.disk_gib),
+            format!(
+                "must be between 1 and {MAX_DISK_GIB} GiB, got {}",
+                s.disk_gib
+            ),
         ));
     }
     image(&s.image)?;
@@ -177,10 +180,28 @@ mod tests {
     #[test]
     fn hostile_names() {
         for n in [
-            "", "web\"01", "web<01>", "a&b", "a/b", "..", "../etc", "web 01", "Web", "sekolah-ñ",
-            "-web", "web-", "x\u{0}",
+            "",
+            "web\"01",
+            "web<01>",
+            "a&b",
+            "a/b",
+            "..",
+            "../etc",
+            "web 01",
+            "Web",
+            "sekolah-ñ",
+            "-web",
+            "web-",
+            "x\u{0}",
         ] {
-            assert_eq!(field_of(VpsSpec { name: n.into(), ..good() }), "name", "{n:?}");
+            assert_eq!(
+                field_of(VpsSpec {
+                    name: n.into(),
+                    ..good()
+                }),
+                "name",
+                "{n:?}"
+            );
         }
         assert_eq!(
             field_of(VpsSpec {
@@ -194,19 +215,58 @@ mod tests {
     #[test]
     fn sizes() {
         assert_eq!(field_of(VpsSpec { vcpus: 0, ..good() }), "vcpus");
-        assert_eq!(field_of(VpsSpec { vcpus: 65, ..good() }), "vcpus");
-        assert_eq!(field_of(VpsSpec { memory_mib: 0, ..good() }), "memory_mib");
-        assert_eq!(field_of(VpsSpec { memory_mib: u64::MAX, ..good() }), "memory_mib");
-        assert_eq!(field_of(VpsSpec { disk_gib: 0, ..good() }), "disk_gib");
-        assert_eq!(field_of(VpsSpec { disk_gib: u64::MAX, ..good() }), "disk_gib");
-        let e = spec(&VpsSpec { vcpus: 0, ..good() }).unwrap_err().to_string();
+        assert_eq!(
+            field_of(VpsSpec {
+                vcpus: 65,
+                ..good()
+            }),
+            "vcpus"
+        );
+        assert_eq!(
+            field_of(VpsSpec {
+                memory_mib: 0,
+                ..good()
+            }),
+            "memory_mib"
+        );
+        assert_eq!(
+            field_of(VpsSpec {
+                memory_mib: u64::MAX,
+                ..good()
+            }),
+            "memory_mib"
+        );
+        assert_eq!(
+            field_of(VpsSpec {
+                disk_gib: 0,
+                ..good()
+            }),
+            "disk_gib"
+        );
+        assert_eq!(
+            field_of(VpsSpec {
+                disk_gib: u64::MAX,
+                ..good()
+            }),
+            "disk_gib"
+        );
+        let e = spec(&VpsSpec { vcpus: 0, ..good() })
+            .unwrap_err()
+            .to_string();
         assert_eq!(e, "vcpus: must be between 1 and 64, got 0");
     }
 
     #[test]
     fn images_keys_and_user_data() {
         for i in ["", "../x", "a/b", "UBUNTU", "x..y", ".x"] {
-            assert_eq!(field_of(VpsSpec { image: i.into(), ..good() }), "image", "{i:?}");
+            assert_eq!(
+                field_of(VpsSpec {
+                    image: i.into(),
+                    ..good()
+                }),
+                "image",
+                "{i:?}"
+            );
         }
         for k in [
             "ssh-ed25519",
@@ -215,7 +275,10 @@ mod tests {
             "ssh-ed25519 <script>alert(1)</script>",
         ] {
             assert_eq!(
-                field_of(VpsSpec { ssh_public_key: k.into(), ..good() }),
+                field_of(VpsSpec {
+                    ssh_public_key: k.into(),
+                    ..good()
+                }),
                 "ssh_public_key",
                 "{k:?}"
             );

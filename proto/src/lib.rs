@@ -5,5 +5,6 @@ pub mod v1 {
     tonic::include_proto!("betang.v1");
 
     /// Encoded descriptors of every `betang.v1` file, for gRPC reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("betang_v1_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("betang_v1_descriptor");
 }

@@ -176,22 +176,26 @@ impl Cluster {
         }
         let n = cluster.hosts.len();
         let mut hosts = cluster.host_client().await?;
-        eventually(Duration::from_secs(20), "all hosts registered and up", || {
-            let mut hosts = hosts.clone();
-            async move {
-                let list = hosts
-                    .list_hosts(betang_proto::v1::ListHostsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                let up = list
-                    .hosts
-                    .iter()
-                    .filter(|h| h.state == betang_proto::v1::HostState::Up as i32)
-                    .count();
-                (up == n).then_some(())
-            }
-        })
+        eventually(
+            Duration::from_secs(20),
+            "all hosts registered and up",
+            || {
+                let mut hosts = hosts.clone();
+                async move {
+                    let list = hosts
+                        .list_hosts(betang_proto::v1::ListHostsRequest {})
+                        .await
+                        .ok()?
+                        .into_inner();
+                    let up = list
+                        .hosts
+                        .iter()
+                        .filter(|h| h.state == betang_proto::v1::HostState::Up as i32)
+                        .count();
+                    (up == n).then_some(())
+                }
+            },
+        )
         .await?;
         let _ = &mut hosts;
         Ok(cluster)
@@ -210,7 +214,11 @@ impl Cluster {
     }
 
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
-        let addr = self.controller.as_ref().map(|c| c.addr).context("no controller")?;
+        let addr = self
+            .controller
+            .as_ref()
+            .map(|c| c.addr)
+            .context("no controller")?;
         self.controller = None;
         // The old server task is aborted; wait for the port to be free again.
         let listener = eventually(Duration::from_secs(10), "controller port free", || async {
@@ -223,9 +231,11 @@ impl Cluster {
     }
 
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(tonic::transport::Endpoint::from_shared(self.endpoint.clone())?
-            .connect()
-            .await?)
+        Ok(
+            tonic::transport::Endpoint::from_shared(self.endpoint.clone())?
+                .connect()
+                .await?,
+        )
     }
 
     pub async fn vps_client(&self) -> anyhow::Result<VpsServiceClient<Channel>> {

@@ -3,12 +3,12 @@
 use std::{collections::HashMap, time::Duration};
 
 use betang_agent::config::CapacityConfig;
-use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetVpsRequest, HostState,
-    ListHostsRequest, ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest,
-    StartVpsRequest, StopVpsRequest, VpsState,
-};
 use betang_agent::hypervisor::Hypervisor;
+use betang_proto::v1::{
+    CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetVpsRequest, HostState, ListHostsRequest,
+    ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest, StartVpsRequest,
+    StopVpsRequest, VpsState,
+};
 use betang_tests::{Cluster, ClusterOptions, eventually, state_of, wait_state};
 use tonic::Code;
 
@@ -26,8 +26,15 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let mut c = cluster.vps_client().await?;
 
-    let images = c.list_images(ListImagesRequest {}).await?.into_inner().images;
-    assert_eq!(images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(), ["tiny"]);
+    let images = c
+        .list_images(ListImagesRequest {})
+        .await?
+        .into_inner()
+        .images;
+    assert_eq!(
+        images.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        ["tiny"]
+    );
 
     let mut ids = Vec::new();
     for n in ["a", "b"] {
@@ -43,7 +50,13 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
     }
     // Least loaded first: the two VPS land on different hosts.
     assert_ne!(placed_on[0], placed_on[1]);
-    let host_index = |host: &str| cluster.hosts.iter().position(|h| h.host_id == host).unwrap();
+    let host_index = |host: &str| {
+        cluster
+            .hosts
+            .iter()
+            .position(|h| h.host_id == host)
+            .unwrap()
+    };
     for (id, host) in ids.iter().zip(&placed_on) {
         let doms = cluster.domains(host_index(host));
         assert_eq!(doms, vec![format!("betang-{id}")]);
@@ -78,7 +91,8 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
         let id = id.clone();
         async move {
             let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
-            v.usage.filter(|u| u.memory_max_bytes == 512 << 20 && u.cpu_time_ns > 0)
+            v.usage
+                .filter(|u| u.memory_max_bytes == 512 << 20 && u.cpu_time_ns > 0)
         }
     })
     .await?;
@@ -94,7 +108,10 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
         .into_inner();
     assert_eq!(v.desired_power, PowerState::Stopped as i32);
     wait_state(&c, &id, VpsState::Stopped, T).await?;
-    let d = cluster.hosts[host].hv.lookup(&format!("betang-{id}"))?.unwrap();
+    let d = cluster.hosts[host]
+        .hv
+        .lookup(&format!("betang-{id}"))?
+        .unwrap();
     assert_eq!(d.power, betang_agent::hypervisor::Power::Stopped);
     assert!(!d.autostart, "a stopped VPS must not autostart");
 
@@ -109,7 +126,10 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
 
     c.start_vps(StartVpsRequest { id: id.clone() }).await?;
     wait_state(&c, &id, VpsState::Running, T).await?;
-    let d = cluster.hosts[host].hv.lookup(&format!("betang-{id}"))?.unwrap();
+    let d = cluster.hosts[host]
+        .hv
+        .lookup(&format!("betang-{id}"))?
+        .unwrap();
     assert_eq!(d.power, betang_agent::hypervisor::Power::Running);
     assert!(d.autostart);
     c.reboot_vps(RebootVpsRequest {
@@ -131,10 +151,20 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
     for i in 0..2 {
         assert!(cluster.domains(i).is_empty(), "host {i} still has domains");
         let vm_dir = &cluster.hosts[i].cfg.vm_dir;
-        assert_eq!(std::fs::read_dir(vm_dir)?.count(), 0, "files left in {vm_dir:?}");
+        assert_eq!(
+            std::fs::read_dir(vm_dir)?.count(),
+            0,
+            "files left in {vm_dir:?}"
+        );
     }
     // Deleted VPS are hidden unless asked for, and their capacity is free.
-    assert!(c.list_vps(ListVpsRequest::default()).await?.into_inner().vps.is_empty());
+    assert!(
+        c.list_vps(ListVpsRequest::default())
+            .await?
+            .into_inner()
+            .vps
+            .is_empty()
+    );
     let all = c
         .list_vps(ListVpsRequest {
             include_deleted: true,
@@ -143,12 +173,18 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
         .await?
         .into_inner();
     assert_eq!(all.vps.len(), 2);
-    let hosts = cluster.host_client().await?.list_hosts(ListHostsRequest {}).await?;
+    let hosts = cluster
+        .host_client()
+        .await?
+        .list_hosts(ListHostsRequest {})
+        .await?;
     for h in &hosts.get_ref().hosts {
         assert_eq!(h.allocated.unwrap().vcpus, 0, "{}", h.id);
     }
     // Deleting again is harmless.
-    let again = c.delete_vps(DeleteVpsRequest { id: ids[0].clone() }).await?;
+    let again = c
+        .delete_vps(DeleteVpsRequest { id: ids[0].clone() })
+        .await?;
     assert_eq!(state_of(again.get_ref()), VpsState::Deleted);
     Ok(())
 }
@@ -180,8 +216,16 @@ async fn the_same_request_id_twice_gives_one_vps() -> anyhow::Result<()> {
     other.spec.as_mut().unwrap().vcpus = 2;
     let err = c.clone().create_vps(other).await.unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
-    assert!(err.message().starts_with("request_id:"), "{}", err.message());
-    let all = c.clone().list_vps(ListVpsRequest::default()).await?.into_inner();
+    assert!(
+        err.message().starts_with("request_id:"),
+        "{}",
+        err.message()
+    );
+    let all = c
+        .clone()
+        .list_vps(ListVpsRequest::default())
+        .await?
+        .into_inner();
     assert_eq!(all.vps.len(), 1);
     Ok(())
 }
@@ -201,12 +245,21 @@ async fn a_vps_that_fits_nowhere_is_refused_with_reasons() -> anyhow::Result<()>
     let mut spec = cluster.spec("many-cpus");
     spec.vcpus = 64;
     let err = c.create_vps(create(spec)).await.unwrap_err();
-    assert!(err.message().ends_with(": 2 lack vCPUs"), "{}", err.message());
-    assert!(c.list_vps(ListVpsRequest { include_deleted: true, ..Default::default() })
+    assert!(
+        err.message().ends_with(": 2 lack vCPUs"),
+        "{}",
+        err.message()
+    );
+    assert!(
+        c.list_vps(ListVpsRequest {
+            include_deleted: true,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .vps
-        .is_empty());
+        .is_empty()
+    );
     Ok(())
 }
 
@@ -214,7 +267,8 @@ async fn a_vps_that_fits_nowhere_is_refused_with_reasons() -> anyhow::Result<()>
 async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let mut c = cluster.vps_client().await?;
-    let cases: Vec<(&str, Box<dyn Fn(&mut betang_proto::v1::VpsSpec)>)> = vec![
+    type Mutate = Box<dyn Fn(&mut betang_proto::v1::VpsSpec)>;
+    let cases: Vec<(&str, Mutate)> = vec![
         ("name", Box::new(|s| s.name = "web\"<&>/..".into())),
         ("name", Box::new(|s| s.name = "dinas-pendidikan-ü".into())),
         ("vcpus", Box::new(|s| s.vcpus = 0)),
@@ -222,13 +276,21 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
         ("disk_gib", Box::new(|s| s.disk_gib = 0)),
         ("image", Box::new(|s| s.image = "../../etc/passwd".into())),
         ("image", Box::new(|s| s.image = "ubuntu-99".into())),
-        ("ssh_public_key", Box::new(|s| s.ssh_public_key = "hello".into())),
+        (
+            "ssh_public_key",
+            Box::new(|s| s.ssh_public_key = "hello".into()),
+        ),
     ];
     for (field, mutate) in cases {
         let mut spec = cluster.spec("bad");
         mutate(&mut spec);
         let err = c.create_vps(create(spec)).await.unwrap_err();
-        assert_eq!(err.code(), Code::InvalidArgument, "{field}: {}", err.message());
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{field}: {}",
+            err.message()
+        );
         assert!(
             err.message().starts_with(&format!("{field}: ")),
             "{field}: {}",
@@ -245,9 +307,15 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
     assert!(err.message().starts_with("request_id: "));
     // Ids that are not ids, and ids that do not exist, are both simply not found.
     for id in ["../../etc", "", &uuid::Uuid::new_v4().to_string()] {
-        let err = c.get_vps(GetVpsRequest { id: id.into() }).await.unwrap_err();
+        let err = c
+            .get_vps(GetVpsRequest { id: id.into() })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{id}");
-        let err = c.delete_vps(DeleteVpsRequest { id: id.into() }).await.unwrap_err();
+        let err = c
+            .delete_vps(DeleteVpsRequest { id: id.into() })
+            .await
+            .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{id}");
     }
     let err = c
@@ -258,11 +326,16 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
         .await
         .unwrap_err();
     assert!(err.message().starts_with("page_token: "));
-    assert!(c.list_vps(ListVpsRequest { include_deleted: true, ..Default::default() })
+    assert!(
+        c.list_vps(ListVpsRequest {
+            include_deleted: true,
+            ..Default::default()
+        })
         .await?
         .into_inner()
         .vps
-        .is_empty());
+        .is_empty()
+    );
     for i in 0..2 {
         assert!(cluster.domains(i).is_empty());
     }
@@ -308,7 +381,11 @@ async fn concurrent_placements_never_overfill() -> anyhow::Result<()> {
     assert_eq!(refused, 18);
     assert_eq!(per_host.values().copied().collect::<Vec<_>>(), vec![6, 6]);
     // And every one of them really becomes a running guest.
-    let list = c.clone().list_vps(ListVpsRequest::default()).await?.into_inner();
+    let list = c
+        .clone()
+        .list_vps(ListVpsRequest::default())
+        .await?
+        .into_inner();
     for v in &list.vps {
         wait_state(&c, &v.id, VpsState::Running, T).await?;
     }
@@ -320,11 +397,22 @@ async fn concurrent_placements_never_overfill() -> anyhow::Result<()> {
 async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyhow::Result<()> {
     let mut cluster = Cluster::start(ClusterOptions::default()).await?;
     let mut c = cluster.vps_client().await?;
-    let v = c.create_vps(create(cluster.spec("keep"))).await?.into_inner();
+    let v = c
+        .create_vps(create(cluster.spec("keep")))
+        .await?
+        .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
-    let i = cluster.hosts.iter().position(|h| h.host_id == v.host_id).unwrap();
+    let i = cluster
+        .hosts
+        .iter()
+        .position(|h| h.host_id == v.host_id)
+        .unwrap();
     let dom = format!("betang-{}", v.id);
-    let before = cluster.hosts[i].hv.conn()?.lookup_domain_by_name(&dom)?.id();
+    let before = cluster.hosts[i]
+        .hv
+        .conn()?
+        .lookup_domain_by_name(&dom)?
+        .id();
 
     cluster.stop_agent(i);
     let mut hosts = cluster.host_client().await?;
@@ -333,7 +421,11 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
         let mut hosts = hosts.clone();
         let id = host_id.clone();
         async move {
-            let h = hosts.get_host(GetHostRequest { id }).await.ok()?.into_inner();
+            let h = hosts
+                .get_host(GetHostRequest { id })
+                .await
+                .ok()?
+                .into_inner();
             (h.state == HostState::Down as i32).then_some(())
         }
     })
@@ -343,7 +435,10 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     spec.vcpus = 1;
     let other = c.create_vps(create(spec)).await?.into_inner();
     assert_ne!(other.host_id, host_id);
-    let still = c.get_vps(GetVpsRequest { id: v.id.clone() }).await?.into_inner();
+    let still = c
+        .get_vps(GetVpsRequest { id: v.id.clone() })
+        .await?
+        .into_inner();
     assert_eq!(state_of(&still), VpsState::Running);
 
     // The agent restarts: it adopts the running guest without restarting it.
@@ -352,13 +447,21 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
         let mut hosts = hosts.clone();
         let id = host_id.clone();
         async move {
-            let h = hosts.get_host(GetHostRequest { id }).await.ok()?.into_inner();
+            let h = hosts
+                .get_host(GetHostRequest { id })
+                .await
+                .ok()?
+                .into_inner();
             (h.state == HostState::Up as i32).then_some(())
         }
     })
     .await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let after = cluster.hosts[i].hv.conn()?.lookup_domain_by_name(&dom)?.id();
+    let after = cluster.hosts[i]
+        .hv
+        .conn()?
+        .lookup_domain_by_name(&dom)?
+        .id();
     assert_eq!(before, after, "the guest was restarted");
     assert!(before.is_some());
     assert_eq!(cluster.domains(i), vec![dom]);
@@ -372,7 +475,10 @@ async fn the_controller_restarting_mid_way_loses_nothing() -> anyhow::Result<()>
     let c = cluster.vps_client().await?;
     let mut ids = Vec::new();
     for i in 0..4 {
-        let v = c.clone().create_vps(create(cluster.spec(&format!("r{i}")))).await?;
+        let v = c
+            .clone()
+            .create_vps(create(cluster.spec(&format!("r{i}"))))
+            .await?;
         ids.push(v.into_inner().id);
     }
     // Restart before the reconciler has necessarily finished.
@@ -389,9 +495,17 @@ async fn the_controller_restarting_mid_way_loses_nothing() -> anyhow::Result<()>
 async fn a_domain_removed_behind_betangs_back_is_recreated() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let c = cluster.vps_client().await?;
-    let v = c.clone().create_vps(create(cluster.spec("heal"))).await?.into_inner();
+    let v = c
+        .clone()
+        .create_vps(create(cluster.spec("heal")))
+        .await?
+        .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
-    let i = cluster.hosts.iter().position(|h| h.host_id == v.host_id).unwrap();
+    let i = cluster
+        .hosts
+        .iter()
+        .position(|h| h.host_id == v.host_id)
+        .unwrap();
     let dom = format!("betang-{}", v.id);
     cluster.hosts[i].hv.undefine(&dom)?;
     let hv = cluster.hosts[i].hv.clone();
@@ -414,7 +528,11 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
     // The image disappears from the hosts after they announced it.
     let image_dir = &cluster.hosts[0].cfg.image_dir;
     std::fs::remove_file(image_dir.join("tiny.qcow2"))?;
-    let v = c.clone().create_vps(create(cluster.spec("doomed"))).await?.into_inner();
+    let v = c
+        .clone()
+        .create_vps(create(cluster.spec("doomed")))
+        .await?
+        .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Error, T).await?;
     assert!(v.state_reason.contains("tiny"), "{}", v.state_reason);
     // The claim is released once the agent has confirmed nothing is left.
@@ -434,9 +552,17 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
         assert_eq!(std::fs::read_dir(dir)?.count(), 0, "{dir:?}");
     }
     // Start is refused in ERROR; delete works and needs no host.
-    let err = c.clone().start_vps(StartVpsRequest { id: id.clone() }).await.unwrap_err();
+    let err = c
+        .clone()
+        .start_vps(StartVpsRequest { id: id.clone() })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition);
-    let d = c.clone().delete_vps(DeleteVpsRequest { id }).await?.into_inner();
+    let d = c
+        .clone()
+        .delete_vps(DeleteVpsRequest { id })
+        .await?
+        .into_inner();
     assert_eq!(state_of(&d), VpsState::Deleted);
     Ok(())
 }

@@ -2,7 +2,7 @@
 //! kept open and shared (libvirt connections are thread-safe); when libvirtd
 //! goes away the connection is dropped and the next call opens a new one.
 
-use std::{sync::Mutex, time::Duration};
+use std::{path::Path, sync::Mutex, time::Duration};
 
 use virt::{
     connect::Connect,
@@ -55,8 +55,9 @@ impl LibvirtHypervisor {
             tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
             *slot = None;
         }
-        let c = Connect::open(Some(&self.uri))
-            .map_err(|e| AgentError::Libvirt(format!("cannot open {}: {}", self.uri, e.message())))?;
+        let c = Connect::open(Some(&self.uri)).map_err(|e| {
+            AgentError::Libvirt(format!("cannot open {}: {}", self.uri, e.message()))
+        })?;
         *slot = Some(c.clone());
         Ok(c)
     }
@@ -302,31 +303,67 @@ fn device_targets(xml: &str) -> DeviceTargets {
     out
 }
 
-/// Chooses the domain type that really runs guests here: KVM only when a
-/// throw-away KVM guest is still running after a moment (on some hosts KVM
-/// guests stop with an internal error in the firmware), otherwise QEMU's
-/// software emulation.
-pub fn probe_domain_type(uri: &str) -> DomainType {
-    // A diskless transient guest: the firmware alone shows whether KVM works.
-    const PROBE_XML: &str = "<domain type='kvm'><name>betang-kvm-probe</name>\
-        <memory unit='MiB'>32</memory><vcpu>1</vcpu>\
-        <os><type arch='x86_64' machine='pc'>hvm</type><boot dev='hd'/></os>\
-        <features><acpi/><apic/></features><devices/></domain>";
-    if !std::path::Path::new("/dev/kvm").exists() || !uri.starts_with("qemu") {
+/// The probe disk's first sector does what every boot loader does first: it
+/// reads the next sector through the BIOS (int 13h, AH=42h) and jumps to it.
+/// That sector switches to 32-bit protected mode and writes "KVM-OK" to the
+/// first serial port. On hosts where KVM guests hang in early boot, the
+/// marker never appears.
+const PROBE_SECTOR_0: &[u8] = &[
+    0xFA, 0x31, 0xC0, 0x8E, 0xD8, 0x8E, 0xD0, 0xBC, 0x00, 0x7C,
+    0xFB, // cli; ds=ss=0; sp=7c00; sti
+    0xBE, 0x1D, 0x7C, 0xB4, 0x42, 0xCD, 0x13, // si=dap; ah=42h; int 13h
+    0x72, 0x05, 0xEA, 0x00, 0x7E, 0x00, 0x00, // jc hang; jmp 0000:7e00
+    0xFA, 0xF4, 0xEB, 0xFD, // hang: cli; hlt; jmp hang
+    0x10, 0x00, 0x01, 0x00, 0x00, 0x7E, 0x00, 0x00, // dap: 1 sector to 0000:7e00
+    0x01, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // from LBA 1
+];
+const PROBE_SECTOR_1: &[u8] = &[
+    0xFA, 0x0F, 0x01, 0x16, 0x52, 0x7E, // cli; lgdt [gdt_desc]
+    0x0F, 0x20, 0xC0, 0x66, 0x83, 0xC8, 0x01, 0x0F, 0x22, 0xC0, // cr0 |= PE
+    0x66, 0xEA, 0x18, 0x7E, 0x00, 0x00, 0x08, 0x00, // jmp 08:pm
+    0x66, 0xB8, 0x10, 0x00, 0x8E, 0xD8, 0x66, 0xBA, 0xF8, 0x03, // pm: ds=10h; dx=3f8h
+    0xB0, b'K', 0xEE, 0xB0, b'V', 0xEE, 0xB0, b'M', 0xEE, 0xB0, b'-', 0xEE, // out "KVM-"
+    0xB0, b'O', 0xEE, 0xB0, b'K', 0xEE, 0xB0, b'\n', 0xEE, // out "OK\n"
+    0xF4, 0xEB, 0xFD, // hlt; jmp hlt
+    0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // gdt: null
+    0xFF, 0xFF, 0x00, 0x00, 0x00, 0x9A, 0xCF, 0x00, // flat code
+    0xFF, 0xFF, 0x00, 0x00, 0x00, 0x92, 0xCF, 0x00, // flat data
+    0x17, 0x00, 0x3A, 0x7E, 0x00, 0x00, // gdt_desc
+];
+const PROBE_MARKER: &str = "KVM-OK";
+
+/// Chooses the domain type that really runs guests here. The probe disk is
+/// booted once under KVM and once under software emulation; KVM is chosen
+/// only when its guest reaches the marker, and no slower than emulation
+/// does. (On some hosts KVM guests hang, or crawl through every BIOS disk
+/// read, which makes a real boot loader look hung.)
+pub fn probe_domain_type(uri: &str, work_dir: &Path) -> DomainType {
+    if !Path::new("/dev/kvm").exists() || !uri.starts_with("qemu") {
         return DomainType::Qemu;
     }
-    let probe = || -> Result<bool> {
-        let conn = Connect::open(Some(uri))?;
-        let dom = conn.create_domain_xml(PROBE_XML, 0)?;
-        std::thread::sleep(Duration::from_secs(3));
-        let running = matches!(dom.info()?.state, Enum::Known(LvState::Running));
-        let _ = dom.destroy();
-        Ok(running)
-    };
-    match probe() {
-        Ok(true) => DomainType::Kvm,
-        Ok(false) => {
-            tracing::warn!("KVM guests stop here; using software emulation (domain type qemu)");
+    let dir = work_dir.join(".kvm-probe");
+    let result = (|| -> Result<(Option<Duration>, Option<Duration>)> {
+        prepare_probe_disk(&dir)?;
+        let qemu = probe_once(uri, &dir, DomainType::Qemu, Duration::from_secs(5))?;
+        // KVM gets as long as emulation took, with a floor for a busy host.
+        let kvm_limit = qemu.map_or(Duration::from_secs(5), |q| {
+            (q * 2).max(Duration::from_secs(1))
+        });
+        let kvm = probe_once(uri, &dir, DomainType::Kvm, kvm_limit)?;
+        Ok((kvm, qemu))
+    })();
+    let _ = std::fs::remove_dir_all(&dir);
+    match result {
+        Ok((Some(kvm), qemu)) if qemu.is_none_or(|q| kvm <= q) => {
+            tracing::info!(?kvm, ?qemu, "KVM works here");
+            DomainType::Kvm
+        }
+        Ok((kvm, qemu)) => {
+            tracing::warn!(
+                ?kvm,
+                ?qemu,
+                "KVM guests hang or crawl here; using software emulation (domain type qemu)"
+            );
             DomainType::Qemu
         }
         Err(e) => {
@@ -334,6 +371,85 @@ pub fn probe_domain_type(uri: &str) -> DomainType {
             DomainType::Qemu
         }
     }
+}
+
+fn prepare_probe_disk(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    let _ = std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755));
+    // A whole MiB: the firmware ignores disks of a single sector.
+    let mut disk = vec![0u8; 1 << 20];
+    disk[..PROBE_SECTOR_0.len()].copy_from_slice(PROBE_SECTOR_0);
+    disk[510] = 0x55;
+    disk[511] = 0xAA;
+    disk[512..512 + PROBE_SECTOR_1.len()].copy_from_slice(PROBE_SECTOR_1);
+    let raw = dir.join("boot.raw");
+    std::fs::write(&raw, &disk).map_err(|e| AgentError::io(&raw, e))?;
+    let out = std::process::Command::new("qemu-img")
+        .args(["convert", "-q", "-f", "raw", "-O", "qcow2"])
+        .arg(&raw)
+        .arg(dir.join("boot.qcow2"))
+        .output()
+        .map_err(|e| AgentError::Disk(e.to_string()))?;
+    if !out.status.success() {
+        return Err(AgentError::Disk(
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ));
+    }
+    crate::seed::SeedContent {
+        instance_id: "kvm-probe".into(),
+        hostname: "kvm-probe".into(),
+        ssh_public_key: String::new(),
+        user_data: String::new(),
+    }
+    .write_image(&dir.join("seed.img"))
+}
+
+/// Boots the probe disk as a transient guest; the time to the marker, if it
+/// came within `limit`.
+fn probe_once(
+    uri: &str,
+    dir: &Path,
+    kind: DomainType,
+    limit: Duration,
+) -> Result<Option<Duration>> {
+    virt::error::clear_error_callback();
+    let serial = dir.join(format!("console-{}.log", kind.as_str()));
+    let xml = crate::domain_xml::DomainSpec {
+        domain_type: kind,
+        name: "betang-kvm-probe".into(),
+        uuid: "00000000-0000-4000-8000-00000000b7e5".into(),
+        title: "Betang KVM probe".into(),
+        metadata: VpsMetadata {
+            vps_id: String::new(),
+            generation: 0,
+            name: "kvm-probe".into(),
+        },
+        vcpus: 1,
+        memory_mib: 32,
+        root_disk: dir.join("boot.qcow2"),
+        seed_disk: dir.join("seed.img"),
+        serial_log: serial.clone(),
+        network: crate::config::NetworkConfig::None,
+    }
+    .to_xml()?;
+    let conn = Connect::open(Some(uri))?;
+    // A probe left by a crashed agent would block this one.
+    if let Ok(old) = conn.lookup_domain_by_name("betang-kvm-probe") {
+        let _ = old.destroy();
+    }
+    let dom = conn.create_domain_xml(&xml, 0)?;
+    let started = std::time::Instant::now();
+    let mut reached = None;
+    while started.elapsed() < limit {
+        if std::fs::read_to_string(&serial).is_ok_and(|s| s.contains(PROBE_MARKER)) {
+            reached = Some(started.elapsed());
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = dom.destroy();
+    Ok(reached)
 }
 
 #[cfg(test)]

@@ -18,7 +18,11 @@ impl HostService for HostApi {
     ) -> Result<Response<ListHostsResponse>, Status> {
         let down = self.ctx.down_after_ms();
         let now = now_ms();
-        let hosts = self.ctx.store.run(move |c| hosts::list(c, now, down)).await?;
+        let hosts = self
+            .ctx
+            .store
+            .run(move |c| hosts::list(c, now, down))
+            .await?;
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
@@ -27,7 +31,11 @@ impl HostService for HostApi {
             .map_err(|_| ApiError::HostNotFound(req.get_ref().id.clone()))?;
         let down = self.ctx.down_after_ms();
         let now = now_ms();
-        let hosts = self.ctx.store.run(move |c| hosts::list(c, now, down)).await?;
+        let hosts = self
+            .ctx
+            .store
+            .run(move |c| hosts::list(c, now, down))
+            .await?;
         hosts
             .into_iter()
             .find(|h| h.id == id.as_str())

@@ -66,9 +66,7 @@ impl RegistryService for RegistryApi {
         let now = now_ms();
         self.ctx
             .store
-            .run(move |c| {
-                hosts::heartbeat(c, &host, r.usage.as_ref(), &r.vms, r.vms_listed, now)
-            })
+            .run(move |c| hosts::heartbeat(c, &host, r.usage.as_ref(), &r.vms, r.vms_listed, now))
             .await?;
         Ok(Response::new(HeartbeatResponse {}))
     }

@@ -153,7 +153,10 @@ impl VpsService for VpsApi {
         if r.timeout_seconds > MAX_STOP_TIMEOUT_S {
             return Err(ApiError::invalid(
                 "timeout_seconds",
-                format!("must be at most {MAX_STOP_TIMEOUT_S}, got {}", r.timeout_seconds),
+                format!(
+                    "must be at most {MAX_STOP_TIMEOUT_S}, got {}",
+                    r.timeout_seconds
+                ),
             )
             .into());
         }

@@ -8,7 +8,12 @@ use clap::Parser;
 #[command(version, about)]
 struct Args {
     /// Configuration file (TOML); see deploy/controller.example.toml.
-    #[arg(long, short, env = "BETANG_CONTROLLER_CONFIG", default_value = "/etc/betang/controller.toml")]
+    #[arg(
+        long,
+        short,
+        env = "BETANG_CONTROLLER_CONFIG",
+        default_value = "/etc/betang/controller.toml"
+    )]
     config: PathBuf,
 }
 
@@ -16,8 +21,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
     let args = Args::parse();

@@ -16,7 +16,12 @@ use tonic::transport::Channel;
 #[command(version, about = "Manage Betang virtual private servers")]
 struct Cli {
     /// The controller's gRPC endpoint.
-    #[arg(long, global = true, env = "BETANG_ENDPOINT", default_value = "http://127.0.0.1:7000")]
+    #[arg(
+        long,
+        global = true,
+        env = "BETANG_ENDPOINT",
+        default_value = "http://127.0.0.1:7000"
+    )]
     endpoint: String,
     #[command(subcommand)]
     cmd: Cmd,
@@ -148,7 +153,14 @@ fn print_vps(v: &Vps) {
         spec.vcpus, spec.memory_mib, spec.disk_gib
     );
     println!("image:     {}", spec.image);
-    println!("host:      {}", if v.host_id.is_empty() { "-" } else { &v.host_id });
+    println!(
+        "host:      {}",
+        if v.host_id.is_empty() {
+            "-"
+        } else {
+            &v.host_id
+        }
+    );
     if let Some(u) = &v.usage {
         println!(
             "cpu:       {:.1}% of one vCPU ({:.1} s in total)",
@@ -289,8 +301,13 @@ async fn main() -> anyhow::Result<()> {
                     .map_err(status_error)?
                     .into_inner();
                 let v = if wait {
-                    wait_for(&mut vps, &v.id, "RUNNING", Duration::from_secs(wait_seconds))
-                        .await?
+                    wait_for(
+                        &mut vps,
+                        &v.id,
+                        "RUNNING",
+                        Duration::from_secs(wait_seconds),
+                    )
+                    .await?
                 } else {
                     v
                 };
@@ -424,7 +441,10 @@ async fn main() -> anyhow::Result<()> {
                 .list_images(ListImagesRequest {})
                 .await
                 .map_err(status_error)?;
-            println!("{:<24}  {:<10}  {:>8}  DESCRIPTION", "NAME", "OS", "MIN GiB");
+            println!(
+                "{:<24}  {:<10}  {:>8}  DESCRIPTION",
+                "NAME", "OS", "MIN GiB"
+            );
             for i in &list.get_ref().images {
                 println!(
                     "{:<24}  {:<10}  {:>8}  {}",

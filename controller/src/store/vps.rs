@@ -100,8 +100,12 @@ impl VpsRecord {
             state: self.state.to_proto() as i32,
             state_reason: self.state_reason.clone(),
             desired_power: self.desired.to_proto() as i32,
-            host_id: self.host_id.as_ref().map(|h| h.to_string()).unwrap_or_default(),
-            usage: (self.usage.sampled_at_ms > 0).then(|| self.usage),
+            host_id: self
+                .host_id
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
+            usage: (self.usage.sampled_at_ms > 0).then_some(self.usage),
             generation: self.generation,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
@@ -171,7 +175,10 @@ pub fn create(
     else {
         return Err(ApiError::invalid(
             "image",
-            format!("no image named {:?} in the catalogue; see `betangctl image list`", spec.image),
+            format!(
+                "no image named {:?} in the catalogue; see `betangctl image list`",
+                spec.image
+            ),
         ));
     };
     if spec.disk_gib < image.min_disk_gib {
@@ -183,7 +190,8 @@ pub fn create(
             ),
         ));
     }
-    let host = scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;
+    let host =
+        scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;
     debug_assert!(VpsState::Pending.can_become(VpsState::Scheduled));
     let id = VpsId::new();
     tx.execute(
@@ -255,7 +263,10 @@ pub fn set_desired(
         DesiredPower::Running => "start",
         DesiredPower::Stopped => "stop",
     };
-    if matches!(v.state, VpsState::Deleting | VpsState::Deleted | VpsState::Error) {
+    if matches!(
+        v.state,
+        VpsState::Deleting | VpsState::Deleted | VpsState::Error
+    ) {
         return Err(ApiError::WrongState {
             id: v.id.to_string(),
             state: v.state.as_str(),
@@ -269,7 +280,13 @@ pub fn set_desired(
         "UPDATE vps SET desired_power = ?2, stop_timeout_s = ?3, force_stop = ?4,
              generation = generation + 1, attempts = 0, next_attempt_ms = 0,
              state_reason = '', updated_at_ms = ?5 WHERE id = ?1",
-        params![id.to_string(), desired.as_str(), stop_timeout_s, force_stop, now_ms],
+        params![
+            id.to_string(),
+            desired.as_str(),
+            stop_timeout_s,
+            force_stop,
+            now_ms
+        ],
     )?;
     let v = get(&tx, id)?;
     tx.commit()?;
@@ -410,7 +427,10 @@ pub fn call_failed(
         )?;
     } else {
         let reason = if timed_out {
-            format!("provisioning took longer than {} s: {message}", build_timeout_ms / 1000)
+            format!(
+                "provisioning took longer than {} s: {message}",
+                build_timeout_ms / 1000
+            )
         } else {
             message.to_owned()
         };

@@ -1,0 +1,269 @@
+//! End to end on the real libvirtd (qemu:///system) with a real QEMU guest:
+//! the offline-built test image boots from its qcow2 overlay, reads its
+//! hostname from the NoCloud seed and prints it on the serial console.
+//!
+//! This test needs root and libvirtd; `deploy/test.sh` provides both. It
+//! fails (never skips) when they are missing.
+
+use std::{
+    os::unix::fs::PermissionsExt,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::Context;
+use betang_agent::config::{AgentConfig, DomainTypeSetting, NetworkConfig};
+use betang_proto::v1::{
+    CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListHostsRequest, RebootVpsRequest,
+    StartVpsRequest, StopVpsRequest, VpsSpec, VpsState, host_service_client::HostServiceClient,
+    vps_service_client::VpsServiceClient,
+};
+use betang_tests::{eventually, init_tracing, test_prefix, wait_state, workspace_root};
+use virt::{connect::Connect, domain::Domain};
+
+const URI: &str = "qemu:///system";
+const BOOT: Duration = Duration::from_secs(240);
+
+/// Removes every domain this test created (by the VPS name prefix in the
+/// domain metadata) even when the test fails half-way.
+struct Cleanup {
+    prefix: String,
+    dirs: Vec<PathBuf>,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(conn) = Connect::open(Some(URI)) {
+            for d in conn.list_all_domains(0).unwrap_or_default() {
+                let ours = d
+                    .xml_desc(0)
+                    .map(|x| x.contains(&format!("name=\"{}-", self.prefix)))
+                    .unwrap_or(false);
+                if ours {
+                    let _ = d.destroy();
+                    let _ = d.undefine();
+                }
+            }
+        }
+        for dir in &self.dirs {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn build_test_image() -> anyhow::Result<PathBuf> {
+    let out = std::process::Command::new("bash")
+        .arg(workspace_root().join("deploy/build-test-image.sh"))
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("running deploy/build-test-image.sh")?;
+    anyhow::ensure!(out.status.success(), "deploy/build-test-image.sh failed");
+    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
+}
+
+fn serial(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+async fn wait_serial(path: &Path, needle: &str, count: usize) -> anyhow::Result<()> {
+    let p = path.to_path_buf();
+    let n = needle.to_owned();
+    eventually(
+        BOOT,
+        &format!("{count}× {needle:?} on the serial console"),
+        || {
+            let (p, n) = (p.clone(), n.clone());
+            async move { (serial(&p).matches(&n).count() >= count).then_some(()) }
+        },
+    )
+    .await
+    .map_err(|e| e.context(format!("console so far:\n{}", serial(path))))
+}
+
+fn domain(conn: &Connect, id: &str) -> Option<Domain> {
+    conn.lookup_domain_by_name(&format!("betang-{id}")).ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
+    init_tracing();
+    let conn = Connect::open(Some(URI)).with_context(|| {
+        format!(
+            "libvirtd must be running for this test ({URI}); run deploy/test.sh, which starts it"
+        )
+    })?;
+    let image = build_test_image()?;
+    let prefix = test_prefix();
+    // Under /var/lib so that QEMU, running as libvirt-qemu, can reach the files.
+    let root = PathBuf::from(format!("/var/lib/betang-test/{prefix}"));
+    let mut cleanup = Cleanup {
+        prefix: prefix.clone(),
+        dirs: vec![root.clone()],
+    };
+    let image_dir = root.join("images");
+    let vm_dir = root.join("vms");
+    std::fs::create_dir_all(&image_dir)?;
+    std::fs::create_dir_all(&vm_dir)?;
+    for d in [
+        Path::new("/var/lib/betang-test"),
+        &root,
+        &image_dir,
+        &vm_dir,
+    ] {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
+    }
+    std::fs::copy(&image, image_dir.join("betang-test.qcow2"))?;
+    std::fs::write(
+        image_dir.join("catalog.toml"),
+        "[[image]]\nname = \"betang-test\"\nfile = \"betang-test.qcow2\"\nos = \"busybox\"\n",
+    )?;
+
+    let dir = tempfile::tempdir()?;
+    let mut ccfg = betang_controller::config::ControllerConfig::with_data_dir(dir.path().into());
+    ccfg.reconcile_interval_ms = 500;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let controller = betang_controller::server::start(ccfg, listener).await?;
+    let endpoint = format!("http://{}", controller.addr);
+    let host_id = format!("{prefix}-host");
+    let acfg = AgentConfig {
+        host_id: host_id.clone(),
+        listen: "127.0.0.1:0".parse()?,
+        advertise_endpoint: None,
+        controller_endpoint: endpoint.clone(),
+        libvirt_uri: URI.into(),
+        domain_type: DomainTypeSetting::Auto,
+        image_dir,
+        vm_dir: vm_dir.clone(),
+        heartbeat_interval_ms: 1000,
+        reconcile_interval_seconds: 5,
+        libvirt_call_timeout_seconds: 60,
+        capacity: None,
+        network: NetworkConfig::None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let agent = betang_agent::server::start(acfg, listener).await?;
+
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .connect()
+        .await?;
+    let mut c = VpsServiceClient::new(channel.clone());
+    let hosts = HostServiceClient::new(channel);
+    eventually(Duration::from_secs(30), "host registered", || {
+        let mut hosts = hosts.clone();
+        let host_id = host_id.clone();
+        async move {
+            let l = hosts
+                .list_hosts(ListHostsRequest {})
+                .await
+                .ok()?
+                .into_inner();
+            l.hosts.iter().any(|h| h.id == host_id).then_some(())
+        }
+    })
+    .await?;
+
+    let name = format!("{prefix}-e2e");
+    let t0 = std::time::Instant::now();
+    let v = c
+        .create_vps(CreateVpsRequest {
+            request_id: format!("{prefix}-req"),
+            spec: Some(VpsSpec {
+                name: name.clone(),
+                vcpus: 2,
+                memory_mib: 128,
+                disk_gib: 1,
+                image: "betang-test".into(),
+                ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2eTestKey e2e@betang".into(),
+                user_data: "#cloud-config\nruncmd: [echo hi]\n".into(),
+            }),
+        })
+        .await?
+        .into_inner();
+    let id = v.id.clone();
+    wait_state(&c, &id, VpsState::Running, Duration::from_secs(120)).await?;
+    let running_after = t0.elapsed();
+
+    let console = agent.vms.serial_log(&id)?;
+    wait_serial(&console, "BETANG-BOOT-OK", 1).await?;
+    wait_serial(&console, &format!("BETANG-HOSTNAME={name}"), 1).await?;
+    wait_serial(&console, &format!("BETANG-INSTANCE-ID={id}"), 1).await?;
+    let booted_after = t0.elapsed();
+    eprintln!(
+        "figures: RUNNING after {:.2} s, guest init read its seed after {:.2} s",
+        running_after.as_secs_f64(),
+        booted_after.as_secs_f64()
+    );
+
+    // libvirt agrees with what was asked.
+    let dom = domain(&conn, &id).context("domain missing")?;
+    let info = dom.info()?;
+    assert_eq!(info.nr_virt_cpu, 2);
+    assert_eq!(info.max_mem, 128 * 1024);
+    assert!(dom.is_persistent()?);
+    assert!(dom.autostart()?);
+    let xml = dom.xml_desc(0)?;
+    assert!(xml.contains("<acpi/>"), "{xml}");
+
+    // CPU usage reported through the API grows.
+    let cpu = |c: &VpsServiceClient<tonic::transport::Channel>| {
+        let mut c = c.clone();
+        let id = id.clone();
+        async move {
+            c.get_vps(GetVpsRequest { id })
+                .await
+                .ok()?
+                .into_inner()
+                .usage
+                .map(|u| u.cpu_time_ns)
+        }
+    };
+    let first = eventually(Duration::from_secs(30), "usage", || cpu(&c)).await?;
+    eventually(Duration::from_secs(60), "CPU time to grow", || async {
+        cpu(&c).await.filter(|t| *t > first)
+    })
+    .await?;
+
+    // Graceful stop: the test guest powers off on the ACPI button.
+    let t = std::time::Instant::now();
+    c.stop_vps(StopVpsRequest {
+        id: id.clone(),
+        timeout_seconds: 60,
+        force: false,
+    })
+    .await?;
+    wait_state(&c, &id, VpsState::Stopped, Duration::from_secs(120)).await?;
+    eprintln!(
+        "figures: graceful stop took {:.2} s",
+        t.elapsed().as_secs_f64()
+    );
+    assert!(serial(&console).contains("BETANG-POWER-BUTTON"));
+    let dom = domain(&conn, &id).context("domain missing after stop")?;
+    assert!(!dom.is_active()?);
+    assert!(!dom.autostart()?);
+
+    c.start_vps(StartVpsRequest { id: id.clone() }).await?;
+    wait_state(&c, &id, VpsState::Running, Duration::from_secs(120)).await?;
+    wait_serial(&console, "BETANG-BOOT-OK", 2).await?;
+
+    c.reboot_vps(RebootVpsRequest {
+        id: id.clone(),
+        force: true,
+    })
+    .await?;
+    wait_serial(&console, "BETANG-BOOT-OK", 3).await?;
+
+    c.delete_vps(DeleteVpsRequest { id: id.clone() }).await?;
+    wait_state(&c, &id, VpsState::Deleted, Duration::from_secs(120)).await?;
+    assert!(domain(&conn, &id).is_none(), "domain left behind");
+    assert!(!vm_dir.join(&id).exists(), "disk or seed left behind");
+
+    drop(agent);
+    drop(controller);
+    cleanup.dirs.push(dir.path().to_path_buf());
+    drop(cleanup);
+    let _ = Arc::new(());
+    Ok(())
+}
