@@ -141,4 +141,6 @@ mcopy -i boot.img vmlinuz initrd.gz syslinux.cfg ::/
 mkdir -p "$out_dir"
 qemu-img convert -f raw -O qcow2 boot.img "$out_dir/.partial.qcow2"
 mv "$out_dir/.partial.qcow2" "$image"
+# Images built from older package versions are of no further use.
+find "$cache_root" -mindepth 1 -maxdepth 1 -type d ! -name "$key" -exec rm -rf {} +
 echo "$image"

@@ -150,6 +150,21 @@ struct Devices<'a> {
     interface: Option<Interface<'a>>,
     serial: Serial,
     console: Console,
+    memballoon: MemBalloon,
+}
+
+/// The balloon device reports the guest's own memory use every 10 s.
+#[derive(Serialize)]
+struct MemBalloon {
+    #[serde(rename = "@model")]
+    model: &'static str,
+    stats: BalloonStats,
+}
+
+#[derive(Serialize)]
+struct BalloonStats {
+    #[serde(rename = "@period")]
+    period: u32,
 }
 
 #[derive(Serialize)]
@@ -366,6 +381,10 @@ impl DomainSpec {
                         port: 0,
                     },
                 },
+                memballoon: MemBalloon {
+                    model: "virtio",
+                    stats: BalloonStats { period: 10 },
+                },
             },
         };
         quick_xml::se::to_string(&doc).map_err(|e| AgentError::Xml(e.to_string()))
@@ -425,6 +444,7 @@ mod tests {
             r#"<driver name="qemu" type="qcow2"/>"#,
             r#"<driver name="qemu" type="raw"/>"#,
             r#"<target dev="vdb" bus="virtio"/><readonly/>"#,
+            r#"<memballoon model="virtio"><stats period="10"/></memballoon>"#,
             r#"<betang:vps xmlns:betang="https://betang.dev/xmlns/vps/1" id="0192c3a4-5b6c-7d8e-9f00-112233445566" generation="7" name="web"/>"#,
             r#"<serial type="file"><source path="/var/lib/betang/vms/x/console.log" append="on"/>"#,
         ] {

@@ -39,9 +39,16 @@ impl HostReporter {
             None => {
                 let node = vms.hypervisor().call(|hv| hv.node()).await?;
                 let (_, disk_total) = crate::usage::disk_of(vms.vm_dir());
+                // libvirt's node memory can be a NUMA cell's share of it;
+                // the kernel's total is what guests can be given.
+                let total = self.usage(vms).memory_total_bytes;
                 HostCapacity {
                     vcpus: node.cpus,
-                    memory_mib: node.memory_kib / 1024,
+                    memory_mib: if total > 0 {
+                        total >> 20
+                    } else {
+                        node.memory_kib / 1024
+                    },
                     disk_gib: disk_total / crate::disks::GIB,
                 }
             }

@@ -44,6 +44,7 @@ impl CpuRates {
             cpu_time_ns: s.cpu_time_ns,
             memory_max_bytes: s.memory_max_kib * 1024,
             memory_used_bytes: s.memory_used_kib * 1024,
+            memory_rss_bytes: s.memory_rss_kib * 1024,
             disk_read_bytes: s.disk_read_bytes,
             disk_write_bytes: s.disk_write_bytes,
             net_rx_bytes: s.net_rx_bytes,

@@ -63,6 +63,7 @@ CREATE TABLE vps (
     cpu_time_ns        INTEGER NOT NULL DEFAULT 0,
     mem_max_bytes      INTEGER NOT NULL DEFAULT 0,
     mem_used_bytes     INTEGER NOT NULL DEFAULT 0,
+    mem_rss_bytes      INTEGER NOT NULL DEFAULT 0,
     disk_read_bytes    INTEGER NOT NULL DEFAULT 0,
     disk_write_bytes   INTEGER NOT NULL DEFAULT 0,
     net_rx_bytes       INTEGER NOT NULL DEFAULT 0,

@@ -222,27 +222,22 @@ impl Hypervisor for LibvirtHypervisor {
             cpu_time_ns: info.cpu_time,
             vcpus: info.nr_virt_cpu,
             memory_max_kib: info.max_mem,
-            memory_used_kib: info.memory,
             ..DomainStats::default()
         };
         if !dom.is_active()? {
-            s.memory_used_kib = 0;
             return Ok(s);
         }
         // Each counter is best effort: a guest without a balloon driver still
         // reports its CPU and disks.
         if let Ok(mem) = dom.memory_stats(0) {
             let get = |tag: u32| mem.iter().find(|m| m.tag == tag).map(|m| m.val);
-            let used = match (
+            if let (Some(avail), Some(unused)) = (
                 get(sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE),
                 get(sys::VIR_DOMAIN_MEMORY_STAT_UNUSED),
             ) {
-                (Some(avail), Some(unused)) => Some(avail.saturating_sub(unused)),
-                _ => get(sys::VIR_DOMAIN_MEMORY_STAT_RSS),
-            };
-            if let Some(u) = used {
-                s.memory_used_kib = u;
+                s.memory_used_kib = avail.saturating_sub(unused);
             }
+            s.memory_rss_kib = get(sys::VIR_DOMAIN_MEMORY_STAT_RSS).unwrap_or(0);
         }
         let xml = dom.xml_desc(0).unwrap_or_default();
         let devices = device_targets(&xml);

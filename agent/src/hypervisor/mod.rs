@@ -49,6 +49,7 @@ pub struct DomainStats {
     pub vcpus: u32,
     pub memory_max_kib: u64,
     pub memory_used_kib: u64,
+    pub memory_rss_kib: u64,
     pub disk_read_bytes: u64,
     pub disk_write_bytes: u64,
     pub net_rx_bytes: u64,

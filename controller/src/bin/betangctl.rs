@@ -167,11 +167,19 @@ fn print_vps(v: &Vps) {
             u.cpu_rate * 100.0,
             u.cpu_time_ns as f64 / 1e9
         );
-        println!(
-            "memory:    {} used of {}",
-            mib(u.memory_used_bytes),
-            mib(u.memory_max_bytes)
-        );
+        if u.memory_used_bytes > 0 {
+            println!(
+                "memory:    {} used by the guest of {}",
+                mib(u.memory_used_bytes),
+                mib(u.memory_max_bytes)
+            );
+        } else {
+            println!(
+                "memory:    {} (the guest does not report its own use)",
+                mib(u.memory_max_bytes)
+            );
+        }
+        println!("host RSS:  {}", mib(u.memory_rss_bytes));
         println!(
             "disk:      {} read, {} written",
             mib(u.disk_read_bytes),

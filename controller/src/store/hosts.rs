@@ -154,7 +154,8 @@ pub fn heartbeat(
             tx.execute(
                 "UPDATE vps SET cpu_rate = ?2, cpu_time_ns = ?3, mem_max_bytes = ?4,
                      mem_used_bytes = ?5, disk_read_bytes = ?6, disk_write_bytes = ?7,
-                     net_rx_bytes = ?8, net_tx_bytes = ?9, usage_at_ms = ?10 WHERE id = ?1",
+                     net_rx_bytes = ?8, net_tx_bytes = ?9, usage_at_ms = ?10, mem_rss_bytes = ?11
+                 WHERE id = ?1",
                 params![
                     v.id,
                     u.cpu_rate,
@@ -165,7 +166,8 @@ pub fn heartbeat(
                     u.disk_write_bytes as i64,
                     u.net_rx_bytes as i64,
                     u.net_tx_bytes as i64,
-                    u.sampled_at_ms
+                    u.sampled_at_ms,
+                    u.memory_rss_bytes as i64
                 ],
             )?;
         }

@@ -38,7 +38,7 @@ const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, imag
     user_data, state, state_reason, desired_power, host_id, generation, applied_generation,
     observed_power, stop_timeout_s, force_stop, cleanup_pending, attempts, created_at_ms,
     updated_at_ms, cpu_rate, cpu_time_ns, mem_max_bytes, mem_used_bytes, disk_read_bytes,
-    disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms";
+    disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes";
 
 fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
@@ -88,6 +88,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
             net_rx_bytes: r.get::<_, i64>(29)? as u64,
             net_tx_bytes: r.get::<_, i64>(30)? as u64,
             sampled_at_ms: r.get(31)?,
+            memory_rss_bytes: r.get::<_, i64>(32)? as u64,
         },
     })
 }

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what the tests need and runs the whole test suite: formatting,
+# lints, unit tests, in-process cluster tests on libvirt's test driver, and the
+# end-to-end test with a real QEMU guest on the real libvirtd.
+set -euo pipefail
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+repo=$(dirname "$here")
+# shellcheck source=lib/deps.sh
+. "$here/lib/deps.sh"
+# shellcheck source=lib/libvirtd.sh
+. "$here/lib/libvirtd.sh"
+
+require_root
+ensure_packages "${BETANG_PACKAGES[@]}"
+ensure_rust
+ensure_libvirtd
+# Built (or found in the cache) before the tests so its time is not a test's.
+"$here/build-test-image.sh" >/dev/null
+
+cd "$repo"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+cargo test --workspace --locked
