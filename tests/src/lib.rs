@@ -17,8 +17,8 @@ use betang_agent::{
 };
 use betang_controller::{config::ControllerConfig, server::RunningController};
 use betang_proto::v1::{
-    GetVpsRequest, Vps, VpsSpec, VpsState, host_service_client::HostServiceClient,
-    vps_service_client::VpsServiceClient,
+    GetHostRequest, GetVpsRequest, HostState, Vps, VpsSpec, VpsState,
+    host_service_client::HostServiceClient, vps_service_client::VpsServiceClient,
 };
 use tonic::transport::Channel;
 
@@ -174,31 +174,33 @@ impl Cluster {
             });
             cluster.start_agent(i).await?;
         }
-        let n = cluster.hosts.len();
-        let mut hosts = cluster.host_client().await?;
+        let ids: Vec<String> = cluster.hosts.iter().map(|h| h.host_id.clone()).collect();
+        for id in ids {
+            cluster.wait_host_state(&id, HostState::Up).await?;
+        }
+        Ok(cluster)
+    }
+
+    /// Polls GetHost until the host is in `want`.
+    pub async fn wait_host_state(&self, host_id: &str, want: HostState) -> anyhow::Result<()> {
+        let hosts = self.host_client().await?;
         eventually(
             Duration::from_secs(20),
-            "all hosts registered and up",
+            &format!("host {host_id} {want:?}"),
             || {
                 let mut hosts = hosts.clone();
+                let id = host_id.to_owned();
                 async move {
-                    let list = hosts
-                        .list_hosts(betang_proto::v1::ListHostsRequest {})
+                    let h = hosts
+                        .get_host(GetHostRequest { id })
                         .await
                         .ok()?
                         .into_inner();
-                    let up = list
-                        .hosts
-                        .iter()
-                        .filter(|h| h.state == betang_proto::v1::HostState::Up as i32)
-                        .count();
-                    (up == n).then_some(())
+                    (h.state == want as i32).then_some(())
                 }
             },
         )
-        .await?;
-        let _ = &mut hosts;
-        Ok(cluster)
+        .await
     }
 
     pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {

@@ -5,7 +5,7 @@ use std::{collections::HashMap, time::Duration};
 use betang_agent::config::CapacityConfig;
 use betang_agent::hypervisor::Hypervisor;
 use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetVpsRequest, HostState, ListHostsRequest,
+    CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, HostState, ListHostsRequest,
     ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest, StartVpsRequest,
     StopVpsRequest, VpsState,
 };
@@ -415,21 +415,8 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
         .id();
 
     cluster.stop_agent(i);
-    let mut hosts = cluster.host_client().await?;
     let host_id = v.host_id.clone();
-    eventually(T, "host DOWN", || {
-        let mut hosts = hosts.clone();
-        let id = host_id.clone();
-        async move {
-            let h = hosts
-                .get_host(GetHostRequest { id })
-                .await
-                .ok()?
-                .into_inner();
-            (h.state == HostState::Down as i32).then_some(())
-        }
-    })
-    .await?;
+    cluster.wait_host_state(&host_id, HostState::Down).await?;
     // Nothing new lands on a down host, and its VPS are not touched.
     let mut spec = cluster.spec("elsewhere");
     spec.vcpus = 1;
@@ -443,19 +430,7 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
 
     // The agent restarts: it adopts the running guest without restarting it.
     cluster.start_agent(i).await?;
-    eventually(T, "host UP", || {
-        let mut hosts = hosts.clone();
-        let id = host_id.clone();
-        async move {
-            let h = hosts
-                .get_host(GetHostRequest { id })
-                .await
-                .ok()?
-                .into_inner();
-            (h.state == HostState::Up as i32).then_some(())
-        }
-    })
-    .await?;
+    cluster.wait_host_state(&host_id, HostState::Up).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = cluster.hosts[i]
         .hv
@@ -465,7 +440,6 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     assert_eq!(before, after, "the guest was restarted");
     assert!(before.is_some());
     assert_eq!(cluster.domains(i), vec![dom]);
-    let _ = &mut hosts;
     Ok(())
 }
 
@@ -564,5 +538,53 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
         .await?
         .into_inner();
     assert_eq!(state_of(&d), VpsState::Deleted);
+    Ok(())
+}
+
+/// Standard gRPC tools work against both daemons without the .proto files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_and_reflection_answer_on_controller_and_agent() -> anyhow::Result<()> {
+    use tokio_stream::StreamExt;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let agent_addr = cluster.hosts[0].agent.as_ref().unwrap().addr;
+    for (endpoint, service) in [
+        (cluster.endpoint.clone(), "betang.v1.VpsService"),
+        (format!("http://{agent_addr}"), "betang.v1.AgentService"),
+    ] {
+        let ch = tonic::transport::Endpoint::from_shared(endpoint)?
+            .connect()
+            .await?;
+        let status = HealthClient::new(ch.clone())
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await?
+            .into_inner()
+            .status;
+        assert_eq!(status, 1, "{service} is not SERVING");
+        let req = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut stream = ServerReflectionClient::new(ch)
+            .server_reflection_info(tokio_stream::iter([req]))
+            .await?
+            .into_inner();
+        let resp = stream.next().await.unwrap()?;
+        let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
+            panic!("no service list");
+        };
+        let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(names.iter().any(|n| n == service), "{names:?}");
+        assert!(
+            names.iter().any(|n| n == "grpc.health.v1.Health"),
+            "{names:?}"
+        );
+    }
     Ok(())
 }

@@ -31,15 +31,11 @@ impl HostService for HostApi {
             .map_err(|_| ApiError::HostNotFound(req.get_ref().id.clone()))?;
         let down = self.ctx.down_after_ms();
         let now = now_ms();
-        let hosts = self
+        let host = self
             .ctx
             .store
-            .run(move |c| hosts::list(c, now, down))
+            .run(move |c| hosts::get(c, &id, now, down))
             .await?;
-        hosts
-            .into_iter()
-            .find(|h| h.id == id.as_str())
-            .map(Response::new)
-            .ok_or_else(|| ApiError::HostNotFound(id.to_string()).into())
+        Ok(Response::new(host))
     }
 }

@@ -324,6 +324,14 @@ pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host
     Ok(out)
 }
 
+/// One host for operators.
+pub fn get(c: &Connection, id: &HostId, now_ms: i64, down_after_ms: i64) -> Result<Host, ApiError> {
+    list(c, now_ms, down_after_ms)?
+        .into_iter()
+        .find(|h| h.id == id.as_str())
+        .ok_or_else(|| ApiError::HostNotFound(id.to_string()))
+}
+
 /// Hosts for operators, with allocation, usage and state.
 pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>, ApiError> {
     let alloc = allocations(c)?;
