@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "betang/v1/vps.proto",
         "betang/v1/host.proto",
         "betang/v1/agent.proto",
+        "betang/v1/identity.proto",
     ];
     tonic_prost_build::configure()
         // The descriptor set feeds the reflection service, so grpcurl works

@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub capacity: Option<CapacityConfig>,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Mutual TLS with the controller; leave out only for a throw-away setup.
+    #[serde(default)]
+    pub tls: Option<crate::tls::TlsConfig>,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -176,6 +179,7 @@ vm_dir = "/var/lib/betang/vms"
     #[test]
     fn shipped_example_parses() {
         let text = include_str!("../../deploy/agent.example.toml");
-        AgentConfig::from_toml(text).unwrap();
+        let c = AgentConfig::from_toml(text).unwrap();
+        assert!(c.tls.is_some(), "the shipped config uses mutual TLS");
     }
 }

@@ -13,5 +13,6 @@ pub mod registration;
 pub mod seed;
 pub mod server;
 pub mod service;
+pub mod tls;
 pub mod usage;
 pub mod vms;

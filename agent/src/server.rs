@@ -17,6 +17,7 @@ use crate::{
     hypervisor::{Blocking, Hypervisor, LibvirtHypervisor, probe_domain_type},
     registration::Registration,
     service::AgentApi,
+    tls::Tls,
     vms::VmManager,
 };
 
@@ -102,10 +103,23 @@ pub async fn start_with(
         vms: vms.clone(),
         host: host.clone(),
     };
-    let server = Server::builder()
+    let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
+    let mut builder = Server::builder();
+    if let Some(t) = &tls {
+        builder = builder.tls_config(t.server())?;
+    } else {
+        warn!("no [tls] configured: anyone who reaches this port can drive the guests");
+    }
+    let check: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
+        if tls.is_some() {
+            crate::tls::only_controller
+        } else {
+            Ok
+        };
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(api))
+        .add_service(AgentServiceServer::with_interceptor(api, check))
         .serve_with_incoming(TcpListenerStream::new(listener));
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = server.await {
@@ -113,17 +127,20 @@ pub async fn start_with(
         }
     })];
 
-    let controller = Endpoint::from_shared(cfg.controller_endpoint.clone())
+    let mut controller = Endpoint::from_shared(cfg.controller_endpoint.clone())
         .context("controller_endpoint")?
         .connect_timeout(Duration::from_secs(5))
-        .timeout(Duration::from_secs(30))
-        .connect_lazy();
+        .timeout(Duration::from_secs(30));
+    if let Some(t) = &tls {
+        controller = controller.tls_config(t.client())?;
+    }
+    let controller = controller.connect_lazy();
     let registration = Registration {
         controller,
-        advertise: cfg
-            .advertise_endpoint
-            .clone()
-            .unwrap_or_else(|| format!("http://{addr}")),
+        advertise: cfg.advertise_endpoint.clone().unwrap_or_else(|| {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            format!("{scheme}://{addr}")
+        }),
         host,
         vms: vms.clone(),
         interval: Duration::from_millis(cfg.heartbeat_interval_ms),

@@ -9,9 +9,16 @@ use crate::scheduler::Ratios;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControllerConfig {
-    /// The gRPC API for people, tools and agents. Loopback by default.
+    /// The gRPC API for people and their tools. Loopback by default.
     #[serde(default = "default_listen")]
     pub listen: SocketAddr,
+    /// The gRPC API for agents (registration and heartbeats), under mutual TLS
+    /// when `[tls]` is set.
+    #[serde(default = "default_agent_listen")]
+    pub agent_listen: SocketAddr,
+    /// Mutual TLS with the agents; leave out only for a throw-away setup.
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
     /// Holds `betang.db`.
     pub data_dir: PathBuf,
     #[serde(default)]
@@ -32,6 +39,23 @@ pub struct ControllerConfig {
 
 fn default_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7000))
+}
+fn default_agent_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7001))
+}
+
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// The installation's CA (`betangctl pki init`).
+    pub ca: PathBuf,
+    /// The controller's certificate and key (`betangctl pki issue betang-controller`).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Serve the user API over TLS too (server certificate only; users
+    /// authenticate with tokens).
+    #[serde(default)]
+    pub user_api: bool,
 }
 fn default_down_after_ms() -> u64 {
     10_000
@@ -75,6 +99,8 @@ impl ControllerConfig {
     pub fn with_data_dir(data_dir: PathBuf) -> Self {
         ControllerConfig {
             listen: default_listen(),
+            agent_listen: default_agent_listen(),
+            tls: None,
             data_dir,
             overcommit: Ratios::default(),
             host_down_after_ms: default_down_after_ms(),
@@ -95,6 +121,7 @@ mod tests {
             .unwrap();
         assert_eq!(c.host_down_after_ms, 10_000);
         assert_eq!(c.overcommit.cpu, 4.0);
+        assert!(c.tls.is_some(), "the shipped config uses mutual TLS");
     }
 
     #[test]

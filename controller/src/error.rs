@@ -22,6 +22,17 @@ pub enum ApiError {
     },
     #[error("agent on host {host}: {message}")]
     Agent { host: String, message: String },
+    #[error("{0}")]
+    Unauthenticated(String),
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// Says which limit and by how much.
+    #[error("quota: {0}")]
+    QuotaExceeded(String),
+    #[error("{what} {id} not found")]
+    NotFound { what: &'static str, id: String },
+    #[error("{0}")]
+    AlreadyExists(String),
     #[error("store: {0}")]
     Store(#[from] StoreError),
 }
@@ -52,7 +63,13 @@ impl From<ApiError> for tonic::Status {
         let msg = e.to_string();
         match e {
             ApiError::InvalidArgument { .. } => tonic::Status::invalid_argument(msg),
-            ApiError::VpsNotFound(_) | ApiError::HostNotFound(_) => tonic::Status::not_found(msg),
+            ApiError::VpsNotFound(_) | ApiError::HostNotFound(_) | ApiError::NotFound { .. } => {
+                tonic::Status::not_found(msg)
+            }
+            ApiError::Unauthenticated(_) => tonic::Status::unauthenticated(msg),
+            ApiError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
+            ApiError::QuotaExceeded(_) => tonic::Status::resource_exhausted(msg),
+            ApiError::AlreadyExists(_) => tonic::Status::already_exists(msg),
             ApiError::NoHostFits(_) => tonic::Status::resource_exhausted(msg),
             ApiError::WrongState { .. } => tonic::Status::failed_precondition(msg),
             ApiError::Agent { .. } => tonic::Status::unavailable(msg),

@@ -8,10 +8,12 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;
+pub mod pki;
 pub mod reconciler;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;
 pub mod validation;
 
 pub fn now_ms() -> i64 {

@@ -5,6 +5,9 @@ use std::fmt;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum VpsState {
+    PendingApproval,
+    Rejected,
+    Cancelled,
     Pending,
     Scheduled,
     Provisioning,
@@ -15,7 +18,10 @@ pub enum VpsState {
     Error,
 }
 
-pub const ALL_STATES: [VpsState; 8] = [
+pub const ALL_STATES: [VpsState; 11] = [
+    VpsState::PendingApproval,
+    VpsState::Rejected,
+    VpsState::Cancelled,
     VpsState::Pending,
     VpsState::Scheduled,
     VpsState::Provisioning,
@@ -29,6 +35,9 @@ pub const ALL_STATES: [VpsState; 8] = [
 impl VpsState {
     pub fn as_str(self) -> &'static str {
         match self {
+            VpsState::PendingApproval => "PENDING_APPROVAL",
+            VpsState::Rejected => "REJECTED",
+            VpsState::Cancelled => "CANCELLED",
             VpsState::Pending => "PENDING",
             VpsState::Scheduled => "SCHEDULED",
             VpsState::Provisioning => "PROVISIONING",
@@ -48,7 +57,10 @@ impl VpsState {
     pub fn can_become(self, next: VpsState) -> bool {
         use VpsState::*;
         match (self, next) {
-            (Deleted, _) => false,
+            (Deleted | Rejected | Cancelled, _) => false,
+            // A request waiting for an operator is decided, not deleted.
+            (PendingApproval, Scheduled | Rejected | Cancelled) => true,
+            (PendingApproval, _) => false,
             (_, Deleting) => !matches!(self, Deleting),
             (Deleting, Deleted | Error) => true,
             (Deleting, _) => false,
@@ -66,12 +78,21 @@ impl VpsState {
 
     /// Whether the VPS still holds capacity on its host.
     pub fn holds_capacity(self) -> bool {
-        !matches!(self, VpsState::Deleted)
+        !matches!(
+            self,
+            VpsState::Deleted
+                | VpsState::PendingApproval
+                | VpsState::Rejected
+                | VpsState::Cancelled
+        )
     }
 
     pub fn to_proto(self) -> betang_proto::v1::VpsState {
         use betang_proto::v1::VpsState as P;
         match self {
+            VpsState::PendingApproval => P::PendingApproval,
+            VpsState::Rejected => P::Rejected,
+            VpsState::Cancelled => P::Cancelled,
             VpsState::Pending => P::Pending,
             VpsState::Scheduled => P::Scheduled,
             VpsState::Provisioning => P::Provisioning,
@@ -129,6 +150,9 @@ mod tests {
     #[test]
     fn every_transition_from_every_state() {
         let allowed: &[(VpsState, &[VpsState])] = &[
+            (PendingApproval, &[Scheduled, Rejected, Cancelled]),
+            (Rejected, &[]),
+            (Cancelled, &[]),
             (Pending, &[Scheduled, Error, Deleting, Deleted]),
             (Scheduled, &[Provisioning, Error, Deleting]),
             (Provisioning, &[Running, Stopped, Error, Deleting]),
@@ -160,9 +184,13 @@ mod tests {
     }
 
     #[test]
-    fn only_deleted_releases_capacity() {
+    fn capacity_is_held_from_placement_until_deletion() {
         for s in ALL_STATES {
-            assert_eq!(s.holds_capacity(), s != Deleted);
+            assert_eq!(
+                s.holds_capacity(),
+                !matches!(s, Deleted | PendingApproval | Rejected | Cancelled),
+                "{s}"
+            );
         }
     }
 }

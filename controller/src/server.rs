@@ -1,9 +1,11 @@
-//! Wiring: store, reconciler, and the gRPC server with health and reflection.
+//! Wiring: store, reconciler, and two gRPC servers with health and
+//! reflection: the user API, and the agents' API under mutual TLS.
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use betang_proto::v1::{
-    host_service_server::HostServiceServer, registry_service_server::RegistryServiceServer,
+    audit_service_server::AuditServiceServer, host_service_server::HostServiceServer,
+    identity_service_server::IdentityServiceServer, registry_service_server::RegistryServiceServer,
     vps_service_server::VpsServiceServer,
 };
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
@@ -13,15 +15,19 @@ use tracing::{info, warn};
 
 use crate::{
     agents::AgentClients,
-    api::{Ctx, hosts::HostApi, registry::RegistryApi, vps::VpsApi},
-    auth,
+    api::{
+        Ctx, audit::AuditApi, hosts::HostApi, identity::IdentityApi, registry::RegistryApi,
+        vps::VpsApi,
+    },
     config::ControllerConfig,
     reconciler::Reconciler,
     store::Store,
+    tls::Tls,
 };
 
 pub struct RunningController {
     pub addr: SocketAddr,
+    pub agent_addr: SocketAddr,
     pub store: Store,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -40,18 +46,44 @@ impl Drop for RunningController {
     }
 }
 
+fn health_and_reflection() -> anyhow::Result<(
+    tonic_health::server::HealthReporter,
+    tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+)> {
+    let (reporter, health) = tonic_health::server::health_reporter();
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(betang_proto::v1::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    Ok((reporter, health, reflection))
+}
+
+/// Opens the store in `cfg.data_dir` (creating it) without serving anything;
+/// used by the bootstrap command.
+pub fn open_store(cfg: &ControllerConfig) -> anyhow::Result<Store> {
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    Ok(Store::open(&cfg.data_dir.join("betang.db"))?)
+}
+
 pub async fn start(
     cfg: ControllerConfig,
     listener: TcpListener,
+    agent_listener: TcpListener,
 ) -> anyhow::Result<RunningController> {
     cfg.validate()?;
-    std::fs::create_dir_all(&cfg.data_dir)?;
-    let db = cfg.data_dir.join("betang.db");
-    let store = Store::open(&db)?;
+    let store = open_store(&cfg)?;
     let addr = listener.local_addr()?;
-    info!(%addr, db = %db.display(), "controller starting");
+    let agent_addr = agent_listener.local_addr()?;
+    let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
+    if tls.is_none() {
+        warn!("no [tls] configured: agents are neither authenticated nor encrypted");
+    }
+    info!(%addr, %agent_addr, mutual_tls = tls.is_some(), data_dir = %cfg.data_dir.display(), "controller starting");
     let wake = Arc::new(Notify::new());
-    let agents = Arc::new(AgentClients::default());
+    let agents = Arc::new(AgentClients::new(tls.clone()));
     let ctx = Ctx {
         store: store.clone(),
         wake: wake.clone(),
@@ -66,34 +98,55 @@ pub async fn start(
         Duration::from_secs(cfg.build_timeout_seconds),
     ));
 
-    let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<VpsServiceServer<VpsApi>>()
-        .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(betang_proto::v1::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let server = Server::builder()
-        .add_service(health_service)
+    let (reporter, health, reflection) = health_and_reflection()?;
+    reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
+    let mut user = Server::builder();
+    if let Some(t) = tls.as_ref().filter(|t| t.user_api) {
+        user = user.tls_config(t.user_server())?;
+    }
+    let user_server = user
+        .add_service(health)
         .add_service(reflection)
-        .add_service(VpsServiceServer::with_interceptor(
-            VpsApi { ctx: ctx.clone() },
-            auth::authenticate,
-        ))
-        .add_service(HostServiceServer::with_interceptor(
-            HostApi { ctx: ctx.clone() },
-            auth::authenticate,
-        ))
-        .add_service(RegistryServiceServer::new(RegistryApi { ctx }))
+        .add_service(VpsServiceServer::new(VpsApi { ctx: ctx.clone() }))
+        .add_service(HostServiceServer::new(HostApi { ctx: ctx.clone() }))
+        .add_service(IdentityServiceServer::new(IdentityApi { ctx: ctx.clone() }))
+        .add_service(AuditServiceServer::new(AuditApi { ctx: ctx.clone() }))
         .serve_with_incoming(TcpListenerStream::new(listener));
+
+    let (agent_reporter, agent_health, agent_reflection) = health_and_reflection()?;
+    agent_reporter
+        .set_serving::<RegistryServiceServer<RegistryApi>>()
+        .await;
+    let mut agent = Server::builder();
+    if let Some(t) = &tls {
+        agent = agent.tls_config(t.agent_server())?;
+    }
+    let agent_server = agent
+        .add_service(agent_health)
+        .add_service(agent_reflection)
+        .add_service(RegistryServiceServer::new(RegistryApi {
+            ctx,
+            mutual_tls: tls.is_some(),
+        }))
+        .serve_with_incoming(TcpListenerStream::new(agent_listener));
+
     let tasks = vec![
         tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(error = %e, "controller gRPC server stopped");
+            if let Err(e) = user_server.await {
+                warn!(error = %e, "user API server stopped");
+            }
+        }),
+        tokio::spawn(async move {
+            if let Err(e) = agent_server.await {
+                warn!(error = %e, "agent API server stopped");
             }
         }),
         tokio::spawn(reconciler.run()),
     ];
-    Ok(RunningController { addr, store, tasks })
+    Ok(RunningController {
+        addr,
+        agent_addr,
+        store,
+        tasks,
+    })
 }

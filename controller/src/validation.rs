@@ -300,3 +300,139 @@ mod tests {
         }
     }
 }
+
+/// The application inventory fields of a request.
+pub fn application(a: &betang_proto::v1::Application) -> Result<(), ApiError> {
+    let text = |field: &'static str, v: &str, max: usize, required: bool| {
+        if required && v.trim().is_empty() {
+            return Err(ApiError::invalid(field, "is required"));
+        }
+        if v.chars().count() > max || v.chars().any(char::is_control) {
+            return Err(ApiError::invalid(
+                field,
+                format!("must be at most {max} characters, without control characters"),
+            ));
+        }
+        Ok(())
+    };
+    text("application.name", &a.name, 100, true)?;
+    text("application.kind", &a.kind, 50, false)?;
+    text("application.purpose", &a.purpose, 500, false)?;
+    text(
+        "application.responsible_name",
+        &a.responsible_name,
+        100,
+        true,
+    )?;
+    if !a.domain.is_empty() {
+        let ok = a.domain.len() <= 253 && a.domain.split('.').all(|l| name(l).is_ok());
+        if !ok {
+            return Err(ApiError::invalid(
+                "application.domain",
+                format!(
+                    "{:?} is not a domain name like layanan.example.go.id",
+                    a.domain
+                ),
+            ));
+        }
+    }
+    if !a.responsible_nip.is_empty()
+        && (a.responsible_nip.len() != 18 || !a.responsible_nip.chars().all(|c| c.is_ascii_digit()))
+    {
+        return Err(ApiError::invalid(
+            "application.responsible_nip",
+            "a NIP is 18 digits",
+        ));
+    }
+    if !a.responsible_email.is_empty()
+        && (a.responsible_email.len() > 200 || !a.responsible_email.contains('@'))
+    {
+        return Err(ApiError::invalid(
+            "application.responsible_email",
+            "must be an e-mail address",
+        ));
+    }
+    if !a.responsible_phone.is_empty()
+        && (a.responsible_phone.len() > 20
+            || !a
+                .responsible_phone
+                .chars()
+                .all(|c| c.is_ascii_digit() || matches!(c, '+' | '-' | ' ')))
+    {
+        return Err(ApiError::invalid(
+            "application.responsible_phone",
+            "digits, '+', '-' and spaces, at most 20",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod application_tests {
+    use super::*;
+    use betang_proto::v1::Application;
+
+    fn good() -> Application {
+        Application {
+            name: "SIMPEG".into(),
+            kind: "e-service".into(),
+            purpose: "staff records".into(),
+            domain: "simpeg.example.go.id".into(),
+            responsible_name: "Siti".into(),
+            responsible_nip: "198701012010012001".into(),
+            responsible_email: "siti@example.go.id".into(),
+            responsible_phone: "+62 811-000".into(),
+        }
+    }
+
+    #[test]
+    fn application_fields() {
+        application(&good()).unwrap();
+        let field = |a: Application| match application(&a) {
+            Err(ApiError::InvalidArgument { field, .. }) => field,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(
+            field(Application {
+                name: " ".into(),
+                ..good()
+            }),
+            "application.name"
+        );
+        assert_eq!(
+            field(Application {
+                responsible_name: String::new(),
+                ..good()
+            }),
+            "application.responsible_name"
+        );
+        assert_eq!(
+            field(Application {
+                domain: "a..b".into(),
+                ..good()
+            }),
+            "application.domain"
+        );
+        assert_eq!(
+            field(Application {
+                domain: "<x>.go.id".into(),
+                ..good()
+            }),
+            "application.domain"
+        );
+        assert_eq!(
+            field(Application {
+                responsible_nip: "12ab".into(),
+                ..good()
+            }),
+            "application.responsible_nip"
+        );
+        assert_eq!(
+            field(Application {
+                purpose: "a\u{7}".into(),
+                ..good()
+            }),
+            "application.purpose"
+        );
+    }
+}

@@ -15,12 +15,18 @@ use betang_agent::{
     hypervisor::{Hypervisor, LibvirtHypervisor},
     server::RunningAgent,
 };
-use betang_controller::{config::ControllerConfig, server::RunningController};
-use betang_proto::v1::{
-    GetHostRequest, GetVpsRequest, HostState, Vps, VpsSpec, VpsState,
-    host_service_client::HostServiceClient, vps_service_client::VpsServiceClient,
+use betang_controller::{
+    config::{ControllerConfig, TlsConfig},
+    pki::{CONTROLLER_NAME, PkiDir},
+    server::RunningController,
 };
-use tonic::transport::Channel;
+use betang_proto::v1::{
+    Application, CreateInstitutionRequest, CreateTokenRequest, CreateUserRequest, CreateVpsRequest,
+    GetHostRequest, GetVpsRequest, HostState, Quota, Role, Vps, VpsSpec, VpsState, WhoAmIRequest,
+    audit_service_client::AuditServiceClient, host_service_client::HostServiceClient,
+    identity_service_client::IdentityServiceClient, vps_service_client::VpsServiceClient,
+};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 pub const IMAGE: &str = "tiny";
 
@@ -85,20 +91,204 @@ pub struct TestHost {
     pub agent: Option<RunningAgent>,
 }
 
-/// A controller and test-driver agents in this process.
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+pub struct Bearer(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+pub type Authed = InterceptedService<Channel, Bearer>;
+
+/// Every user-facing service, as one caller.
+#[derive(Clone)]
+pub struct Clients {
+    pub vps: VpsServiceClient<Authed>,
+    pub hosts: HostServiceClient<Authed>,
+    pub identity: IdentityServiceClient<Authed>,
+    pub audit: AuditServiceClient<Authed>,
+}
+
+impl Clients {
+    pub async fn connect(endpoint: &str, token: Option<&str>) -> anyhow::Result<Clients> {
+        let ch = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .connect()
+            .await?;
+        let b = Bearer(token.map(|t| format!("Bearer {t}").parse()).transpose()?);
+        Ok(Clients {
+            vps: VpsServiceClient::with_interceptor(ch.clone(), b.clone()),
+            hosts: HostServiceClient::with_interceptor(ch.clone(), b.clone()),
+            identity: IdentityServiceClient::with_interceptor(ch.clone(), b.clone()),
+            audit: AuditServiceClient::with_interceptor(ch, b),
+        })
+    }
+}
+
+/// The people of a test: an admin and an operator of the data center, and
+/// a member of each of two institutions.
+#[derive(Debug, Clone)]
+pub struct People {
+    pub admin: String,
+    pub operator: String,
+    pub member_a: String,
+    pub member_b: String,
+    pub inst_a: String,
+    pub inst_b: String,
+}
+
+/// Creates institutions A and B (with `quota`) and their people, through the API.
+pub async fn make_people(
+    endpoint: &str,
+    admin_token: &str,
+    prefix: &str,
+    quota: Quota,
+) -> anyhow::Result<People> {
+    let mut admin = Clients::connect(endpoint, Some(admin_token)).await?;
+    let me = admin
+        .identity
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner();
+    let inst = |code: String| {
+        let mut c = admin.identity.clone();
+        async move {
+            anyhow::Ok(
+                c.create_institution(CreateInstitutionRequest {
+                    code,
+                    name: "Dinas uji".into(),
+                    quota: Some(quota),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+                .id,
+            )
+        }
+    };
+    let inst_a = inst(format!("{prefix}-a")).await?;
+    let inst_b = inst(format!("{prefix}-b")).await?;
+    let user = |name: String, institution_id: String, role: Role| {
+        let mut c = admin.identity.clone();
+        async move {
+            let u = c
+                .create_user(CreateUserRequest {
+                    username: name,
+                    institution_id,
+                    role: role as i32,
+                    ..Default::default()
+                })
+                .await?
+                .into_inner();
+            let t = c
+                .create_token(CreateTokenRequest {
+                    user_id: u.id,
+                    name: "test".into(),
+                    ttl_seconds: 0,
+                })
+                .await?
+                .into_inner();
+            anyhow::Ok(t.secret)
+        }
+    };
+    let operator = user(
+        format!("{prefix}-op"),
+        me.institution_id.clone(),
+        Role::Operator,
+    )
+    .await?;
+    let member_a = user(format!("{prefix}-ma"), inst_a.clone(), Role::Member).await?;
+    let member_b = user(format!("{prefix}-mb"), inst_b.clone(), Role::Member).await?;
+    let _ = &mut admin;
+    Ok(People {
+        admin: admin_token.to_owned(),
+        operator,
+        member_a,
+        member_b,
+        inst_a,
+        inst_b,
+    })
+}
+
+/// A fresh PKI for one test: the CA, the controller's certificate and one per host.
+pub fn make_pki(dir: &Path, hosts: &[String]) -> anyhow::Result<PkiDir> {
+    let pki = PkiDir(dir.to_path_buf());
+    pki.init()?;
+    pki.issue(CONTROLLER_NAME, &["127.0.0.1".into()])?;
+    for h in hosts {
+        pki.issue(h, &["127.0.0.1".into()])?;
+    }
+    Ok(pki)
+}
+
+/// A channel presenting `as_name`'s certificate and expecting `server_name`'s.
+pub async fn mtls_channel(
+    endpoint: &str,
+    pki: &PkiDir,
+    as_name: &str,
+    server_name: &str,
+) -> anyhow::Result<Channel> {
+    let files = pki.files(as_name);
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            pki.ca_cert(),
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&files.cert)?,
+            std::fs::read(&files.key)?,
+        ))
+        .domain_name(server_name);
+    Ok(
+        tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+            .tls_config(tls)?
+            .connect()
+            .await?,
+    )
+}
+
+pub fn agent_tls(pki: &PkiDir, host_id: &str) -> betang_agent::tls::TlsConfig {
+    let f = pki.files(host_id);
+    betang_agent::tls::TlsConfig {
+        ca: pki.ca_cert(),
+        cert: f.cert,
+        key: f.key,
+    }
+}
+
+pub fn controller_tls(pki: &PkiDir) -> TlsConfig {
+    let f = pki.files(CONTROLLER_NAME);
+    TlsConfig {
+        ca: pki.ca_cert(),
+        cert: f.cert,
+        key: f.key,
+        user_api: false,
+    }
+}
+
+/// A controller and test-driver agents in this process, under mutual TLS,
+/// with an admin, an operator and members of two institutions.
 pub struct Cluster {
     pub prefix: String,
     pub dir: tempfile::TempDir,
     pub controller: Option<RunningController>,
     pub controller_cfg: ControllerConfig,
     pub endpoint: String,
+    pub agent_endpoint: String,
     pub hosts: Vec<TestHost>,
+    pub people: People,
+    pub pki: PkiDir,
 }
 
 pub struct ClusterOptions {
     pub hosts: Vec<CapacityConfig>,
     pub heartbeat_ms: u64,
     pub down_after_ms: u64,
+    pub quota: Quota,
 }
 
 impl Default for ClusterOptions {
@@ -114,6 +304,12 @@ impl Default for ClusterOptions {
             ],
             heartbeat_ms: 200,
             down_after_ms: 2_000,
+            quota: Quota {
+                vcpus: 1000,
+                memory_mib: 1 << 30,
+                disk_gib: 1 << 20,
+                vps_count: 10_000,
+            },
         }
     }
 }
@@ -123,13 +319,33 @@ impl Cluster {
         init_tracing();
         let prefix = test_prefix();
         let dir = tempfile::tempdir()?;
+        let host_ids: Vec<String> = (0..opts.hosts.len())
+            .map(|i| format!("{prefix}-h{i}"))
+            .collect();
+        let pki = make_pki(&dir.path().join("pki"), &host_ids)?;
         let mut controller_cfg = ControllerConfig::with_data_dir(dir.path().join("controller"));
         controller_cfg.host_down_after_ms = opts.down_after_ms;
         controller_cfg.heartbeat_interval_ms = opts.heartbeat_ms as u32;
         controller_cfg.reconcile_interval_ms = 200;
+        controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let controller = betang_controller::server::start(controller_cfg.clone(), listener).await?;
+        let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let controller =
+            betang_controller::server::start(controller_cfg.clone(), listener, agent_listener)
+                .await?;
         let endpoint = format!("http://{}", controller.addr);
+        let agent_endpoint = format!("https://{}", controller.agent_addr);
+        let now = betang_controller::now_ms();
+        let (_, admin_token) = controller.store.run_sync(|c| {
+            betang_controller::store::identity::bootstrap_admin(
+                c,
+                "dc",
+                "Data center",
+                "admin",
+                now,
+            )
+        })?;
+        let people = make_people(&endpoint, &admin_token, &prefix, opts.quota).await?;
         let image_dir = dir.path().join("images");
         make_image_dir(&image_dir, "64M")?;
         let mut cluster = Cluster {
@@ -137,11 +353,14 @@ impl Cluster {
             controller: Some(controller),
             controller_cfg,
             endpoint: endpoint.clone(),
+            agent_endpoint: agent_endpoint.clone(),
             hosts: Vec::new(),
+            people,
+            pki,
             dir,
         };
         for (i, cap) in opts.hosts.iter().enumerate() {
-            let host_id = format!("{prefix}-h{i}");
+            let host_id = host_ids[i].clone();
             let node = cluster.dir.path().join(format!("node-{i}.xml"));
             std::fs::write(
                 &node,
@@ -154,7 +373,7 @@ impl Cluster {
                 host_id: host_id.clone(),
                 listen: "127.0.0.1:0".parse()?,
                 advertise_endpoint: None,
-                controller_endpoint: endpoint.clone(),
+                controller_endpoint: agent_endpoint.clone(),
                 libvirt_uri: uri.clone(),
                 domain_type: DomainTypeSetting::Qemu,
                 image_dir: image_dir.clone(),
@@ -164,6 +383,7 @@ impl Cluster {
                 libvirt_call_timeout_seconds: 10,
                 capacity: Some(*cap),
                 network: NetworkConfig::None,
+                tls: Some(agent_tls(&cluster.pki, &host_id)),
             };
             let hv = Arc::new(LibvirtHypervisor::new(&uri)?);
             cluster.hosts.push(TestHost {
@@ -183,7 +403,7 @@ impl Cluster {
 
     /// Polls GetHost until the host is in `want`.
     pub async fn wait_host_state(&self, host_id: &str, want: HostState) -> anyhow::Result<()> {
-        let hosts = self.host_client().await?;
+        let hosts = self.as_operator().await?.hosts;
         eventually(
             Duration::from_secs(20),
             &format!("host {host_id} {want:?}"),
@@ -216,36 +436,41 @@ impl Cluster {
     }
 
     pub async fn restart_controller(&mut self) -> anyhow::Result<()> {
-        let addr = self
-            .controller
-            .as_ref()
-            .map(|c| c.addr)
-            .context("no controller")?;
+        let c = self.controller.as_ref().context("no controller")?;
+        let (addr, agent_addr) = (c.addr, c.agent_addr);
         self.controller = None;
-        // The old server task is aborted; wait for the port to be free again.
-        let listener = eventually(Duration::from_secs(10), "controller port free", || async {
-            tokio::net::TcpListener::bind(addr).await.ok()
-        })
-        .await?;
-        self.controller =
-            Some(betang_controller::server::start(self.controller_cfg.clone(), listener).await?);
+        // The old server tasks are aborted; wait for the ports to be free again.
+        let bind = |a: std::net::SocketAddr| {
+            eventually(
+                Duration::from_secs(10),
+                "controller port free",
+                move || async move { tokio::net::TcpListener::bind(a).await.ok() },
+            )
+        };
+        let listener = bind(addr).await?;
+        let agent_listener = bind(agent_addr).await?;
+        self.controller = Some(
+            betang_controller::server::start(self.controller_cfg.clone(), listener, agent_listener)
+                .await?,
+        );
         Ok(())
     }
 
-    pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(
-            tonic::transport::Endpoint::from_shared(self.endpoint.clone())?
-                .connect()
-                .await?,
-        )
+    pub async fn clients(&self, token: &str) -> anyhow::Result<Clients> {
+        Clients::connect(&self.endpoint, Some(token)).await
     }
 
-    pub async fn vps_client(&self) -> anyhow::Result<VpsServiceClient<Channel>> {
-        Ok(VpsServiceClient::new(self.channel().await?))
+    pub async fn as_operator(&self) -> anyhow::Result<Clients> {
+        self.clients(&self.people.operator).await
     }
 
-    pub async fn host_client(&self) -> anyhow::Result<HostServiceClient<Channel>> {
-        Ok(HostServiceClient::new(self.channel().await?))
+    /// The operator's VPS client; most tests act as the data center.
+    pub async fn vps_client(&self) -> anyhow::Result<VpsServiceClient<Authed>> {
+        Ok(self.as_operator().await?.vps)
+    }
+
+    pub async fn host_client(&self) -> anyhow::Result<HostServiceClient<Authed>> {
+        Ok(self.as_operator().await?.hosts)
     }
 
     /// Names of the domains a host's libvirt holds.
@@ -270,6 +495,30 @@ impl Cluster {
             user_data: String::new(),
         }
     }
+
+    /// An operator's request creating `spec` directly for institution A.
+    pub fn create(&self, spec: VpsSpec) -> CreateVpsRequest {
+        CreateVpsRequest {
+            request_id: uuid::Uuid::new_v4().to_string(),
+            spec: Some(spec),
+            application: Some(application()),
+            institution_id: self.people.inst_a.clone(),
+            host_id: String::new(),
+        }
+    }
+}
+
+pub fn application() -> Application {
+    Application {
+        name: "Sistem informasi uji".into(),
+        kind: "website".into(),
+        purpose: "testing Betang".into(),
+        domain: "uji.example.go.id".into(),
+        responsible_name: "Budi".into(),
+        responsible_nip: "198501012010011001".into(),
+        responsible_email: "budi@example.go.id".into(),
+        responsible_phone: "+62 811 0000".into(),
+    }
 }
 
 pub fn state_of(v: &Vps) -> VpsState {
@@ -278,7 +527,7 @@ pub fn state_of(v: &Vps) -> VpsState {
 
 /// Polls GetVps until the VPS is in `want`.
 pub async fn wait_state(
-    c: &VpsServiceClient<Channel>,
+    c: &VpsServiceClient<Authed>,
     id: &str,
     want: VpsState,
     timeout: Duration,

@@ -14,13 +14,6 @@ use tonic::Code;
 
 const T: Duration = Duration::from_secs(20);
 
-fn create(spec: betang_proto::v1::VpsSpec) -> CreateVpsRequest {
-    CreateVpsRequest {
-        request_id: uuid::Uuid::new_v4().to_string(),
-        spec: Some(spec),
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
@@ -38,7 +31,10 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
 
     let mut ids = Vec::new();
     for n in ["a", "b"] {
-        let v = c.create_vps(create(cluster.spec(n))).await?.into_inner();
+        let v = c
+            .create_vps(cluster.create(cluster.spec(n)))
+            .await?
+            .into_inner();
         assert_eq!(state_of(&v), VpsState::Scheduled);
         assert!(!v.host_id.is_empty());
         ids.push(v.id);
@@ -193,7 +189,7 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
 async fn the_same_request_id_twice_gives_one_vps() -> anyhow::Result<()> {
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let c = cluster.vps_client().await?;
-    let req = create(cluster.spec("once"));
+    let req = cluster.create(cluster.spec("once"));
     // Ten concurrent retries of one request.
     let results = futures::future::join_all((0..10).map(|_| {
         let mut c = c.clone();
@@ -236,7 +232,7 @@ async fn a_vps_that_fits_nowhere_is_refused_with_reasons() -> anyhow::Result<()>
     let mut c = cluster.vps_client().await?;
     let mut spec = cluster.spec("huge");
     spec.memory_mib = 32 * 1024;
-    let err = c.create_vps(create(spec)).await.unwrap_err();
+    let err = c.create_vps(cluster.create(spec)).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted);
     assert_eq!(
         err.message(),
@@ -244,7 +240,7 @@ async fn a_vps_that_fits_nowhere_is_refused_with_reasons() -> anyhow::Result<()>
     );
     let mut spec = cluster.spec("many-cpus");
     spec.vcpus = 64;
-    let err = c.create_vps(create(spec)).await.unwrap_err();
+    let err = c.create_vps(cluster.create(spec)).await.unwrap_err();
     assert!(
         err.message().ends_with(": 2 lack vCPUs"),
         "{}",
@@ -284,7 +280,7 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
     for (field, mutate) in cases {
         let mut spec = cluster.spec("bad");
         mutate(&mut spec);
-        let err = c.create_vps(create(spec)).await.unwrap_err();
+        let err = c.create_vps(cluster.create(spec)).await.unwrap_err();
         assert_eq!(
             err.code(),
             Code::InvalidArgument,
@@ -300,7 +296,7 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
     let err = c
         .create_vps(CreateVpsRequest {
             request_id: String::new(),
-            spec: Some(cluster.spec("x")),
+            ..cluster.create(cluster.spec("x"))
         })
         .await
         .unwrap_err();
@@ -363,7 +359,7 @@ async fn concurrent_placements_never_overfill() -> anyhow::Result<()> {
     let c = cluster.vps_client().await?;
     let results = futures::future::join_all((0..30).map(|i| {
         let mut c = c.clone();
-        let req = create(cluster.spec(&format!("p{i}")));
+        let req = cluster.create(cluster.spec(&format!("p{i}")));
         async move { c.create_vps(req).await }
     }))
     .await;
@@ -398,7 +394,7 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     let mut cluster = Cluster::start(ClusterOptions::default()).await?;
     let mut c = cluster.vps_client().await?;
     let v = c
-        .create_vps(create(cluster.spec("keep")))
+        .create_vps(cluster.create(cluster.spec("keep")))
         .await?
         .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
@@ -420,7 +416,7 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     // Nothing new lands on a down host, and its VPS are not touched.
     let mut spec = cluster.spec("elsewhere");
     spec.vcpus = 1;
-    let other = c.create_vps(create(spec)).await?.into_inner();
+    let other = c.create_vps(cluster.create(spec)).await?.into_inner();
     assert_ne!(other.host_id, host_id);
     let still = c
         .get_vps(GetVpsRequest { id: v.id.clone() })
@@ -451,7 +447,7 @@ async fn the_controller_restarting_mid_way_loses_nothing() -> anyhow::Result<()>
     for i in 0..4 {
         let v = c
             .clone()
-            .create_vps(create(cluster.spec(&format!("r{i}"))))
+            .create_vps(cluster.create(cluster.spec(&format!("r{i}"))))
             .await?;
         ids.push(v.into_inner().id);
     }
@@ -471,7 +467,7 @@ async fn a_domain_removed_behind_betangs_back_is_recreated() -> anyhow::Result<(
     let c = cluster.vps_client().await?;
     let v = c
         .clone()
-        .create_vps(create(cluster.spec("heal")))
+        .create_vps(cluster.create(cluster.spec("heal")))
         .await?
         .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
@@ -504,7 +500,7 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
     std::fs::remove_file(image_dir.join("tiny.qcow2"))?;
     let v = c
         .clone()
-        .create_vps(create(cluster.spec("doomed")))
+        .create_vps(cluster.create(cluster.spec("doomed")))
         .await?
         .into_inner();
     let v = wait_state(&c, &v.id, VpsState::Error, T).await?;
@@ -552,13 +548,20 @@ async fn health_and_reflection_answer_on_controller_and_agent() -> anyhow::Resul
     };
     let cluster = Cluster::start(ClusterOptions::default()).await?;
     let agent_addr = cluster.hosts[0].agent.as_ref().unwrap().addr;
-    for (endpoint, service) in [
-        (cluster.endpoint.clone(), "betang.v1.VpsService"),
-        (format!("http://{agent_addr}"), "betang.v1.AgentService"),
+    let agent_channel = betang_tests::mtls_channel(
+        &format!("https://{agent_addr}"),
+        &cluster.pki,
+        betang_controller::pki::CONTROLLER_NAME,
+        &cluster.hosts[0].host_id,
+    )
+    .await?;
+    let user_channel = tonic::transport::Endpoint::from_shared(cluster.endpoint.clone())?
+        .connect()
+        .await?;
+    for (ch, service) in [
+        (user_channel, "betang.v1.VpsService"),
+        (agent_channel, "betang.v1.AgentService"),
     ] {
-        let ch = tonic::transport::Endpoint::from_shared(endpoint)?
-            .connect()
-            .await?;
         let status = HealthClient::new(ch.clone())
             .check(HealthCheckRequest {
                 service: service.into(),

@@ -15,11 +15,13 @@ use std::{
 use anyhow::Context;
 use betang_agent::config::{AgentConfig, DomainTypeSetting, NetworkConfig};
 use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListHostsRequest, RebootVpsRequest,
-    StartVpsRequest, StopVpsRequest, VpsSpec, VpsState, host_service_client::HostServiceClient,
-    vps_service_client::VpsServiceClient,
+    ApproveVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListAuditRequest,
+    ListHostsRequest, Quota, RebootVpsRequest, StartVpsRequest, StopVpsRequest, VpsSpec, VpsState,
 };
-use betang_tests::{eventually, init_tracing, test_prefix, wait_state, workspace_root};
+use betang_tests::{
+    Authed, Clients, agent_tls, application, controller_tls, eventually, init_tracing, make_people,
+    make_pki, test_prefix, wait_state, workspace_root,
+};
 use virt::{connect::Connect, domain::Domain};
 
 const URI: &str = "qemu:///system";
@@ -121,18 +123,34 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         "[[image]]\nname = \"betang-test\"\nfile = \"betang-test.qcow2\"\nos = \"busybox\"\n",
     )?;
 
+    // The default install: mutual TLS between controller and agent, tokens for people.
     let dir = tempfile::tempdir()?;
-    let mut ccfg = betang_controller::config::ControllerConfig::with_data_dir(dir.path().into());
-    ccfg.reconcile_interval_ms = 500;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let controller = betang_controller::server::start(ccfg, listener).await?;
-    let endpoint = format!("http://{}", controller.addr);
     let host_id = format!("{prefix}-host");
+    let pki = make_pki(&dir.path().join("pki"), std::slice::from_ref(&host_id))?;
+    let mut ccfg =
+        betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
+    ccfg.reconcile_interval_ms = 500;
+    ccfg.tls = Some(controller_tls(&pki));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let controller = betang_controller::server::start(ccfg, listener, agent_listener).await?;
+    let endpoint = format!("http://{}", controller.addr);
+    let now = betang_controller::now_ms();
+    let (_, admin) = controller.store.run_sync(|c| {
+        betang_controller::store::identity::bootstrap_admin(c, "dc", "Data center", "admin", now)
+    })?;
+    let quota = Quota {
+        vcpus: 4,
+        memory_mib: 1024,
+        disk_gib: 10,
+        vps_count: 2,
+    };
+    let people = make_people(&endpoint, &admin, &prefix, quota).await?;
     let acfg = AgentConfig {
         host_id: host_id.clone(),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,
-        controller_endpoint: endpoint.clone(),
+        controller_endpoint: format!("https://{}", controller.agent_addr),
         libvirt_uri: URI.into(),
         domain_type: DomainTypeSetting::Auto,
         image_dir,
@@ -142,31 +160,34 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         libvirt_call_timeout_seconds: 60,
         capacity: None,
         network: NetworkConfig::None,
+        tls: Some(agent_tls(&pki, &host_id)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let agent = betang_agent::server::start(acfg, listener).await?;
 
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .connect()
-        .await?;
-    let mut c = VpsServiceClient::new(channel.clone());
-    let hosts = HostServiceClient::new(channel);
-    eventually(Duration::from_secs(30), "host registered", || {
-        let mut hosts = hosts.clone();
-        let host_id = host_id.clone();
-        async move {
-            let l = hosts
-                .list_hosts(ListHostsRequest {})
-                .await
-                .ok()?
-                .into_inner();
-            l.hosts.iter().any(|h| h.id == host_id).then_some(())
-        }
-    })
+    let operator = Clients::connect(&endpoint, Some(&people.operator)).await?;
+    let member = Clients::connect(&endpoint, Some(&people.member_a)).await?;
+    let mut c = member.vps.clone();
+    eventually(
+        Duration::from_secs(30),
+        "host registered over mutual TLS",
+        || {
+            let mut hosts = operator.hosts.clone();
+            let host_id = host_id.clone();
+            async move {
+                let l = hosts
+                    .list_hosts(ListHostsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner();
+                l.hosts.iter().any(|h| h.id == host_id).then_some(())
+            }
+        },
+    )
     .await?;
 
+    // A member of institution A asks; an operator approves.
     let name = format!("{prefix}-e2e");
-    let t0 = std::time::Instant::now();
     let v = c
         .create_vps(CreateVpsRequest {
             request_id: format!("{prefix}-req"),
@@ -179,9 +200,22 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
                 ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2eTestKey e2e@betang".into(),
                 user_data: "#cloud-config\nruncmd: [echo hi]\n".into(),
             }),
+            application: Some(application()),
+            institution_id: String::new(),
+            host_id: String::new(),
         })
         .await?
         .into_inner();
+    assert_eq!(v.state, VpsState::PendingApproval as i32);
+    let t0 = std::time::Instant::now();
+    operator
+        .vps
+        .clone()
+        .approve_vps(ApproveVpsRequest {
+            id: v.id.clone(),
+            ..Default::default()
+        })
+        .await?;
     let id = v.id.clone();
     wait_state(&c, &id, VpsState::Running, Duration::from_secs(120)).await?;
     let running_after = t0.elapsed();
@@ -208,7 +242,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
     assert!(xml.contains("<acpi/>"), "{xml}");
 
     // CPU usage reported through the API grows.
-    let cpu = |c: &VpsServiceClient<tonic::transport::Channel>| {
+    let cpu = |c: &betang_proto::v1::vps_service_client::VpsServiceClient<Authed>| {
         let mut c = c.clone();
         let id = id.clone();
         async move {
@@ -259,6 +293,29 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
     wait_state(&c, &id, VpsState::Deleted, Duration::from_secs(120)).await?;
     assert!(domain(&conn, &id).is_none(), "domain left behind");
     assert!(!vm_dir.join(&id).exists(), "disk or seed left behind");
+
+    // Every step is in the audit trail, attributed to who did it.
+    let audit = operator
+        .audit
+        .clone()
+        .list_audit(ListAuditRequest {
+            target: id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let actions: Vec<_> = audit.records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(
+        actions,
+        [
+            "vps.request",
+            "vps.approve",
+            "vps.stop",
+            "vps.start",
+            "vps.reboot",
+            "vps.delete"
+        ]
+    );
 
     drop(agent);
     drop(controller);

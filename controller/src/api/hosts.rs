@@ -4,7 +4,7 @@ use betang_proto::v1::{
 use tonic::{Request, Response, Status};
 
 use super::Ctx;
-use crate::{error::ApiError, ids::HostId, now_ms, store::hosts};
+use crate::{auth::Permission, error::ApiError, ids::HostId, now_ms, store::hosts};
 
 pub struct HostApi {
     pub ctx: Ctx,
@@ -14,8 +14,12 @@ pub struct HostApi {
 impl HostService for HostApi {
     async fn list_hosts(
         &self,
-        _req: Request<ListHostsRequest>,
+        req: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
+        self.ctx
+            .caller(&req)
+            .await?
+            .require(Permission::ViewHosts)?;
         let down = self.ctx.down_after_ms();
         let now = now_ms();
         let hosts = self
@@ -27,6 +31,10 @@ impl HostService for HostApi {
     }
 
     async fn get_host(&self, req: Request<GetHostRequest>) -> Result<Response<Host>, Status> {
+        self.ctx
+            .caller(&req)
+            .await?
+            .require(Permission::ViewHosts)?;
         let id = HostId::parse(&req.get_ref().id)
             .map_err(|_| ApiError::HostNotFound(req.get_ref().id.clone()))?;
         let down = self.ctx.down_after_ms();

@@ -1,7 +1,10 @@
-//! The gRPC services. Handlers validate, call the store, wake the reconciler,
-//! and translate errors once through `From<ApiError> for Status`.
+//! The gRPC services. Handlers authenticate the caller, validate, call the
+//! store, wake the reconciler, and translate errors once through
+//! `From<ApiError> for Status`.
 
+pub mod audit;
 pub mod hosts;
+pub mod identity;
 pub mod registry;
 pub mod vps;
 
@@ -9,7 +12,14 @@ use std::{sync::Arc, time::Duration};
 
 use tokio::sync::Notify;
 
-use crate::{agents::AgentClients, config::ControllerConfig, store::Store};
+use crate::{
+    agents::AgentClients,
+    auth::{self, Caller},
+    config::ControllerConfig,
+    error::ApiError,
+    now_ms,
+    store::{Store, identity as ids},
+};
 
 /// What every service needs.
 #[derive(Clone)]
@@ -27,5 +37,38 @@ impl Ctx {
 
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(60)
+    }
+
+    /// The caller behind the request's bearer token.
+    pub async fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
+        let secret = auth::bearer(req.metadata())?;
+        let now = now_ms();
+        self.store
+            .run(move |c| ids::caller_for_secret(c, &secret, now))
+            .await
+    }
+}
+
+/// Turns a `page_token` into the last id seen.
+pub fn page_after(token: &str) -> Result<i64, ApiError> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .parse()
+        .ok()
+        .filter(|n: &i64| *n >= 0)
+        .ok_or_else(|| ApiError::invalid("page_token", "is not a token from a previous page"))
+}
+
+/// 1..=`max`, 0 meaning `default`.
+pub fn page_size(n: u32, default: u32, max: u32) -> Result<u32, ApiError> {
+    match n {
+        0 => Ok(default),
+        n if n > max => Err(ApiError::invalid(
+            "page_size",
+            format!("must be at most {max}, got {n}"),
+        )),
+        n => Ok(n),
     }
 }

@@ -6,10 +6,32 @@ use tonic::{Request, Response, Status};
 use tracing::{info, instrument};
 
 use super::Ctx;
-use crate::{error::ApiError, ids::HostId, now_ms, store::hosts};
+use crate::{error::ApiError, ids::HostId, now_ms, pki, store::hosts};
 
 pub struct RegistryApi {
     pub ctx: Ctx,
+    /// Agents present certificates; each may speak only for its own host.
+    pub mutual_tls: bool,
+}
+
+type PeerCerts = Option<std::sync::Arc<Vec<tonic::transport::CertificateDer<'static>>>>;
+
+impl RegistryApi {
+    fn check_peer(&self, host: &HostId, peer: &PeerCerts) -> Result<(), ApiError> {
+        if !self.mutual_tls {
+            return Ok(());
+        }
+        let name = peer.as_deref().and_then(|c| pki::peer_name(c));
+        match name {
+            Some(n) if n == host.as_str() => Ok(()),
+            Some(n) => Err(ApiError::PermissionDenied(format!(
+                "this certificate is for {n}, not for host {host}"
+            ))),
+            None => Err(ApiError::Unauthenticated(
+                "agents must present a client certificate".into(),
+            )),
+        }
+    }
 }
 
 fn check_endpoint(e: &str) -> Result<(), ApiError> {
@@ -33,12 +55,14 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<RegisterHostRequest>,
     ) -> Result<Response<RegisterHostResponse>, Status> {
+        let peer = req.peer_certs();
         let r = req.into_inner();
         let info = r
             .info
             .ok_or_else(|| ApiError::invalid("info", "is required"))?;
-        HostId::parse(&info.host_id)?;
+        let host = HostId::parse(&info.host_id)?;
         tracing::Span::current().record("host_id", info.host_id.as_str());
+        self.check_peer(&host, &peer)?;
         check_endpoint(&r.agent_endpoint)?;
         for img in &info.images {
             crate::validation::image(&img.name)?;
@@ -61,8 +85,10 @@ impl RegistryService for RegistryApi {
         &self,
         req: Request<HeartbeatRequest>,
     ) -> Result<Response<HeartbeatResponse>, Status> {
+        let peer = req.peer_certs();
         let r = req.into_inner();
         let host = HostId::parse(&r.host_id)?;
+        self.check_peer(&host, &peer)?;
         let now = now_ms();
         self.ctx
             .store

@@ -1,18 +1,20 @@
 use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListImagesRequest, ListImagesResponse,
-    ListVpsRequest, ListVpsResponse, RebootVmRequest, RebootVpsRequest, StartVpsRequest,
-    StopVpsRequest, Vps, vps_service_server::VpsService,
+    ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest,
+    ListImagesRequest, ListImagesResponse, ListVpsRequest, ListVpsResponse, RebootVmRequest,
+    RebootVpsRequest, RejectVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
+    vps_service_server::VpsService,
 };
 use tonic::{Request, Response, Status};
 use tracing::{Span, info, instrument};
 
-use super::Ctx;
+use super::{Ctx, page_after, page_size};
 use crate::{
+    auth::{Caller, Permission},
     error::ApiError,
-    ids::VpsId,
+    ids::{HostId, VpsId},
     lifecycle::{DesiredPower, VpsState},
     now_ms,
-    store::{hosts, vps},
+    store::{hosts, identity, vps},
     validation,
 };
 
@@ -20,99 +22,140 @@ pub struct VpsApi {
     pub ctx: Ctx,
 }
 
-const DEFAULT_PAGE: u32 = 100;
-const MAX_PAGE: u32 = 1000;
 const MAX_STOP_TIMEOUT_S: u32 = 3600;
 
 impl VpsApi {
-    async fn get_record(&self, id: &str) -> Result<vps::VpsRecord, ApiError> {
-        let id = VpsId::parse(id)?;
-        self.ctx.store.run(move |c| vps::get(c, &id)).await
+    fn placement(&self) -> vps::Placement {
+        vps::Placement {
+            ratios: self.ctx.cfg.overcommit,
+            down_after_ms: self.ctx.down_after_ms(),
+        }
     }
 
     async fn set_power(
         &self,
+        caller: Caller,
         id: &str,
         desired: DesiredPower,
         stop_timeout_s: u32,
         force: bool,
+    ) -> Result<Vps, ApiError> {
+        caller.require(Permission::OwnVps)?;
+        let id = VpsId::parse(id)?;
+        let now = now_ms();
+        let v = self
+            .ctx
+            .store
+            .run(move |c| vps::set_desired(c, &caller, &id, desired, stop_timeout_s, force, now))
+            .await?;
+        self.ctx.wake.notify_one();
+        Ok(v.to_proto())
+    }
+
+    async fn decide_against(
+        &self,
+        caller: Caller,
+        id: &str,
+        next: VpsState,
+        reason: String,
     ) -> Result<Vps, ApiError> {
         let id = VpsId::parse(id)?;
         let now = now_ms();
         let v = self
             .ctx
             .store
-            .run(move |c| vps::set_desired(c, &id, desired, stop_timeout_s, force, now))
+            .run(move |c| vps::decide_against(c, &caller, &id, next, &reason, now))
             .await?;
-        self.ctx.wake.notify_one();
         Ok(v.to_proto())
+    }
+}
+
+fn pin(host_id: &str) -> Result<Option<HostId>, ApiError> {
+    if host_id.is_empty() {
+        Ok(None)
+    } else {
+        HostId::parse(host_id).map(Some)
     }
 }
 
 #[tonic::async_trait]
 impl VpsService for VpsApi {
-    #[instrument(skip_all, fields(request_id = %req.get_ref().request_id, vps_id))]
+    #[instrument(skip_all, fields(request_id = %req.get_ref().request_id, vps_id, user))]
     async fn create_vps(&self, req: Request<CreateVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
+        Span::current().record("user", caller.username.as_str());
         let r = req.into_inner();
         validation::request_id(&r.request_id)?;
         let spec = r
             .spec
             .ok_or_else(|| ApiError::invalid("spec", "is required"))?;
         validation::spec(&spec)?;
-        let placement = vps::Placement {
-            ratios: self.ctx.cfg.overcommit,
-            down_after_ms: self.ctx.down_after_ms(),
+        let application = r.application.ok_or_else(|| {
+            ApiError::invalid(
+                "application",
+                "is required: name the application and the person responsible",
+            )
+        })?;
+        validation::application(&application)?;
+        let new = vps::NewVps {
+            request_id: r.request_id,
+            spec,
+            application,
+            institution_id: r.institution_id,
+            pin: pin(&r.host_id)?,
         };
+        let placement = self.placement();
         let now = now_ms();
         let v = self
             .ctx
             .store
-            .run(move |c| vps::create(c, &r.request_id, &spec, &placement, now))
+            .run(move |c| vps::create(c, &caller, &new, &placement, now))
             .await?;
         Span::current().record("vps_id", tracing::field::display(v.id));
-        info!(host_id = ?v.host_id, "VPS placed");
+        info!(host_id = ?v.host_id, state = %v.state, "VPS created");
         self.ctx.wake.notify_one();
         Ok(Response::new(v.to_proto()))
     }
 
     async fn get_vps(&self, req: Request<GetVpsRequest>) -> Result<Response<Vps>, Status> {
-        Ok(Response::new(
-            self.get_record(&req.get_ref().id).await?.to_proto(),
-        ))
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
+        let id = VpsId::parse(&req.get_ref().id)?;
+        let scope = caller.scope();
+        let v = self
+            .ctx
+            .store
+            .run(move |c| vps::get(c, &id, &scope))
+            .await?;
+        Ok(Response::new(v.to_proto()))
     }
 
     async fn list_vps(
         &self,
         req: Request<ListVpsRequest>,
     ) -> Result<Response<ListVpsResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
         let r = req.into_inner();
-        let size = match r.page_size {
-            0 => DEFAULT_PAGE,
-            n if n > MAX_PAGE => {
-                return Err(ApiError::invalid(
-                    "page_size",
-                    format!("must be at most {MAX_PAGE}, got {n}"),
-                )
-                .into());
-            }
-            n => n,
+        let size = page_size(r.page_size, 100, 1000)?;
+        let state = match betang_proto::v1::VpsState::try_from(r.state) {
+            Ok(betang_proto::v1::VpsState::Unspecified) => None,
+            Ok(s) => VpsState::parse(s.as_str_name().trim_start_matches("VPS_STATE_")),
+            Err(_) => return Err(ApiError::invalid("state", "is not a VPS state").into()),
         };
-        let after: i64 = if r.page_token.is_empty() {
-            0
-        } else {
-            r.page_token
-                .parse()
-                .ok()
-                .filter(|n: &i64| *n >= 0)
-                .ok_or_else(|| {
-                    ApiError::invalid("page_token", "is not a token from a previous ListVps")
-                })?
+        let filter = vps::ListFilter {
+            after_seq: page_after(&r.page_token)?,
+            limit: size + 1,
+            include_deleted: r.include_deleted,
+            institution_id: r.institution_id,
+            state,
         };
-        let include_deleted = r.include_deleted;
+        let scope = caller.scope();
         let mut rows = self
             .ctx
             .store
-            .run(move |c| vps::list(c, after, size + 1, include_deleted))
+            .run(move |c| vps::list(c, &scope, &filter))
             .await?;
         let next = if rows.len() > size as usize {
             rows.truncate(size as usize);
@@ -128,12 +171,14 @@ impl VpsService for VpsApi {
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
     async fn delete_vps(&self, req: Request<DeleteVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
         let id = VpsId::parse(&req.get_ref().id)?;
         let now = now_ms();
         let v = self
             .ctx
             .store
-            .run(move |c| vps::mark_deleting(c, &id, now))
+            .run(move |c| vps::mark_deleting(c, &caller, &id, now))
             .await?;
         self.ctx.wake.notify_one();
         Ok(Response::new(v.to_proto()))
@@ -141,14 +186,16 @@ impl VpsService for VpsApi {
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
     async fn start_vps(&self, req: Request<StartVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
         Ok(Response::new(
-            self.set_power(&req.get_ref().id, DesiredPower::Running, 0, false)
+            self.set_power(caller, &req.get_ref().id, DesiredPower::Running, 0, false)
                 .await?,
         ))
     }
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
     async fn stop_vps(&self, req: Request<StopVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
         let r = req.into_inner();
         if r.timeout_seconds > MAX_STOP_TIMEOUT_S {
             return Err(ApiError::invalid(
@@ -161,15 +208,29 @@ impl VpsService for VpsApi {
             .into());
         }
         Ok(Response::new(
-            self.set_power(&r.id, DesiredPower::Stopped, r.timeout_seconds, r.force)
-                .await?,
+            self.set_power(
+                caller,
+                &r.id,
+                DesiredPower::Stopped,
+                r.timeout_seconds,
+                r.force,
+            )
+            .await?,
         ))
     }
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id, host_id))]
     async fn reboot_vps(&self, req: Request<RebootVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
         let r = req.into_inner();
-        let v = self.get_record(&r.id).await?;
+        let id = VpsId::parse(&r.id)?;
+        let scope = caller.scope();
+        let v = self
+            .ctx
+            .store
+            .run(move |c| vps::get(c, &id, &scope))
+            .await?;
         let host = match (&v.host_id, v.state) {
             (Some(h), VpsState::Running) => h.clone(),
             _ => {
@@ -194,15 +255,79 @@ impl VpsService for VpsApi {
             host: host.to_string(),
             message: s.message().to_owned(),
         })?;
+        let now = now_ms();
+        let institution = v.institution_id.clone().unwrap_or_default();
+        let target = v.id.to_string();
+        let result = if r.force { "reset" } else { "rebooted" };
+        self.ctx
+            .store
+            .run(move |c| {
+                identity::audit(c, &caller, &institution, "vps.reboot", &target, result, now)
+            })
+            .await?;
         info!(force = r.force, "rebooted");
         Ok(Response::new(v.to_proto()))
     }
 
     async fn list_images(
         &self,
-        _req: Request<ListImagesRequest>,
+        req: Request<ListImagesRequest>,
     ) -> Result<Response<ListImagesResponse>, Status> {
+        self.ctx.caller(&req).await?.require(Permission::OwnVps)?;
         let images = self.ctx.store.run(|c| hosts::catalogue(c)).await?;
         Ok(Response::new(ListImagesResponse { images }))
+    }
+
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
+    async fn approve_vps(&self, req: Request<ApproveVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::AllVps)?;
+        let r = req.into_inner();
+        let id = VpsId::parse(&r.id)?;
+        let approval = vps::Approval {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            disk_gib: r.disk_gib,
+            pin: pin(&r.host_id)?,
+        };
+        let placement = self.placement();
+        let now = now_ms();
+        let v = self
+            .ctx
+            .store
+            .run(move |c| vps::approve(c, &caller, &id, &approval, &placement, now))
+            .await?;
+        info!(host_id = ?v.host_id, "approved");
+        self.ctx.wake.notify_one();
+        Ok(Response::new(v.to_proto()))
+    }
+
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
+    async fn reject_vps(&self, req: Request<RejectVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::AllVps)?;
+        let r = req.into_inner();
+        if r.reason.trim().is_empty() || r.reason.chars().count() > 1000 {
+            return Err(ApiError::invalid(
+                "reason",
+                "is required (at most 1000 characters): the member sees it",
+            )
+            .into());
+        }
+        Ok(Response::new(
+            self.decide_against(caller, &r.id, VpsState::Rejected, r.reason)
+                .await?,
+        ))
+    }
+
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
+    async fn cancel_vps(&self, req: Request<CancelVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
+        let id = req.into_inner().id;
+        Ok(Response::new(
+            self.decide_against(caller, &id, VpsState::Cancelled, String::new())
+                .await?,
+        ))
     }
 }

@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 
 /// Betang's controller: the gRPC API, the store and the dispatcher.
 #[derive(Parser)]
@@ -15,6 +15,25 @@ struct Args {
         default_value = "/etc/betang/controller.toml"
     )]
     config: PathBuf,
+    #[command(subcommand)]
+    cmd: Option<Cmd>,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Serve the API (the default).
+    Serve,
+    /// Create the data center's own institution and the first admin (if they
+    /// do not exist) and print a new token for that admin. Run on the
+    /// controller's machine; it writes to the store directly.
+    BootstrapAdmin {
+        #[arg(long, default_value = "admin")]
+        username: String,
+        #[arg(long, default_value = "diskominfo")]
+        institution_code: String,
+        #[arg(long, default_value = "Data center operators")]
+        institution_name: String,
+    },
 }
 
 #[tokio::main]
@@ -23,17 +42,48 @@ async fn main() -> anyhow::Result<()> {
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
+        .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;
     let cfg = betang_controller::config::ControllerConfig::from_toml(&text)
         .with_context(|| format!("in {}", args.config.display()))?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
-        .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
-    let _controller = betang_controller::server::start(cfg, listener).await?;
-    tokio::signal::ctrl_c().await?;
-    tracing::info!("shutting down");
+    match args.cmd.unwrap_or(Cmd::Serve) {
+        Cmd::Serve => {
+            let listener = tokio::net::TcpListener::bind(cfg.listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.listen))?;
+            let agent_listener = tokio::net::TcpListener::bind(cfg.agent_listen)
+                .await
+                .with_context(|| format!("binding {}", cfg.agent_listen))?;
+            let _controller =
+                betang_controller::server::start(cfg, listener, agent_listener).await?;
+            tokio::signal::ctrl_c().await?;
+            tracing::info!("shutting down");
+        }
+        Cmd::BootstrapAdmin {
+            username,
+            institution_code,
+            institution_name,
+        } => {
+            let store = betang_controller::server::open_store(&cfg)?;
+            let now = betang_controller::now_ms();
+            let (user, secret) = store.run_sync(|c| {
+                betang_controller::store::identity::bootstrap_admin(
+                    c,
+                    &institution_code,
+                    &institution_name,
+                    &username,
+                    now,
+                )
+            })?;
+            eprintln!(
+                "admin {} (user {}) — keep this token secret:",
+                user.username, user.id
+            );
+            println!("{secret}");
+        }
+    }
     Ok(())
 }

@@ -4,32 +4,41 @@ use std::{path::PathBuf, time::Duration};
 
 use anyhow::{Context, bail};
 use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetVpsRequest, Host, ListHostsRequest,
-    ListImagesRequest, ListVpsRequest, RebootVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
-    VpsSpec, VpsState, host_service_client::HostServiceClient,
-    vps_service_client::VpsServiceClient,
+    Application, ApproveVpsRequest, CancelVpsRequest, CreateInstitutionRequest, CreateTokenRequest,
+    CreateUserRequest, CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetInstitutionRequest,
+    GetVpsRequest, Host, Institution, ListAuditRequest, ListHostsRequest, ListImagesRequest,
+    ListInstitutionsRequest, ListTokensRequest, ListUsersRequest, ListVpsRequest, Quota,
+    RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetQuotaRequest, StartVpsRequest,
+    StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
+    audit_service_client::AuditServiceClient, host_service_client::HostServiceClient,
+    identity_service_client::IdentityServiceClient, vps_service_client::VpsServiceClient,
 };
 use clap::{Parser, Subcommand};
-use tonic::transport::Channel;
+use serde::{Deserialize, Serialize};
+use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 #[derive(Parser)]
 #[command(version, about = "Manage Betang virtual private servers")]
 struct Cli {
-    /// The controller's gRPC endpoint.
-    #[arg(
-        long,
-        global = true,
-        env = "BETANG_ENDPOINT",
-        default_value = "http://127.0.0.1:7000"
-    )]
-    endpoint: String,
+    /// The controller's gRPC endpoint [default: from the config file, else http://127.0.0.1:7000].
+    #[arg(long, global = true, env = "BETANG_ENDPOINT")]
+    endpoint: Option<String>,
+    /// API token [default: from the config file].
+    #[arg(long, global = true, env = "BETANG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// CA certificate for an https:// endpoint [default: from the config file].
+    #[arg(long, global = true, env = "BETANG_CA")]
+    ca: Option<PathBuf>,
+    /// Config file holding endpoint, token and CA.
+    #[arg(long, global = true, env = "BETANG_CONFIG")]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Virtual private servers.
+    /// Virtual private servers and requests for them.
     #[command(subcommand)]
     Vps(VpsCmd),
     /// Hosts (operators).
@@ -38,11 +47,62 @@ enum Cmd {
     /// The image catalogue.
     #[command(subcommand)]
     Image(ImageCmd),
+    /// Institutions and their quotas.
+    #[command(subcommand)]
+    Institution(InstitutionCmd),
+    /// Users (admins).
+    #[command(subcommand)]
+    User(UserCmd),
+    /// API tokens.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Who the token belongs to.
+    Whoami,
+    /// The audit trail (operators).
+    #[command(subcommand)]
+    Audit(AuditCmd),
+    /// The installation's certificates for mutual TLS (no controller needed).
+    #[command(subcommand)]
+    Pki(PkiCmd),
+    /// Save endpoint, token and CA in the config file.
+    Login {
+        #[arg(long)]
+        endpoint: Option<String>,
+        /// Read the token from standard input instead of the command line.
+        #[arg(long)]
+        token_stdin: bool,
+        #[arg(long)]
+        ca: Option<PathBuf>,
+    },
+}
+
+#[derive(clap::Args)]
+struct AppArgs {
+    /// Name of the application the VPS hosts.
+    #[arg(long)]
+    app_name: String,
+    /// Kind of application: website, e-service, database, ...
+    #[arg(long, default_value = "")]
+    app_kind: String,
+    #[arg(long, default_value = "")]
+    app_purpose: String,
+    /// Its domain or subdomain.
+    #[arg(long, default_value = "")]
+    app_domain: String,
+    /// The person responsible for it.
+    #[arg(long)]
+    responsible_name: String,
+    #[arg(long, default_value = "")]
+    responsible_nip: String,
+    #[arg(long, default_value = "")]
+    responsible_email: String,
+    #[arg(long, default_value = "")]
+    responsible_phone: String,
 }
 
 #[derive(Subcommand)]
 enum VpsCmd {
-    /// Request a new VPS.
+    /// Request a new VPS (members), or create one for an institution (operators).
     Create {
         /// Server name; it becomes the hostname (a-z, 0-9, '-').
         #[arg(long)]
@@ -61,6 +121,14 @@ enum VpsCmd {
         /// cloud-init user-data file.
         #[arg(long)]
         user_data_file: Option<PathBuf>,
+        #[command(flatten)]
+        app: AppArgs,
+        /// Operators: the institution the VPS is for.
+        #[arg(long, default_value = "")]
+        institution: String,
+        /// Operators: place on this host.
+        #[arg(long, default_value = "")]
+        host: String,
         /// Makes retries safe: the same id never creates a second VPS.
         #[arg(long)]
         request_id: Option<String>,
@@ -72,9 +140,15 @@ enum VpsCmd {
     },
     /// List VPS.
     List {
-        /// Include deleted VPS.
+        /// Include deleted, rejected and cancelled VPS.
         #[arg(long)]
         all: bool,
+        /// Only requests waiting for approval.
+        #[arg(long)]
+        pending: bool,
+        /// Operators: only this institution's.
+        #[arg(long, default_value = "")]
+        institution: String,
     },
     /// Show one VPS with its usage.
     Get { id: String },
@@ -105,6 +179,26 @@ enum VpsCmd {
         #[arg(long)]
         wait: bool,
     },
+    /// Operators: approve a request, optionally resized or on a chosen host.
+    Approve {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        disk_gib: u64,
+        #[arg(long, default_value = "")]
+        host: String,
+    },
+    /// Operators: reject a request; the member sees the reason.
+    Reject {
+        id: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Withdraw a request still waiting for approval.
+    Cancel { id: String },
     /// Wait until a VPS reaches a state (RUNNING, STOPPED, DELETED, ...).
     Wait {
         id: String,
@@ -123,6 +217,310 @@ enum HostCmd {
 #[derive(Subcommand)]
 enum ImageCmd {
     List,
+}
+
+#[derive(clap::Args)]
+struct QuotaArgs {
+    #[arg(long, default_value_t = 0)]
+    vcpus: u32,
+    #[arg(long, default_value_t = 0)]
+    memory_mib: u64,
+    #[arg(long, default_value_t = 0)]
+    disk_gib: u64,
+    #[arg(long, default_value_t = 0)]
+    vps: u32,
+}
+
+impl QuotaArgs {
+    fn quota(&self) -> Quota {
+        Quota {
+            vcpus: self.vcpus,
+            memory_mib: self.memory_mib,
+            disk_gib: self.disk_gib,
+            vps_count: self.vps,
+        }
+    }
+}
+
+#[derive(Subcommand)]
+enum InstitutionCmd {
+    Create {
+        /// Short code, e.g. dinkes.
+        #[arg(long)]
+        code: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value = "")]
+        contact_name: String,
+        #[arg(long, default_value = "")]
+        contact_email: String,
+        #[arg(long, default_value = "")]
+        contact_phone: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+    List,
+    Get {
+        id: String,
+    },
+    /// Set an institution's quota (operators).
+    Quota {
+        id: String,
+        #[command(flatten)]
+        quota: QuotaArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum UserCmd {
+    Create {
+        #[arg(long)]
+        username: String,
+        #[arg(long)]
+        institution: String,
+        /// member, operator or admin.
+        #[arg(long, default_value = "member")]
+        role: String,
+        #[arg(long, default_value = "")]
+        full_name: String,
+        #[arg(long, default_value = "")]
+        email: String,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        institution: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCmd {
+    /// Create a token (for yourself, or as admin for --user); prints the secret once.
+    Create {
+        #[arg(long, default_value = "")]
+        user: String,
+        #[arg(long, default_value = "")]
+        name: String,
+        /// 0: never expires.
+        #[arg(long, default_value_t = 0)]
+        ttl_seconds: u32,
+    },
+    List {
+        #[arg(long, default_value = "")]
+        user: String,
+    },
+    Revoke {
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum AuditCmd {
+    List {
+        #[arg(long, default_value = "")]
+        institution: String,
+        #[arg(long, default_value = "")]
+        actor: String,
+        /// An action, or a prefix ending in '.', e.g. vps.
+        #[arg(long, default_value = "")]
+        action: String,
+        #[arg(long, default_value = "")]
+        target: String,
+        #[arg(long, default_value_t = 0)]
+        since_ms: i64,
+        #[arg(long, default_value_t = 0)]
+        until_ms: i64,
+    },
+}
+
+#[derive(Subcommand)]
+enum PkiCmd {
+    /// Create the installation's CA in DIR unless it exists.
+    Init {
+        #[arg(long, default_value = "/etc/betang/pki")]
+        dir: PathBuf,
+    },
+    /// Issue or renew a certificate for a host id, or for betang-controller.
+    Issue {
+        name: String,
+        #[arg(long, default_value = "/etc/betang/pki")]
+        dir: PathBuf,
+        /// Extra names or IP addresses the certificate is valid for.
+        #[arg(long)]
+        san: Vec<String>,
+    },
+}
+
+/// The config file: where the controller is and how to prove who you are.
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CliConfig {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    endpoint: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    token: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    ca: Option<PathBuf>,
+}
+
+fn config_path(cli: &Cli) -> PathBuf {
+    cli.config.clone().unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").unwrap_or_else(|| "/root".into());
+        PathBuf::from(home).join(".config/betang/config.toml")
+    })
+}
+
+fn load_config(path: &std::path::Path) -> anyhow::Result<CliConfig> {
+    match std::fs::read_to_string(path) {
+        Ok(t) => toml::from_str(&t).with_context(|| format!("in {}", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(CliConfig::default()),
+        Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+    }
+}
+
+fn save_config(path: &std::path::Path, c: &CliConfig) -> anyhow::Result<()> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.write_all(toml::to_string(c)?.as_bytes())?;
+    Ok(())
+}
+
+/// Adds `authorization: Bearer <token>` to every call.
+#[derive(Clone)]
+struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
+}
+
+type Authed = InterceptedService<Channel, Bearer>;
+
+struct Clients {
+    vps: VpsServiceClient<Authed>,
+    hosts: HostServiceClient<Authed>,
+    identity: IdentityServiceClient<Authed>,
+    audit: AuditServiceClient<Authed>,
+}
+
+async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
+    let file = load_config(&config_path(cli))?;
+    let endpoint = cli
+        .endpoint
+        .clone()
+        .or(file.endpoint)
+        .unwrap_or_else(|| "http://127.0.0.1:7000".into());
+    let token = cli.token.clone().or(file.token);
+    let ca = cli.ca.clone().or(file.ca);
+    let mut ep = tonic::transport::Endpoint::from_shared(endpoint.clone())
+        .context("endpoint")?
+        .connect_timeout(Duration::from_secs(5));
+    if endpoint.starts_with("https://") {
+        let mut tls = tonic::transport::ClientTlsConfig::new();
+        if let Some(ca) = &ca {
+            let pem = std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?;
+            tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+        }
+        ep = ep.tls_config(tls)?;
+    }
+    let channel = ep
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the controller at {endpoint}"))?;
+    let bearer = Bearer(
+        token
+            .map(|t| format!("Bearer {t}").parse())
+            .transpose()
+            .context("the token has characters a header cannot carry")?,
+    );
+    Ok(Clients {
+        vps: VpsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        hosts: HostServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        identity: IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        audit: AuditServiceClient::with_interceptor(channel, bearer),
+    })
+}
+
+fn ms_to_text(ms: i64) -> String {
+    if ms == 0 {
+        return "-".into();
+    }
+    let secs = ms / 1000;
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn role_name(r: i32) -> &'static str {
+    match Role::try_from(r).unwrap_or_default() {
+        Role::Member => "member",
+        Role::Operator => "operator",
+        Role::Admin => "admin",
+        Role::Unspecified => "-",
+    }
+}
+
+fn print_user(u: &User) {
+    println!(
+        "{:<36}  {:<16}  {:<8}  {:<36}  {}",
+        u.id,
+        u.username,
+        role_name(u.role),
+        u.institution_id,
+        u.full_name
+    );
+}
+
+fn print_institution(i: &Institution) {
+    let q = i.quota.unwrap_or_default();
+    let u = i.used.unwrap_or_default();
+    println!("id:        {}", i.id);
+    println!("code:      {}", i.code);
+    println!("name:      {}", i.name);
+    if !i.contact_name.is_empty() {
+        println!(
+            "contact:   {} {} {}",
+            i.contact_name, i.contact_email, i.contact_phone
+        );
+    }
+    println!(
+        "used:      {}/{} vCPU, {}/{} MiB, {}/{} GiB, {}/{} VPS",
+        u.vcpus,
+        q.vcpus,
+        u.memory_mib,
+        q.memory_mib,
+        u.disk_gib,
+        q.disk_gib,
+        u.vps_count,
+        q.vps_count
+    );
 }
 
 fn state_name(v: &Vps) -> &'static str {
@@ -225,7 +623,7 @@ fn print_host(h: &Host) {
 }
 
 async fn wait_for(
-    c: &mut VpsServiceClient<Channel>,
+    c: &mut VpsServiceClient<Authed>,
     id: &str,
     want: &str,
     timeout: Duration,
@@ -254,179 +652,48 @@ fn status_error(s: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{}: {}", s.code().description(), s.message())
 }
 
+fn read_optional(p: &Option<PathBuf>) -> anyhow::Result<String> {
+    match p {
+        Some(p) => std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display())),
+        None => Ok(String::new()),
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let channel = tonic::transport::Endpoint::from_shared(cli.endpoint.clone())
-        .context("--endpoint")?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| format!("cannot reach the controller at {}", cli.endpoint))?;
-    let mut vps = VpsServiceClient::new(channel.clone());
-    let mut hosts = HostServiceClient::new(channel);
+    match &cli.cmd {
+        Cmd::Pki(cmd) => return pki(cmd),
+        Cmd::Login {
+            endpoint,
+            token_stdin,
+            ca,
+        } => {
+            let path = config_path(&cli);
+            let mut c = load_config(&path)?;
+            if let Some(e) = endpoint {
+                c.endpoint = Some(e.clone());
+            }
+            if *token_stdin {
+                let mut t = String::new();
+                std::io::stdin().read_line(&mut t)?;
+                c.token = Some(t.trim().to_owned());
+            }
+            if let Some(ca) = ca {
+                c.ca = Some(ca.clone());
+            }
+            save_config(&path, &c)?;
+            println!("saved {}", path.display());
+            return Ok(());
+        }
+        _ => {}
+    }
+    let mut c = connect(&cli).await?;
     match cli.cmd {
-        Cmd::Vps(cmd) => match cmd {
-            VpsCmd::Create {
-                name,
-                vcpus,
-                memory_mib,
-                disk_gib,
-                image,
-                ssh_key_file,
-                user_data_file,
-                request_id,
-                wait,
-                wait_seconds,
-            } => {
-                let ssh_public_key = match ssh_key_file {
-                    Some(p) => std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?
-                        .trim()
-                        .to_owned(),
-                    None => String::new(),
-                };
-                let user_data = match user_data_file {
-                    Some(p) => std::fs::read_to_string(&p)
-                        .with_context(|| format!("reading {}", p.display()))?,
-                    None => String::new(),
-                };
-                let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-                let v = vps
-                    .create_vps(CreateVpsRequest {
-                        request_id,
-                        spec: Some(VpsSpec {
-                            name,
-                            vcpus,
-                            memory_mib,
-                            disk_gib,
-                            image,
-                            ssh_public_key,
-                            user_data,
-                        }),
-                    })
-                    .await
-                    .map_err(status_error)?
-                    .into_inner();
-                let v = if wait {
-                    wait_for(
-                        &mut vps,
-                        &v.id,
-                        "RUNNING",
-                        Duration::from_secs(wait_seconds),
-                    )
-                    .await?
-                } else {
-                    v
-                };
-                print_vps(&v);
-            }
-            VpsCmd::List { all } => {
-                println!(
-                    "{:<36}  {:<20}  {:<12}  {:>5}  {:>8}  {:>6}  {:<16}  {:>6}",
-                    "ID", "NAME", "STATE", "VCPU", "MEM MiB", "DISK G", "HOST", "CPU %"
-                );
-                let mut token = String::new();
-                loop {
-                    let page = vps
-                        .list_vps(ListVpsRequest {
-                            page_size: 500,
-                            page_token: token.clone(),
-                            include_deleted: all,
-                        })
-                        .await
-                        .map_err(status_error)?
-                        .into_inner();
-                    for v in &page.vps {
-                        let s = v.spec.clone().unwrap_or_default();
-                        println!(
-                            "{:<36}  {:<20}  {:<12}  {:>5}  {:>8}  {:>6}  {:<16}  {:>6.1}",
-                            v.id,
-                            s.name,
-                            state_name(v),
-                            s.vcpus,
-                            s.memory_mib,
-                            s.disk_gib,
-                            v.host_id,
-                            v.usage.map_or(0.0, |u| u.cpu_rate * 100.0)
-                        );
-                    }
-                    if page.next_page_token.is_empty() {
-                        break;
-                    }
-                    token = page.next_page_token;
-                }
-            }
-            VpsCmd::Get { id } => {
-                let v = vps
-                    .get_vps(GetVpsRequest { id })
-                    .await
-                    .map_err(status_error)?;
-                print_vps(v.get_ref());
-            }
-            VpsCmd::Start { id, wait } => {
-                vps.start_vps(StartVpsRequest { id: id.clone() })
-                    .await
-                    .map_err(status_error)?;
-                if wait {
-                    wait_for(&mut vps, &id, "RUNNING", Duration::from_secs(300)).await?;
-                }
-                println!("{id}: starting");
-            }
-            VpsCmd::Stop {
-                id,
-                timeout_seconds,
-                force,
-                wait,
-            } => {
-                vps.stop_vps(StopVpsRequest {
-                    id: id.clone(),
-                    timeout_seconds,
-                    force,
-                })
-                .await
-                .map_err(status_error)?;
-                if wait {
-                    let limit = u64::from(timeout_seconds) + 120;
-                    wait_for(&mut vps, &id, "STOPPED", Duration::from_secs(limit)).await?;
-                }
-                println!("{id}: stopping");
-            }
-            VpsCmd::Reboot { id, force } => {
-                vps.reboot_vps(RebootVpsRequest {
-                    id: id.clone(),
-                    force,
-                })
-                .await
-                .map_err(status_error)?;
-                println!("{id}: rebooted");
-            }
-            VpsCmd::Delete { id, wait } => {
-                vps.delete_vps(DeleteVpsRequest { id: id.clone() })
-                    .await
-                    .map_err(status_error)?;
-                if wait {
-                    wait_for(&mut vps, &id, "DELETED", Duration::from_secs(300)).await?;
-                }
-                println!("{id}: deleting");
-            }
-            VpsCmd::Wait {
-                id,
-                state,
-                timeout_seconds,
-            } => {
-                let v = wait_for(
-                    &mut vps,
-                    &id,
-                    &state.to_uppercase(),
-                    Duration::from_secs(timeout_seconds),
-                )
-                .await?;
-                print_vps(&v);
-            }
-        },
+        Cmd::Vps(cmd) => vps(&mut c.vps, cmd).await?,
         Cmd::Host(HostCmd::List) => {
-            let list = hosts
+            let list = c
+                .hosts
                 .list_hosts(ListHostsRequest {})
                 .await
                 .map_err(status_error)?;
@@ -438,14 +705,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Host(HostCmd::Get { id }) => {
-            let h = hosts
+            let h = c
+                .hosts
                 .get_host(GetHostRequest { id })
                 .await
                 .map_err(status_error)?;
             print_host(h.get_ref());
         }
         Cmd::Image(ImageCmd::List) => {
-            let list = vps
+            let list = c
+                .vps
                 .list_images(ListImagesRequest {})
                 .await
                 .map_err(status_error)?;
@@ -459,6 +728,429 @@ async fn main() -> anyhow::Result<()> {
                     i.name, i.os, i.min_disk_gib, i.description
                 );
             }
+        }
+        Cmd::Institution(cmd) => institution(&mut c.identity, cmd).await?,
+        Cmd::User(UserCmd::Create {
+            username,
+            institution,
+            role,
+            full_name,
+            email,
+        }) => {
+            let role = match role.as_str() {
+                "member" => Role::Member,
+                "operator" => Role::Operator,
+                "admin" => Role::Admin,
+                other => bail!("--role: {other:?} is not member, operator or admin"),
+            };
+            let u = c
+                .identity
+                .create_user(CreateUserRequest {
+                    username,
+                    full_name,
+                    email,
+                    institution_id: institution,
+                    role: role as i32,
+                })
+                .await
+                .map_err(status_error)?;
+            print_user(u.get_ref());
+        }
+        Cmd::User(UserCmd::List { institution }) => {
+            let list = c
+                .identity
+                .list_users(ListUsersRequest {
+                    institution_id: institution,
+                })
+                .await
+                .map_err(status_error)?;
+            for u in &list.get_ref().users {
+                print_user(u);
+            }
+        }
+        Cmd::Token(TokenCmd::Create {
+            user,
+            name,
+            ttl_seconds,
+        }) => {
+            let t = c
+                .identity
+                .create_token(CreateTokenRequest {
+                    user_id: user,
+                    name,
+                    ttl_seconds,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let meta = t.token.unwrap_or_default();
+            eprintln!(
+                "token {} expires {} — shown once, keep it secret:",
+                meta.id,
+                ms_to_text(meta.expires_at_ms)
+            );
+            println!("{}", t.secret);
+        }
+        Cmd::Token(TokenCmd::List { user }) => {
+            let list = c
+                .identity
+                .list_tokens(ListTokensRequest { user_id: user })
+                .await
+                .map_err(status_error)?;
+            println!(
+                "{:<20}  {:<36}  {:<16}  {:<24}  REVOKED",
+                "ID", "USER", "NAME", "EXPIRES"
+            );
+            for t in &list.get_ref().tokens {
+                println!(
+                    "{:<20}  {:<36}  {:<16}  {:<24}  {}",
+                    t.id,
+                    t.user_id,
+                    t.name,
+                    ms_to_text(t.expires_at_ms),
+                    ms_to_text(t.revoked_at_ms)
+                );
+            }
+        }
+        Cmd::Token(TokenCmd::Revoke { id }) => {
+            c.identity
+                .revoke_token(RevokeTokenRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("{id}: revoked");
+        }
+        Cmd::Whoami => {
+            let u = c
+                .identity
+                .who_am_i(WhoAmIRequest {})
+                .await
+                .map_err(status_error)?;
+            print_user(u.get_ref());
+        }
+        Cmd::Audit(AuditCmd::List {
+            institution,
+            actor,
+            action,
+            target,
+            since_ms,
+            until_ms,
+        }) => {
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .audit
+                    .list_audit(ListAuditRequest {
+                        institution_id: institution.clone(),
+                        actor_user_id: actor.clone(),
+                        action: action.clone(),
+                        target: target.clone(),
+                        since_ms,
+                        until_ms,
+                        page_size: 500,
+                        page_token: token.clone(),
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for r in &page.records {
+                    println!(
+                        "{}  {:<12}  {:<22}  {:<36}  {}",
+                        ms_to_text(r.at_ms),
+                        r.actor_username,
+                        r.action,
+                        r.target,
+                        r.result
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        Cmd::Pki(_) | Cmd::Login { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+fn pki(cmd: &PkiCmd) -> anyhow::Result<()> {
+    use betang_controller::pki::PkiDir;
+    match cmd {
+        PkiCmd::Init { dir } => {
+            let pki = PkiDir(dir.clone());
+            if pki.init()? {
+                println!("created the CA in {}", pki.ca_cert().display());
+            } else {
+                println!("the CA in {} exists; kept", pki.ca_cert().display());
+            }
+        }
+        PkiCmd::Issue { name, dir, san } => {
+            let files = PkiDir(dir.clone()).issue(name, san)?;
+            println!("{}\n{}", files.cert.display(), files.key.display());
+        }
+    }
+    Ok(())
+}
+
+async fn institution(
+    c: &mut IdentityServiceClient<Authed>,
+    cmd: InstitutionCmd,
+) -> anyhow::Result<()> {
+    match cmd {
+        InstitutionCmd::Create {
+            code,
+            name,
+            contact_name,
+            contact_email,
+            contact_phone,
+            quota,
+        } => {
+            let i = c
+                .create_institution(CreateInstitutionRequest {
+                    code,
+                    name,
+                    contact_name,
+                    contact_email,
+                    contact_phone,
+                    quota: Some(quota.quota()),
+                })
+                .await
+                .map_err(status_error)?;
+            print_institution(i.get_ref());
+        }
+        InstitutionCmd::List => {
+            let list = c
+                .list_institutions(ListInstitutionsRequest {})
+                .await
+                .map_err(status_error)?;
+            for (n, i) in list.get_ref().institutions.iter().enumerate() {
+                if n > 0 {
+                    println!();
+                }
+                print_institution(i);
+            }
+        }
+        InstitutionCmd::Get { id } => {
+            let i = c
+                .get_institution(GetInstitutionRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_institution(i.get_ref());
+        }
+        InstitutionCmd::Quota { id, quota } => {
+            let i = c
+                .set_quota(SetQuotaRequest {
+                    institution_id: id,
+                    quota: Some(quota.quota()),
+                })
+                .await
+                .map_err(status_error)?;
+            print_institution(i.get_ref());
+        }
+    }
+    Ok(())
+}
+
+async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()> {
+    match cmd {
+        VpsCmd::Create {
+            name,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            image,
+            ssh_key_file,
+            user_data_file,
+            app,
+            institution,
+            host,
+            request_id,
+            wait,
+            wait_seconds,
+        } => {
+            let ssh_public_key = read_optional(&ssh_key_file)?.trim().to_owned();
+            let user_data = read_optional(&user_data_file)?;
+            let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let v = c
+                .create_vps(CreateVpsRequest {
+                    request_id,
+                    spec: Some(VpsSpec {
+                        name,
+                        vcpus,
+                        memory_mib,
+                        disk_gib,
+                        image,
+                        ssh_public_key,
+                        user_data,
+                    }),
+                    application: Some(Application {
+                        name: app.app_name,
+                        kind: app.app_kind,
+                        purpose: app.app_purpose,
+                        domain: app.app_domain,
+                        responsible_name: app.responsible_name,
+                        responsible_nip: app.responsible_nip,
+                        responsible_email: app.responsible_email,
+                        responsible_phone: app.responsible_phone,
+                    }),
+                    institution_id: institution,
+                    host_id: host,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let v = if wait && state_name(&v) != "PENDING_APPROVAL" {
+                wait_for(c, &v.id, "RUNNING", Duration::from_secs(wait_seconds)).await?
+            } else {
+                v
+            };
+            print_vps(&v);
+        }
+        VpsCmd::List {
+            all,
+            pending,
+            institution,
+        } => {
+            println!(
+                "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}",
+                "ID", "NAME", "STATE", "VCPU", "MEM MiB", "DISK G", "HOST", "CPU %"
+            );
+            let mut token = String::new();
+            loop {
+                let page = c
+                    .list_vps(ListVpsRequest {
+                        page_size: 500,
+                        page_token: token.clone(),
+                        include_deleted: all,
+                        institution_id: institution.clone(),
+                        state: if pending {
+                            VpsState::PendingApproval as i32
+                        } else {
+                            0
+                        },
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                for v in &page.vps {
+                    let s = v.spec.clone().unwrap_or_default();
+                    println!(
+                        "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6.1}",
+                        v.id,
+                        s.name,
+                        state_name(v),
+                        s.vcpus,
+                        s.memory_mib,
+                        s.disk_gib,
+                        v.host_id,
+                        v.usage.map_or(0.0, |u| u.cpu_rate * 100.0)
+                    );
+                }
+                if page.next_page_token.is_empty() {
+                    break;
+                }
+                token = page.next_page_token;
+            }
+        }
+        VpsCmd::Get { id } => {
+            let v = c
+                .get_vps(GetVpsRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Start { id, wait } => {
+            c.start_vps(StartVpsRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?;
+            if wait {
+                wait_for(c, &id, "RUNNING", Duration::from_secs(300)).await?;
+            }
+            println!("{id}: starting");
+        }
+        VpsCmd::Stop {
+            id,
+            timeout_seconds,
+            force,
+            wait,
+        } => {
+            c.stop_vps(StopVpsRequest {
+                id: id.clone(),
+                timeout_seconds,
+                force,
+            })
+            .await
+            .map_err(status_error)?;
+            if wait {
+                let limit = u64::from(timeout_seconds) + 120;
+                wait_for(c, &id, "STOPPED", Duration::from_secs(limit)).await?;
+            }
+            println!("{id}: stopping");
+        }
+        VpsCmd::Reboot { id, force } => {
+            c.reboot_vps(RebootVpsRequest {
+                id: id.clone(),
+                force,
+            })
+            .await
+            .map_err(status_error)?;
+            println!("{id}: rebooted");
+        }
+        VpsCmd::Delete { id, wait } => {
+            c.delete_vps(DeleteVpsRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?;
+            if wait {
+                wait_for(c, &id, "DELETED", Duration::from_secs(300)).await?;
+            }
+            println!("{id}: deleting");
+        }
+        VpsCmd::Approve {
+            id,
+            vcpus,
+            memory_mib,
+            disk_gib,
+            host,
+        } => {
+            let v = c
+                .approve_vps(ApproveVpsRequest {
+                    id,
+                    vcpus,
+                    memory_mib,
+                    disk_gib,
+                    host_id: host,
+                })
+                .await
+                .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Reject { id, reason } => {
+            let v = c
+                .reject_vps(RejectVpsRequest { id, reason })
+                .await
+                .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Cancel { id } => {
+            let v = c
+                .cancel_vps(CancelVpsRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Wait {
+            id,
+            state,
+            timeout_seconds,
+        } => {
+            let v = wait_for(
+                c,
+                &id,
+                &state.to_uppercase(),
+                Duration::from_secs(timeout_seconds),
+            )
+            .await?;
+            print_vps(&v);
         }
     }
     Ok(())

@@ -3,6 +3,7 @@
 //! is what makes placement claims atomic; calls run on the blocking pool.
 
 pub mod hosts;
+pub mod identity;
 pub mod vps;
 
 use std::{
@@ -15,7 +16,10 @@ use rusqlite_migration::{M, Migrations};
 
 use crate::error::{ApiError, StoreError};
 
-const MIGRATIONS: &[M<'static>] = &[M::up(include_str!("../../migrations/0001_initial.sql"))];
+const MIGRATIONS: &[M<'static>] = &[
+    M::up(include_str!("../../migrations/0001_initial.sql")),
+    M::up(include_str!("../../migrations/0002_institutions.sql")),
+];
 
 #[derive(Clone)]
 pub struct Store {

@@ -1,15 +1,19 @@
-//! VPS rows: creation with an atomic placement claim, desired-state changes,
-//! and the outcomes the dispatcher records.
+//! VPS rows: requests, approval, creation with an atomic quota check and
+//! placement claim, desired-state changes, and the outcomes the dispatcher
+//! records. Every change made for a caller writes its audit record in the
+//! same transaction.
 
-use betang_proto::v1::{PowerState, VmStatus, VmUsage, Vps, VpsSpec};
+use betang_proto::v1::{Application, PowerState, VmStatus, VmUsage, Vps, VpsSpec};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
+    auth::{Caller, Scope},
     error::{ApiError, StoreError},
     ids::{HostId, VpsId},
     lifecycle::{DesiredPower, VpsState},
     scheduler::{self, Demand, Ratios, Resources},
-    store::hosts,
+    store::{hosts, identity},
+    validation,
 };
 
 #[derive(Debug, Clone)]
@@ -32,13 +36,19 @@ pub struct VpsRecord {
     pub created_at_ms: i64,
     pub updated_at_ms: i64,
     pub usage: VmUsage,
+    pub institution_id: Option<String>,
+    pub application: Application,
+    pub requested_by: String,
+    pub decided_by: String,
 }
 
 const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
     user_data, state, state_reason, desired_power, host_id, generation, applied_generation,
     observed_power, stop_timeout_s, force_stop, cleanup_pending, attempts, created_at_ms,
     updated_at_ms, cpu_rate, cpu_time_ns, mem_max_bytes, mem_used_bytes, disk_read_bytes,
-    disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes";
+    disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes,
+    institution_id, app_name, app_kind, app_purpose, app_domain, resp_name, resp_nip,
+    resp_email, resp_phone, requested_by, decided_by";
 
 fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
@@ -90,6 +100,19 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
             sampled_at_ms: r.get(31)?,
             memory_rss_bytes: r.get::<_, i64>(32)? as u64,
         },
+        institution_id: r.get(33)?,
+        application: Application {
+            name: r.get(34)?,
+            kind: r.get(35)?,
+            purpose: r.get(36)?,
+            domain: r.get(37)?,
+            responsible_name: r.get(38)?,
+            responsible_nip: r.get(39)?,
+            responsible_email: r.get(40)?,
+            responsible_phone: r.get(41)?,
+        },
+        requested_by: r.get(42)?,
+        decided_by: r.get(43)?,
     })
 }
 
@@ -110,12 +133,37 @@ impl VpsRecord {
             generation: self.generation,
             created_at_ms: self.created_at_ms,
             updated_at_ms: self.updated_at_ms,
-            request_id: self.request_id.clone(),
+            // Stored as "<institution>/<request id>" so that institutions
+            // cannot collide with (or detect) each other's request ids.
+            request_id: self
+                .request_id
+                .split_once('/')
+                .map_or(self.request_id.as_str(), |(_, r)| r)
+                .to_owned(),
+            institution_id: self.institution_id.clone().unwrap_or_default(),
+            application: Some(self.application.clone()),
+            requested_by: self.requested_by.clone(),
+            decided_by: self.decided_by.clone(),
         }
+    }
+
+    fn institution(&self) -> &str {
+        self.institution_id.as_deref().unwrap_or("")
     }
 }
 
-pub fn get(c: &Connection, id: &VpsId) -> Result<VpsRecord, ApiError> {
+/// A VPS the caller may see; any other is simply not found.
+pub fn get(c: &Connection, id: &VpsId, scope: &Scope) -> Result<VpsRecord, ApiError> {
+    let v = get_any(c, id)?;
+    if scope.sees(v.institution_id.as_deref()) {
+        Ok(v)
+    } else {
+        Err(ApiError::VpsNotFound(id.to_string()))
+    }
+}
+
+/// For the dispatcher, which acts for no caller.
+pub fn get_any(c: &Connection, id: &VpsId) -> Result<VpsRecord, ApiError> {
     c.query_row(
         &format!("SELECT {COLS} FROM vps WHERE id = ?1"),
         [id.to_string()],
@@ -139,38 +187,18 @@ pub struct Placement {
     pub down_after_ms: i64,
 }
 
-/// Creates a VPS and claims capacity on a host in one transaction. The same
-/// `request_id` again returns the first VPS.
-pub fn create(
-    c: &mut Connection,
-    request_id: &str,
+/// Picks a host for `spec` (or checks the pinned one) from the hosts as they
+/// are inside the caller's transaction; the caller's UPDATE or INSERT of the
+/// VPS with that host is the claim.
+fn place(
+    c: &Connection,
     spec: &VpsSpec,
+    pin: Option<&HostId>,
     placement: &Placement,
     now_ms: i64,
-) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    if let Some(existing) = by_request(&tx, request_id)? {
-        if &existing.spec != spec {
-            return Err(ApiError::invalid(
-                "request_id",
-                format!(
-                    "{request_id:?} was already used for a different request (VPS {})",
-                    existing.id
-                ),
-            ));
-        }
-        return Ok(existing);
-    }
-    let views = hosts::views(&tx, now_ms, placement.down_after_ms)?;
-    let demand = Demand {
-        need: Resources {
-            vcpus: spec.vcpus.into(),
-            memory_mib: spec.memory_mib,
-            disk_gib: spec.disk_gib,
-        },
-        image: spec.image.clone(),
-    };
-    let Some(image) = hosts::catalogue(&tx)?
+) -> Result<HostId, ApiError> {
+    let mut views = hosts::views(c, now_ms, placement.down_after_ms)?;
+    let Some(image) = hosts::catalogue(c)?
         .into_iter()
         .find(|i| i.name == spec.image)
     else {
@@ -191,53 +219,325 @@ pub fn create(
             ),
         ));
     }
-    let host =
-        scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;
-    debug_assert!(VpsState::Pending.can_become(VpsState::Scheduled));
+    if let Some(pin) = pin {
+        views.retain(|h| &h.id == pin);
+        if views.is_empty() {
+            return Err(ApiError::invalid("host_id", format!("no host {pin}")));
+        }
+    }
+    let demand = Demand {
+        need: Resources {
+            vcpus: spec.vcpus.into(),
+            memory_mib: spec.memory_mib,
+            disk_gib: spec.disk_gib,
+        },
+        image: spec.image.clone(),
+    };
+    scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)
+}
+
+fn need(spec: &VpsSpec) -> Resources {
+    Resources {
+        vcpus: spec.vcpus.into(),
+        memory_mib: spec.memory_mib,
+        disk_gib: spec.disk_gib,
+    }
+}
+
+pub struct NewVps {
+    pub request_id: String,
+    pub spec: VpsSpec,
+    pub application: Application,
+    /// Required from operators; members always use their own.
+    pub institution_id: String,
+    pub pin: Option<HostId>,
+}
+
+/// A member's request waits for approval; an operator's VPS is placed at
+/// once, within its institution's quota. The same `request_id` again (from
+/// the same institution) returns the first VPS.
+pub fn create(
+    c: &mut Connection,
+    actor: &Caller,
+    n: &NewVps,
+    placement: &Placement,
+    now_ms: i64,
+) -> Result<VpsRecord, ApiError> {
+    let staff = actor.is_staff();
+    let institution = if staff {
+        if n.institution_id.is_empty() {
+            return Err(ApiError::invalid(
+                "institution_id",
+                "operators create a VPS for an institution: name it",
+            ));
+        }
+        n.institution_id.clone()
+    } else {
+        if !n.institution_id.is_empty() && n.institution_id != actor.institution_id {
+            return Err(ApiError::NotFound {
+                what: "institution",
+                id: n.institution_id.clone(),
+            });
+        }
+        if n.pin.is_some() {
+            return Err(ApiError::PermissionDenied(
+                "only operators choose hosts".into(),
+            ));
+        }
+        actor.institution_id.clone()
+    };
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    identity::get_institution(&tx, &institution).map_err(|_| ApiError::NotFound {
+        what: "institution",
+        id: institution.clone(),
+    })?;
+    let scoped_request = format!("{institution}/{}", n.request_id);
+    if let Some(existing) = by_request(&tx, &scoped_request)? {
+        if existing.spec != n.spec || existing.application != n.application {
+            return Err(ApiError::invalid(
+                "request_id",
+                format!(
+                    "{:?} was already used for a different request (VPS {})",
+                    n.request_id, existing.id
+                ),
+            ));
+        }
+        return Ok(existing);
+    }
+    let (state, host) = if staff {
+        identity::check_quota(&tx, &institution, need(&n.spec))?;
+        let host = place(&tx, &n.spec, n.pin.as_ref(), placement, now_ms)?;
+        (VpsState::Scheduled, Some(host))
+    } else {
+        // Checked now so the member hears of a bad image at once, not after approval.
+        if !hosts::catalogue(&tx)?
+            .iter()
+            .any(|i| i.name == n.spec.image)
+        {
+            return Err(ApiError::invalid(
+                "image",
+                format!(
+                    "no image named {:?} in the catalogue; see `betangctl image list`",
+                    n.spec.image
+                ),
+            ));
+        }
+        (VpsState::PendingApproval, None)
+    };
     let id = VpsId::new();
+    let a = &n.application;
+    let decided_by = if staff { actor.username.as_str() } else { "" };
     tx.execute(
         "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
-                          user_data, state, desired_power, host_id, created_at_ms, updated_at_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'SCHEDULED', 'running', ?10, ?11, ?11)",
+                          user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
+                          institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
+                          resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
+                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
         params![
             id.to_string(),
-            request_id,
-            spec.name,
-            spec.vcpus,
-            spec.memory_mib as i64,
-            spec.disk_gib as i64,
-            spec.image,
-            spec.ssh_public_key,
-            spec.user_data,
-            host.as_str(),
-            now_ms
+            scoped_request,
+            n.spec.name,
+            n.spec.vcpus,
+            n.spec.memory_mib as i64,
+            n.spec.disk_gib as i64,
+            n.spec.image,
+            n.spec.ssh_public_key,
+            n.spec.user_data,
+            state.as_str(),
+            host.as_ref().map(|h| h.as_str().to_owned()),
+            now_ms,
+            institution,
+            a.name,
+            a.kind,
+            a.purpose,
+            a.domain,
+            a.responsible_name,
+            a.responsible_nip,
+            a.responsible_email,
+            a.responsible_phone,
+            actor.username,
+            decided_by,
+            n.pin.as_ref().map(|h| h.as_str().to_owned()),
         ],
     )?;
-    let rec = get(&tx, &id)?;
+    let (action, result) = match &host {
+        Some(h) => ("vps.create", format!("SCHEDULED on {h}")),
+        None => ("vps.request", "PENDING_APPROVAL".to_owned()),
+    };
+    identity::audit(
+        &tx,
+        actor,
+        &institution,
+        action,
+        &id.to_string(),
+        &result,
+        now_ms,
+    )?;
+    let rec = get_any(&tx, &id)?;
     tx.commit()?;
     Ok(rec)
 }
 
-pub fn list(
-    c: &Connection,
-    after_seq: i64,
-    limit: u32,
-    include_deleted: bool,
-) -> Result<Vec<VpsRecord>, ApiError> {
+pub struct Approval {
+    pub vcpus: u32,
+    pub memory_mib: u64,
+    pub disk_gib: u64,
+    pub pin: Option<HostId>,
+}
+
+/// An operator approves a request, optionally resizing it or pinning a host:
+/// quota check, placement and claim in one transaction.
+pub fn approve(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &VpsId,
+    a: &Approval,
+    placement: &Placement,
+    now_ms: i64,
+) -> Result<VpsRecord, ApiError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let v = get(&tx, id, &actor.scope())?;
+    transition(&v, VpsState::Scheduled, "approve")?;
+    let mut spec = v.spec.clone();
+    if a.vcpus > 0 {
+        spec.vcpus = a.vcpus;
+    }
+    if a.memory_mib > 0 {
+        spec.memory_mib = a.memory_mib;
+    }
+    if a.disk_gib > 0 {
+        spec.disk_gib = a.disk_gib;
+    }
+    validation::spec(&spec)?;
+    identity::check_quota(&tx, v.institution(), need(&spec))?;
+    let pin = a.pin.clone().or_else(|| {
+        tx.query_row(
+            "SELECT pinned_host FROM vps WHERE id = ?1",
+            [id.to_string()],
+            |r| r.get::<_, Option<String>>(0),
+        )
+        .ok()
+        .flatten()
+        .and_then(|h| HostId::parse(&h).ok())
+    });
+    let host = place(&tx, &spec, pin.as_ref(), placement, now_ms)?;
+    tx.execute(
+        "UPDATE vps SET state = 'SCHEDULED', vcpus = ?2, memory_mib = ?3, disk_gib = ?4,
+             host_id = ?5, decided_by = ?6, generation = generation + 1, updated_at_ms = ?7,
+             state_reason = ''
+         WHERE id = ?1",
+        params![
+            id.to_string(),
+            spec.vcpus,
+            spec.memory_mib as i64,
+            spec.disk_gib as i64,
+            host.as_str(),
+            actor.username,
+            now_ms
+        ],
+    )?;
+    let result = format!(
+        "SCHEDULED on {host}: {} vCPU, {} MiB, {} GiB",
+        spec.vcpus, spec.memory_mib, spec.disk_gib
+    );
+    identity::audit(
+        &tx,
+        actor,
+        v.institution(),
+        "vps.approve",
+        &id.to_string(),
+        &result,
+        now_ms,
+    )?;
+    let rec = get_any(&tx, id)?;
+    tx.commit()?;
+    Ok(rec)
+}
+
+/// An operator rejects a request (with a reason the member sees), or its
+/// member cancels it.
+pub fn decide_against(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &VpsId,
+    next: VpsState,
+    reason: &str,
+    now_ms: i64,
+) -> Result<VpsRecord, ApiError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let v = get(&tx, id, &actor.scope())?;
+    let action = if next == VpsState::Rejected {
+        "reject"
+    } else {
+        "cancel"
+    };
+    transition(&v, next, action)?;
+    tx.execute(
+        "UPDATE vps SET state = ?2, state_reason = ?3, decided_by = ?4, updated_at_ms = ?5
+         WHERE id = ?1",
+        params![
+            id.to_string(),
+            next.as_str(),
+            reason,
+            actor.username,
+            now_ms
+        ],
+    )?;
+    identity::audit(
+        &tx,
+        actor,
+        v.institution(),
+        &format!("vps.{action}"),
+        &id.to_string(),
+        if reason.is_empty() {
+            next.as_str()
+        } else {
+            reason
+        },
+        now_ms,
+    )?;
+    let rec = get_any(&tx, id)?;
+    tx.commit()?;
+    Ok(rec)
+}
+
+pub struct ListFilter {
+    pub after_seq: i64,
+    pub limit: u32,
+    pub include_deleted: bool,
+    pub institution_id: String,
+    pub state: Option<VpsState>,
+}
+
+pub fn list(c: &Connection, scope: &Scope, f: &ListFilter) -> Result<Vec<VpsRecord>, ApiError> {
+    let institution = match scope {
+        Scope::All => f.institution_id.as_str(),
+        Scope::Institution(mine) => mine.as_str(),
+    };
     let sql = format!(
-        "SELECT {COLS} FROM vps WHERE seq > ?1 AND (?2 OR state <> 'DELETED') ORDER BY seq LIMIT ?3"
+        "SELECT {COLS} FROM vps WHERE seq > ?1
+             AND (?2 OR state NOT IN ('DELETED', 'REJECTED', 'CANCELLED'))
+             AND (?3 = '' OR institution_id = ?3)
+             AND (?4 = '' OR state = ?4)
+         ORDER BY seq LIMIT ?5"
     );
     let mut q = c.prepare_cached(&sql)?;
-    let rows = q.query_map(params![after_seq, include_deleted, limit], from_row)?;
+    let state = f.state.map(VpsState::as_str).unwrap_or("");
+    let rows = q.query_map(
+        params![
+            f.after_seq,
+            f.include_deleted || f.state.is_some(),
+            institution,
+            state,
+            f.limit
+        ],
+        from_row,
+    )?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn transition(
-    c: &Connection,
-    v: &VpsRecord,
-    next: VpsState,
-    action: &'static str,
-) -> Result<(), ApiError> {
+fn transition(v: &VpsRecord, next: VpsState, action: &'static str) -> Result<(), ApiError> {
     if v.state != next && !v.state.can_become(next) {
         return Err(ApiError::WrongState {
             id: v.id.to_string(),
@@ -245,13 +545,14 @@ fn transition(
             action,
         });
     }
-    let _ = c;
     Ok(())
 }
 
 /// Start or stop: records the new desired power and bumps the generation.
+#[allow(clippy::too_many_arguments)]
 pub fn set_desired(
     c: &mut Connection,
+    actor: &Caller,
     id: &VpsId,
     desired: DesiredPower,
     stop_timeout_s: u32,
@@ -259,14 +560,14 @@ pub fn set_desired(
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let v = get(&tx, id)?;
+    let v = get(&tx, id, &actor.scope())?;
     let action = match desired {
         DesiredPower::Running => "start",
         DesiredPower::Stopped => "stop",
     };
-    if matches!(
+    if !matches!(
         v.state,
-        VpsState::Deleting | VpsState::Deleted | VpsState::Error
+        VpsState::Scheduled | VpsState::Provisioning | VpsState::Running | VpsState::Stopped
     ) {
         return Err(ApiError::WrongState {
             id: v.id.to_string(),
@@ -289,19 +590,38 @@ pub fn set_desired(
             now_ms
         ],
     )?;
-    let v = get(&tx, id)?;
+    let result = if force_stop {
+        "forced"
+    } else {
+        desired.as_str()
+    };
+    identity::audit(
+        &tx,
+        actor,
+        v.institution(),
+        &format!("vps.{action}"),
+        &id.to_string(),
+        result,
+        now_ms,
+    )?;
+    let v = get_any(&tx, id)?;
     tx.commit()?;
     Ok(v)
 }
 
 /// Marks a VPS for deletion; one that never reached a host is deleted at once.
-pub fn mark_deleting(c: &mut Connection, id: &VpsId, now_ms: i64) -> Result<VpsRecord, ApiError> {
+pub fn mark_deleting(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &VpsId,
+    now_ms: i64,
+) -> Result<VpsRecord, ApiError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let v = get(&tx, id)?;
+    let v = get(&tx, id, &actor.scope())?;
     if matches!(v.state, VpsState::Deleting | VpsState::Deleted) {
         return Ok(v);
     }
-    transition(&tx, &v, VpsState::Deleting, "delete")?;
+    transition(&v, VpsState::Deleting, "delete")?;
     // Nothing on any host (never placed, or a failure already cleaned up):
     // DELETING has nothing to wait for.
     let next = if v.host_id.is_none() {
@@ -314,7 +634,16 @@ pub fn mark_deleting(c: &mut Connection, id: &VpsId, now_ms: i64) -> Result<VpsR
              next_attempt_ms = 0, updated_at_ms = ?2 WHERE id = ?1",
         params![id.to_string(), now_ms, next.as_str()],
     )?;
-    let v = get(&tx, id)?;
+    identity::audit(
+        &tx,
+        actor,
+        v.institution(),
+        "vps.delete",
+        &id.to_string(),
+        next.as_str(),
+        now_ms,
+    )?;
+    let v = get_any(&tx, id)?;
     tx.commit()?;
     Ok(v)
 }
@@ -328,7 +657,6 @@ pub enum Work {
     Cleanup,
 }
 
-/// VPS whose recorded state differs from what they should be, and are due.
 pub fn work_items(c: &Connection, now_ms: i64) -> Result<Vec<(Work, VpsRecord)>, ApiError> {
     let sql = format!(
         "SELECT {COLS} FROM vps WHERE next_attempt_ms <= ?1 AND host_id IS NOT NULL AND (
@@ -374,7 +702,7 @@ pub fn ensure_succeeded(
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let v = get(&tx, id)?;
+    let v = get_any(&tx, id)?;
     if v.generation != sent_generation
         || !matches!(
             v.state,
@@ -389,7 +717,7 @@ pub fn ensure_succeeded(
     } else {
         VpsState::Stopped
     };
-    transition(&tx, &v, next, "record")?;
+    transition(&v, next, "record")?;
     tx.execute(
         "UPDATE vps SET state = ?2, applied_generation = ?3, observed_power = ?4, attempts = 0,
              next_attempt_ms = 0, state_reason = '', updated_at_ms = ?5 WHERE id = ?1",
@@ -416,7 +744,7 @@ pub fn call_failed(
     build_timeout_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let v = get(&tx, id)?;
+    let v = get_any(&tx, id)?;
     let building = matches!(v.state, VpsState::Scheduled | VpsState::Provisioning);
     let timed_out = building && now_ms - v.created_at_ms > build_timeout_ms;
     if (transient && !timed_out) || v.state == VpsState::Deleting || v.state == VpsState::Error {
@@ -435,7 +763,7 @@ pub fn call_failed(
         } else {
             message.to_owned()
         };
-        transition(&tx, &v, VpsState::Error, "fail")?;
+        transition(&v, VpsState::Error, "fail")?;
         tx.execute(
             "UPDATE vps SET state = 'ERROR', state_reason = ?2, cleanup_pending = ?3,
                  attempts = 0, next_attempt_ms = 0, updated_at_ms = ?4 WHERE id = ?1",

@@ -1,0 +1,215 @@
+use betang_proto::v1::{
+    CreateInstitutionRequest, CreateTokenRequest, CreateUserRequest, CreatedToken,
+    GetInstitutionRequest, Institution, ListInstitutionsRequest, ListInstitutionsResponse,
+    ListTokensRequest, ListTokensResponse, ListUsersRequest, ListUsersResponse, RevokeTokenRequest,
+    SetQuotaRequest, Token, User, WhoAmIRequest, identity_service_server::IdentityService,
+};
+use tonic::{Request, Response, Status};
+use tracing::info;
+
+use super::Ctx;
+use crate::{
+    auth::{Permission, Role},
+    error::ApiError,
+    now_ms,
+    store::identity,
+};
+
+pub struct IdentityApi {
+    pub ctx: Ctx,
+}
+
+#[tonic::async_trait]
+impl IdentityService for IdentityApi {
+    async fn who_am_i(&self, req: Request<WhoAmIRequest>) -> Result<Response<User>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let u = self
+            .ctx
+            .store
+            .run(move |c| identity::get_user(c, &caller.user_id))
+            .await?;
+        Ok(Response::new(u))
+    }
+
+    async fn create_institution(
+        &self,
+        req: Request<CreateInstitutionRequest>,
+    ) -> Result<Response<Institution>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageInstitutions)?;
+        let r = req.into_inner();
+        let n = identity::NewInstitution {
+            code: r.code,
+            name: r.name,
+            contact_name: r.contact_name,
+            contact_email: r.contact_email,
+            contact_phone: r.contact_phone,
+            quota: r.quota.unwrap_or_default(),
+        };
+        let now = now_ms();
+        let inst = self
+            .ctx
+            .store
+            .run(move |c| identity::create_institution(c, &caller, &n, now))
+            .await?;
+        info!(institution = %inst.code, "institution created");
+        Ok(Response::new(inst))
+    }
+
+    async fn list_institutions(
+        &self,
+        req: Request<ListInstitutionsRequest>,
+    ) -> Result<Response<ListInstitutionsResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let mut all = self
+            .ctx
+            .store
+            .run(|c| identity::list_institutions(c))
+            .await?;
+        // Members see their own institution, with its quota and use.
+        if caller.require(Permission::ViewInstitutions).is_err() {
+            all.retain(|i| i.id == caller.institution_id);
+        }
+        Ok(Response::new(ListInstitutionsResponse {
+            institutions: all,
+        }))
+    }
+
+    async fn get_institution(
+        &self,
+        req: Request<GetInstitutionRequest>,
+    ) -> Result<Response<Institution>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let id = req.into_inner().id;
+        if caller.require(Permission::ViewInstitutions).is_err() && id != caller.institution_id {
+            return Err(ApiError::NotFound {
+                what: "institution",
+                id,
+            }
+            .into());
+        }
+        let inst = self
+            .ctx
+            .store
+            .run(move |c| identity::get_institution(c, &id))
+            .await?;
+        Ok(Response::new(inst))
+    }
+
+    async fn set_quota(
+        &self,
+        req: Request<SetQuotaRequest>,
+    ) -> Result<Response<Institution>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::SetQuota)?;
+        let r = req.into_inner();
+        let quota = r
+            .quota
+            .ok_or_else(|| ApiError::invalid("quota", "is required"))?;
+        let now = now_ms();
+        let inst = self
+            .ctx
+            .store
+            .run(move |c| identity::set_quota(c, &caller, &r.institution_id, &quota, now))
+            .await?;
+        Ok(Response::new(inst))
+    }
+
+    async fn create_user(&self, req: Request<CreateUserRequest>) -> Result<Response<User>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageUsers)?;
+        let r = req.into_inner();
+        let role = Role::from_proto(r.role)
+            .ok_or_else(|| ApiError::invalid("role", "must be member, operator or admin"))?;
+        let n = identity::NewUser {
+            username: r.username,
+            full_name: r.full_name,
+            email: r.email,
+            institution_id: r.institution_id,
+            role,
+        };
+        let now = now_ms();
+        let u = self
+            .ctx
+            .store
+            .run(move |c| identity::create_user(c, &caller, &n, now))
+            .await?;
+        Ok(Response::new(u))
+    }
+
+    async fn list_users(
+        &self,
+        req: Request<ListUsersRequest>,
+    ) -> Result<Response<ListUsersResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ViewInstitutions)?;
+        let inst = req.into_inner().institution_id;
+        let users = self
+            .ctx
+            .store
+            .run(move |c| identity::list_users(c, &inst))
+            .await?;
+        Ok(Response::new(ListUsersResponse { users }))
+    }
+
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreatedToken>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let r = req.into_inner();
+        let user_id = if r.user_id.is_empty() || r.user_id == caller.user_id {
+            caller.user_id.clone()
+        } else {
+            caller.require(Permission::ManageAllTokens)?;
+            r.user_id
+        };
+        let now = now_ms();
+        let (token, secret) = self
+            .ctx
+            .store
+            .run(move |c| identity::create_token(c, &caller, &user_id, &r.name, r.ttl_seconds, now))
+            .await?;
+        Ok(Response::new(CreatedToken {
+            token: Some(token),
+            secret,
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let r = req.into_inner();
+        let user_id = if r.user_id == caller.user_id
+            || (r.user_id.is_empty() && caller.require(Permission::ManageAllTokens).is_err())
+        {
+            caller.user_id.clone()
+        } else {
+            caller.require(Permission::ManageAllTokens)?;
+            r.user_id
+        };
+        let tokens = self
+            .ctx
+            .store
+            .run(move |c| identity::list_tokens(c, &user_id))
+            .await?;
+        Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<Token>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        let id = req.into_inner().id;
+        let now = now_ms();
+        let t = self
+            .ctx
+            .store
+            .run(move |c| identity::revoke_token(c, &caller, &id, now))
+            .await?;
+        Ok(Response::new(t))
+    }
+}

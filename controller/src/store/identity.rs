@@ -1,0 +1,694 @@
+//! Institutions, users, tokens, quotas and the audit trail.
+
+use betang_proto::v1::{AuditRecord, Institution, Quota, Token, User};
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use crate::{
+    auth::{self, Caller, Role},
+    error::ApiError,
+    scheduler::Resources,
+};
+
+fn new_id() -> String {
+    uuid::Uuid::now_v7().hyphenated().to_string()
+}
+
+/// Writes one audit record. Called inside the transaction of the change it
+/// records, so a change and its record land together or not at all.
+pub fn audit(
+    c: &Connection,
+    actor: &Caller,
+    institution_id: &str,
+    action: &str,
+    target: &str,
+    result: &str,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    c.execute(
+        "INSERT INTO audit (at_ms, actor_user_id, actor_username, institution_id, action, target, result)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![now_ms, actor.user_id, actor.username, institution_id, action, target, result],
+    )?;
+    Ok(())
+}
+
+#[derive(Debug, Default, Clone)]
+pub struct AuditFilter {
+    pub institution_id: String,
+    pub actor_user_id: String,
+    pub action: String,
+    pub target: String,
+    pub since_ms: i64,
+    pub until_ms: i64,
+    pub after_id: i64,
+    pub limit: u32,
+}
+
+pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, ApiError> {
+    let action_prefix = f.action.ends_with('.');
+    let mut q = c.prepare_cached(
+        "SELECT id, at_ms, actor_user_id, actor_username, institution_id, action, target, result
+         FROM audit
+         WHERE id > ?1
+           AND (?2 = '' OR institution_id = ?2)
+           AND (?3 = '' OR actor_user_id = ?3)
+           AND (?4 = '' OR (?5 AND substr(action, 1, length(?4)) = ?4) OR (NOT ?5 AND action = ?4))
+           AND (?6 = '' OR target = ?6)
+           AND (?7 = 0 OR at_ms >= ?7)
+           AND (?8 = 0 OR at_ms < ?8)
+         ORDER BY id LIMIT ?9",
+    )?;
+    let rows = q.query_map(
+        params![
+            f.after_id,
+            f.institution_id,
+            f.actor_user_id,
+            f.action,
+            action_prefix,
+            f.target,
+            f.since_ms,
+            f.until_ms,
+            f.limit
+        ],
+        |r| {
+            Ok(AuditRecord {
+                id: r.get(0)?,
+                at_ms: r.get(1)?,
+                actor_user_id: r.get(2)?,
+                actor_username: r.get(3)?,
+                institution_id: r.get(4)?,
+                action: r.get(5)?,
+                target: r.get(6)?,
+                result: r.get(7)?,
+            })
+        },
+    )?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The caller behind a token secret, if the token is known, unexpired and not revoked.
+pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Caller, ApiError> {
+    let hash = auth::hash_secret(secret);
+    let row = c
+        .query_row(
+            "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms
+             FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.secret_sha256 = ?1",
+            [hash],
+            |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, i64>(4)?,
+                    r.get::<_, i64>(5)?,
+                ))
+            },
+        )
+        .optional()?;
+    let denied = || ApiError::Unauthenticated("the token is unknown, expired or revoked".into());
+    let (user_id, username, institution_id, role, expires, revoked) = row.ok_or_else(denied)?;
+    if revoked != 0 || (expires != 0 && expires <= now_ms) {
+        return Err(denied());
+    }
+    Ok(Caller {
+        user_id,
+        username,
+        institution_id,
+        role: Role::parse(&role).ok_or_else(denied)?,
+    })
+}
+
+fn check_text(field: &'static str, v: &str, max: usize, required: bool) -> Result<(), ApiError> {
+    if required && v.trim().is_empty() {
+        return Err(ApiError::invalid(field, "is required"));
+    }
+    if v.chars().count() > max {
+        return Err(ApiError::invalid(
+            field,
+            format!("must be at most {max} characters"),
+        ));
+    }
+    if v.chars().any(char::is_control) {
+        return Err(ApiError::invalid(
+            field,
+            "must not contain control characters",
+        ));
+    }
+    Ok(())
+}
+
+fn check_slug(field: &'static str, v: &str, first_letter: bool) -> Result<(), ApiError> {
+    let ok = (2..=32).contains(&v.len())
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_'))
+        && v.starts_with(|c: char| c.is_ascii_lowercase() || (!first_letter && c.is_ascii_digit()));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!(
+                "{v:?} must be 2 to 32 characters of a-z, 0-9, '-', '.', '_', starting with a letter"
+            ),
+        ))
+    }
+}
+
+fn institution_row(r: &Row<'_>) -> rusqlite::Result<Institution> {
+    Ok(Institution {
+        id: r.get(0)?,
+        code: r.get(1)?,
+        name: r.get(2)?,
+        contact_name: r.get(3)?,
+        contact_email: r.get(4)?,
+        contact_phone: r.get(5)?,
+        quota: Some(Quota {
+            vcpus: r.get::<_, i64>(6)? as u32,
+            memory_mib: r.get::<_, i64>(7)? as u64,
+            disk_gib: r.get::<_, i64>(8)? as u64,
+            vps_count: r.get::<_, i64>(9)? as u32,
+        }),
+        used: None,
+        created_at_ms: r.get(10)?,
+    })
+}
+
+const INSTITUTION_COLS: &str = "id, code, name, contact_name, contact_email, contact_phone,
+    quota_vcpus, quota_memory_mib, quota_disk_gib, quota_vps, created_at_ms";
+
+/// VPS states that hold an institution's quota: approved and not gone.
+const QUOTA_STATES: &str =
+    "('SCHEDULED', 'PROVISIONING', 'RUNNING', 'STOPPED', 'DELETING', 'ERROR')";
+
+pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
+    Ok(c.query_row(
+        &format!(
+            "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0),
+                    COALESCE(SUM(disk_gib), 0), COUNT(*)
+             FROM vps WHERE institution_id = ?1 AND state IN {QUOTA_STATES}"
+        ),
+        [institution_id],
+        |r| {
+            Ok(Quota {
+                vcpus: r.get::<_, i64>(0)? as u32,
+                memory_mib: r.get::<_, i64>(1)? as u64,
+                disk_gib: r.get::<_, i64>(2)? as u64,
+                vps_count: r.get::<_, i64>(3)? as u32,
+            })
+        },
+    )?)
+}
+
+/// Refuses `add` when it would take the institution over any limit, naming
+/// the limit and by how much. Run inside the transaction that then claims it.
+pub fn check_quota(c: &Connection, institution_id: &str, add: Resources) -> Result<(), ApiError> {
+    let inst = get_institution(c, institution_id)?;
+    let quota = inst.quota.unwrap_or_default();
+    let used = inst.used.unwrap_or_default();
+    let checks = [
+        (
+            "vcpus",
+            u64::from(used.vcpus),
+            add.vcpus,
+            u64::from(quota.vcpus),
+            "",
+        ),
+        (
+            "memory_mib",
+            used.memory_mib,
+            add.memory_mib,
+            quota.memory_mib,
+            " MiB",
+        ),
+        (
+            "disk_gib",
+            used.disk_gib,
+            add.disk_gib,
+            quota.disk_gib,
+            " GiB",
+        ),
+        (
+            "vps_count",
+            u64::from(used.vps_count),
+            1,
+            u64::from(quota.vps_count),
+            "",
+        ),
+    ];
+    for (name, used, add, limit, unit) in checks {
+        let total = used.saturating_add(add);
+        if total > limit {
+            return Err(ApiError::QuotaExceeded(format!(
+                "{name} of institution {} would be {total}{unit}, {}{unit} over its limit of {limit}{unit} ({used}{unit} in use, {add}{unit} asked)",
+                inst.code,
+                total - limit
+            )));
+        }
+    }
+    Ok(())
+}
+
+pub fn get_institution(c: &Connection, id: &str) -> Result<Institution, ApiError> {
+    let mut inst = c
+        .query_row(
+            &format!("SELECT {INSTITUTION_COLS} FROM institutions WHERE id = ?1"),
+            [id],
+            institution_row,
+        )
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "institution",
+            id: id.to_owned(),
+        })?;
+    inst.used = Some(used(c, id)?);
+    Ok(inst)
+}
+
+pub fn list_institutions(c: &Connection) -> Result<Vec<Institution>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT {INSTITUTION_COLS} FROM institutions ORDER BY code"
+    ))?;
+    let mut out: Vec<Institution> = q
+        .query_map([], institution_row)?
+        .collect::<Result<_, _>>()?;
+    for i in &mut out {
+        i.used = Some(used(c, &i.id)?);
+    }
+    Ok(out)
+}
+
+pub struct NewInstitution {
+    pub code: String,
+    pub name: String,
+    pub contact_name: String,
+    pub contact_email: String,
+    pub contact_phone: String,
+    pub quota: Quota,
+}
+
+fn insert_institution(c: &Connection, n: &NewInstitution, now_ms: i64) -> Result<String, ApiError> {
+    check_slug("code", &n.code, false)?;
+    check_text("name", &n.name, 200, true)?;
+    check_text("contact_name", &n.contact_name, 200, false)?;
+    check_text("contact_email", &n.contact_email, 200, false)?;
+    check_text("contact_phone", &n.contact_phone, 40, false)?;
+    let exists: bool = c.query_row(
+        "SELECT EXISTS(SELECT 1 FROM institutions WHERE code = ?1)",
+        [&n.code],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Err(ApiError::AlreadyExists(format!(
+            "code: an institution with code {:?} exists",
+            n.code
+        )));
+    }
+    let id = new_id();
+    c.execute(
+        &format!("INSERT INTO institutions ({INSTITUTION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
+        params![
+            id,
+            n.code,
+            n.name,
+            n.contact_name,
+            n.contact_email,
+            n.contact_phone,
+            n.quota.vcpus,
+            n.quota.memory_mib as i64,
+            n.quota.disk_gib as i64,
+            n.quota.vps_count,
+            now_ms
+        ],
+    )?;
+    Ok(id)
+}
+
+pub fn create_institution(
+    c: &mut Connection,
+    actor: &Caller,
+    n: &NewInstitution,
+    now_ms: i64,
+) -> Result<Institution, ApiError> {
+    let tx = c.transaction()?;
+    let id = insert_institution(&tx, n, now_ms)?;
+    audit(
+        &tx,
+        actor,
+        &id,
+        "institution.create",
+        &n.code,
+        "created",
+        now_ms,
+    )?;
+    let inst = get_institution(&tx, &id)?;
+    tx.commit()?;
+    Ok(inst)
+}
+
+pub fn set_quota(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &str,
+    q: &Quota,
+    now_ms: i64,
+) -> Result<Institution, ApiError> {
+    let tx = c.transaction()?;
+    get_institution(&tx, id)?;
+    tx.execute(
+        "UPDATE institutions SET quota_vcpus = ?2, quota_memory_mib = ?3, quota_disk_gib = ?4,
+             quota_vps = ?5 WHERE id = ?1",
+        params![
+            id,
+            q.vcpus,
+            q.memory_mib as i64,
+            q.disk_gib as i64,
+            q.vps_count
+        ],
+    )?;
+    let result = format!(
+        "{} vCPU, {} MiB, {} GiB, {} VPS",
+        q.vcpus, q.memory_mib, q.disk_gib, q.vps_count
+    );
+    audit(&tx, actor, id, "institution.set_quota", id, &result, now_ms)?;
+    let inst = get_institution(&tx, id)?;
+    tx.commit()?;
+    Ok(inst)
+}
+
+fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
+    let role: String = r.get(5)?;
+    Ok(User {
+        id: r.get(0)?,
+        username: r.get(1)?,
+        full_name: r.get(2)?,
+        email: r.get(3)?,
+        institution_id: r.get(4)?,
+        role: Role::parse(&role).map_or(0, |r| r.to_proto() as i32),
+        created_at_ms: r.get(6)?,
+    })
+}
+
+const USER_COLS: &str = "id, username, full_name, email, institution_id, role, created_at_ms";
+
+pub fn get_user(c: &Connection, id: &str) -> Result<User, ApiError> {
+    c.query_row(
+        &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
+        [id],
+        user_row,
+    )
+    .optional()?
+    .ok_or_else(|| ApiError::NotFound {
+        what: "user",
+        id: id.to_owned(),
+    })
+}
+
+pub fn list_users(c: &Connection, institution_id: &str) -> Result<Vec<User>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT {USER_COLS} FROM users WHERE (?1 = '' OR institution_id = ?1) ORDER BY username"
+    ))?;
+    Ok(q.query_map([institution_id], user_row)?
+        .collect::<Result<_, _>>()?)
+}
+
+pub struct NewUser {
+    pub username: String,
+    pub full_name: String,
+    pub email: String,
+    pub institution_id: String,
+    pub role: Role,
+}
+
+fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiError> {
+    check_slug("username", &n.username, true)?;
+    check_text("full_name", &n.full_name, 200, false)?;
+    check_text("email", &n.email, 200, false)?;
+    if !n.email.is_empty() && !n.email.contains('@') {
+        return Err(ApiError::invalid("email", "must be an e-mail address"));
+    }
+    get_institution(c, &n.institution_id).map_err(|_| {
+        ApiError::invalid(
+            "institution_id",
+            format!("no institution {:?}", n.institution_id),
+        )
+    })?;
+    let exists: bool = c.query_row(
+        "SELECT EXISTS(SELECT 1 FROM users WHERE username = ?1)",
+        [&n.username],
+        |r| r.get(0),
+    )?;
+    if exists {
+        return Err(ApiError::AlreadyExists(format!(
+            "username: {:?} is taken",
+            n.username
+        )));
+    }
+    let id = new_id();
+    c.execute(
+        &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
+        params![
+            id,
+            n.username,
+            n.full_name,
+            n.email,
+            n.institution_id,
+            n.role.as_str(),
+            now_ms
+        ],
+    )?;
+    Ok(id)
+}
+
+pub fn create_user(
+    c: &mut Connection,
+    actor: &Caller,
+    n: &NewUser,
+    now_ms: i64,
+) -> Result<User, ApiError> {
+    let tx = c.transaction()?;
+    let id = insert_user(&tx, n, now_ms)?;
+    let result = format!("{} as {}", n.username, n.role.as_str());
+    audit(
+        &tx,
+        actor,
+        &n.institution_id,
+        "user.create",
+        &id,
+        &result,
+        now_ms,
+    )?;
+    let u = get_user(&tx, &id)?;
+    tx.commit()?;
+    Ok(u)
+}
+
+fn token_row(r: &Row<'_>) -> rusqlite::Result<Token> {
+    Ok(Token {
+        id: r.get(0)?,
+        user_id: r.get(1)?,
+        name: r.get(2)?,
+        created_at_ms: r.get(3)?,
+        expires_at_ms: r.get(4)?,
+        revoked_at_ms: r.get(5)?,
+    })
+}
+
+const TOKEN_COLS: &str = "id, user_id, name, created_at_ms, expires_at_ms, revoked_at_ms";
+
+fn insert_token(
+    c: &Connection,
+    user_id: &str,
+    name: &str,
+    ttl_seconds: u32,
+    now_ms: i64,
+) -> Result<(Token, String), ApiError> {
+    check_text("name", name, 100, false)?;
+    let secret = auth::new_secret()?;
+    let id = format!("tok-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
+    let expires = if ttl_seconds == 0 {
+        0
+    } else {
+        now_ms + i64::from(ttl_seconds) * 1000
+    };
+    c.execute(
+        "INSERT INTO tokens (id, user_id, name, secret_sha256, created_at_ms, expires_at_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            id,
+            user_id,
+            name,
+            auth::hash_secret(&secret),
+            now_ms,
+            expires
+        ],
+    )?;
+    let t = c.query_row(
+        &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
+        [&id],
+        token_row,
+    )?;
+    Ok((t, secret))
+}
+
+pub fn create_token(
+    c: &mut Connection,
+    actor: &Caller,
+    user_id: &str,
+    name: &str,
+    ttl_seconds: u32,
+    now_ms: i64,
+) -> Result<(Token, String), ApiError> {
+    let tx = c.transaction()?;
+    let user = get_user(&tx, user_id)?;
+    let (t, secret) = insert_token(&tx, user_id, name, ttl_seconds, now_ms)?;
+    audit(
+        &tx,
+        actor,
+        &user.institution_id,
+        "token.create",
+        &t.id,
+        &format!("for {}", user.username),
+        now_ms,
+    )?;
+    tx.commit()?;
+    Ok((t, secret))
+}
+
+pub fn list_tokens(c: &Connection, user_id: &str) -> Result<Vec<Token>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT {TOKEN_COLS} FROM tokens WHERE (?1 = '' OR user_id = ?1) ORDER BY created_at_ms"
+    ))?;
+    Ok(q.query_map([user_id], token_row)?
+        .collect::<Result<_, _>>()?)
+}
+
+/// Revokes a token. Only admins may revoke other users' tokens; anyone else
+/// gets NotFound for a token that is not theirs.
+pub fn revoke_token(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &str,
+    now_ms: i64,
+) -> Result<Token, ApiError> {
+    let tx = c.transaction()?;
+    let not_found = || ApiError::NotFound {
+        what: "token",
+        id: id.to_owned(),
+    };
+    let t = tx
+        .query_row(
+            &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
+            [id],
+            token_row,
+        )
+        .optional()?
+        .ok_or_else(not_found)?;
+    if t.user_id != actor.user_id && !auth::allowed(actor.role, auth::Permission::ManageAllTokens) {
+        return Err(not_found());
+    }
+    if t.revoked_at_ms == 0 {
+        tx.execute(
+            "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        let owner = get_user(&tx, &t.user_id)?;
+        audit(
+            &tx,
+            actor,
+            &owner.institution_id,
+            "token.revoke",
+            id,
+            "revoked",
+            now_ms,
+        )?;
+    }
+    let t = tx.query_row(
+        &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
+        [id],
+        token_row,
+    )?;
+    tx.commit()?;
+    Ok(t)
+}
+
+/// The first admin: creates the data center's own institution and an admin
+/// user if they do not exist, and a fresh token for that admin.
+pub fn bootstrap_admin(
+    c: &mut Connection,
+    code: &str,
+    institution_name: &str,
+    username: &str,
+    now_ms: i64,
+) -> Result<(User, String), ApiError> {
+    let tx = c.transaction()?;
+    let inst_id: Option<String> = tx
+        .query_row("SELECT id FROM institutions WHERE code = ?1", [code], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    let inst_id = match inst_id {
+        Some(id) => id,
+        None => insert_institution(
+            &tx,
+            &NewInstitution {
+                code: code.into(),
+                name: institution_name.into(),
+                contact_name: String::new(),
+                contact_email: String::new(),
+                contact_phone: String::new(),
+                quota: Quota::default(),
+            },
+            now_ms,
+        )?,
+    };
+    let user_id: Option<String> = tx
+        .query_row(
+            "SELECT id FROM users WHERE username = ?1",
+            [username],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let user_id = match user_id {
+        Some(id) => {
+            let u = get_user(&tx, &id)?;
+            if u.role != Role::Admin.to_proto() as i32 {
+                return Err(ApiError::invalid(
+                    "username",
+                    format!("{username:?} exists and is not an admin"),
+                ));
+            }
+            id
+        }
+        None => insert_user(
+            &tx,
+            &NewUser {
+                username: username.into(),
+                full_name: "Betang administrator".into(),
+                email: String::new(),
+                institution_id: inst_id.clone(),
+                role: Role::Admin,
+            },
+            now_ms,
+        )?,
+    };
+    let (t, secret) = insert_token(&tx, &user_id, "bootstrap", 0, now_ms)?;
+    let system = Caller {
+        user_id: "system".into(),
+        username: "bootstrap".into(),
+        institution_id: inst_id.clone(),
+        role: Role::Admin,
+    };
+    audit(
+        &tx,
+        &system,
+        &inst_id,
+        "token.create",
+        &t.id,
+        &format!("bootstrap for {username}"),
+        now_ms,
+    )?;
+    let u = get_user(&tx, &user_id)?;
+    tx.commit()?;
+    Ok((u, secret))
+}
