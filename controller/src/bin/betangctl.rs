@@ -40,7 +40,7 @@ struct Cli {
 enum Cmd {
     /// Virtual private servers and requests for them.
     #[command(subcommand)]
-    Vps(VpsCmd),
+    Vps(Box<VpsCmd>),
     /// Hosts (operators).
     #[command(subcommand)]
     Host(HostCmd),
@@ -122,7 +122,7 @@ enum VpsCmd {
         #[arg(long)]
         user_data_file: Option<PathBuf>,
         #[command(flatten)]
-        app: AppArgs,
+        app: Box<AppArgs>,
         /// Operators: the institution the VPS is for.
         #[arg(long, default_value = "")]
         institution: String,
@@ -690,7 +690,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut c = connect(&cli).await?;
     match cli.cmd {
-        Cmd::Vps(cmd) => vps(&mut c.vps, cmd).await?,
+        Cmd::Vps(cmd) => vps(&mut c.vps, *cmd).await?,
         Cmd::Host(HostCmd::List) => {
             let list = c
                 .hosts

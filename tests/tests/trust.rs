@@ -1,0 +1,227 @@
+//! Trust between controller and agents, with real TLS on loopback: an agent
+//! must prove its host id with a certificate from the installation's CA, and
+//! an agent accepts calls only from the controller's certificate.
+
+use std::{sync::Arc, time::Duration};
+
+use betang_agent::{
+    config::{AgentConfig, CapacityConfig, DomainTypeSetting, NetworkConfig},
+    hypervisor::{Hypervisor, LibvirtHypervisor},
+};
+use betang_controller::pki::PkiDir;
+use betang_proto::v1::{
+    HeartbeatRequest, HostInfoRequest, HostInfoResponse, RegisterHostRequest,
+    agent_service_client::AgentServiceClient, registry_service_client::RegistryServiceClient,
+};
+use betang_tests::{Cluster, ClusterOptions, agent_tls, make_image_dir, mtls_channel};
+use tonic::Code;
+
+fn info(host_id: &str) -> HostInfoResponse {
+    HostInfoResponse {
+        host_id: host_id.into(),
+        hostname: "x".into(),
+        capacity: Some(betang_proto::v1::HostCapacity {
+            vcpus: 64,
+            memory_mib: 1 << 20,
+            disk_gib: 1 << 14,
+        }),
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_may_speak_only_for_the_host_its_certificate_names() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions {
+        hosts: vec![],
+        ..Default::default()
+    })
+    .await?;
+    let pki = &cluster.pki;
+    pki.issue("host-honest", &[])?;
+    let ch = mtls_channel(
+        &cluster.agent_endpoint,
+        pki,
+        "host-honest",
+        betang_controller::pki::CONTROLLER_NAME,
+    )
+    .await?;
+    let mut registry = RegistryServiceClient::new(ch);
+    // Its own host id: accepted.
+    registry
+        .register_host(RegisterHostRequest {
+            info: Some(info("host-honest")),
+            agent_endpoint: "https://127.0.0.1:1".into(),
+        })
+        .await?;
+    // Another host's id, with a valid certificate of the same CA: refused.
+    let err = registry
+        .register_host(RegisterHostRequest {
+            info: Some(info("host-victim")),
+            agent_endpoint: "https://127.0.0.1:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    assert!(err.message().contains("host-honest"), "{}", err.message());
+    let err = registry
+        .heartbeat(HeartbeatRequest {
+            host_id: "host-victim".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+
+    // A certificate from another CA: the TLS handshake itself fails.
+    let rogue_dir = tempfile::tempdir()?;
+    let rogue = PkiDir(rogue_dir.path().to_path_buf());
+    rogue.init()?;
+    rogue.issue("host-victim", &[])?;
+    let files = rogue.files("host-victim");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            pki.ca_cert(),
+        )?))
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read(&files.cert)?,
+            std::fs::read(&files.key)?,
+        ))
+        .domain_name(betang_controller::pki::CONTROLLER_NAME);
+    let refused = async {
+        let ch = tonic::transport::Endpoint::from_shared(cluster.agent_endpoint.clone())?
+            .tls_config(tls)?
+            .connect()
+            .await?;
+        RegistryServiceClient::new(ch)
+            .register_host(RegisterHostRequest {
+                info: Some(info("host-victim")),
+                agent_endpoint: "https://127.0.0.1:1".into(),
+            })
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(refused.is_err(), "a foreign CA's certificate was accepted");
+
+    // No certificate at all, or plaintext: refused too.
+    let plain = async {
+        let ch = tonic::transport::Endpoint::from_shared(
+            cluster.agent_endpoint.replace("https://", "http://"),
+        )?
+        .connect()
+        .await?;
+        RegistryServiceClient::new(ch)
+            .register_host(RegisterHostRequest {
+                info: Some(info("host-victim")),
+                agent_endpoint: "https://127.0.0.1:1".into(),
+            })
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(plain.is_err(), "a plaintext agent was accepted");
+
+    let hosts = cluster
+        .as_operator()
+        .await?
+        .hosts
+        .list_hosts(betang_proto::v1::ListHostsRequest {})
+        .await?
+        .into_inner()
+        .hosts;
+    let ids: Vec<_> = hosts.iter().map(|h| h.id.as_str()).collect();
+    assert_eq!(ids, ["host-honest"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_accepts_calls_only_from_the_controller() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let agent = format!("https://{}", cluster.hosts[0].agent.as_ref().unwrap().addr);
+    let host = cluster.hosts[0].host_id.clone();
+    // The controller's certificate: served.
+    let ch = mtls_channel(
+        &agent,
+        &cluster.pki,
+        betang_controller::pki::CONTROLLER_NAME,
+        &host,
+    )
+    .await?;
+    let info = AgentServiceClient::new(ch)
+        .host_info(HostInfoRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(info.host_id, host);
+    // Another host's certificate from the same CA: refused.
+    let other = cluster.hosts[1].host_id.clone();
+    let ch = mtls_channel(&agent, &cluster.pki, &other, &host).await?;
+    let err = AgentServiceClient::new(ch)
+        .host_info(HostInfoRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{}", err.message());
+    // Plaintext: refused.
+    let plain = async {
+        let ch = tonic::transport::Endpoint::from_shared(agent.replace("https://", "http://"))?
+            .connect()
+            .await?;
+        AgentServiceClient::new(ch)
+            .host_info(HostInfoRequest {})
+            .await?;
+        anyhow::Ok(())
+    }
+    .await;
+    assert!(plain.is_err());
+    Ok(())
+}
+
+/// An agent started with another host's certificate never registers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions {
+        hosts: vec![],
+        ..Default::default()
+    })
+    .await?;
+    cluster.pki.issue("host-real", &[])?;
+    let node = cluster.dir.path().join("node.xml");
+    std::fs::write(&node, "<node/>")?;
+    let uri = format!("test://{}", node.display());
+    let image_dir = cluster.dir.path().join("img");
+    make_image_dir(&image_dir, "64M")?;
+    let cfg = AgentConfig {
+        host_id: "host-impostor".into(),
+        listen: "127.0.0.1:0".parse()?,
+        advertise_endpoint: None,
+        controller_endpoint: cluster.agent_endpoint.clone(),
+        libvirt_uri: uri.clone(),
+        domain_type: DomainTypeSetting::Qemu,
+        image_dir,
+        vm_dir: cluster.dir.path().join("vms"),
+        heartbeat_interval_ms: 100,
+        reconcile_interval_seconds: 1,
+        libvirt_call_timeout_seconds: 5,
+        capacity: Some(CapacityConfig {
+            vcpus: 4,
+            memory_mib: 4096,
+            disk_gib: 100,
+        }),
+        network: NetworkConfig::None,
+        tls: Some(agent_tls(&cluster.pki, "host-real")),
+    };
+    let hv: Arc<dyn Hypervisor> = Arc::new(LibvirtHypervisor::new(&uri)?);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let _agent = betang_agent::server::start_with(cfg, listener, hv).await?;
+    // Give it many heartbeat intervals to try.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let hosts = cluster
+        .as_operator()
+        .await?
+        .hosts
+        .list_hosts(betang_proto::v1::ListHostsRequest {})
+        .await?
+        .into_inner()
+        .hosts;
+    assert!(hosts.is_empty(), "{hosts:?}");
+    Ok(())
+}
