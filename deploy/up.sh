@@ -42,14 +42,24 @@ description = "Betang's offline test guest: boots, reads its cloud-init seed, pr
 TOML
 fi
 
-echo "==> configuration in /etc/betang"
+echo "==> configuration and certificates in /etc/betang"
+host_id=$(hostname -s | tr 'A-Z' 'a-z' | tr -c 'a-z0-9-\n' '-' | sed 's/^-*//' | cut -c1-63)
+host_id=${host_id:-host-1}
 if [ ! -f /etc/betang/controller.toml ]; then
   cp "$here/controller.example.toml" /etc/betang/controller.toml
 fi
 if [ ! -f /etc/betang/agent.toml ]; then
-  host_id=$(hostname -s | tr 'A-Z' 'a-z' | tr -c 'a-z0-9-\n' '-' | sed 's/^-*//' | cut -c1-63)
-  sed "s/^host_id = .*/host_id = \"${host_id:-host-1}\"/" "$here/agent.example.toml" >/etc/betang/agent.toml
+  sed -e "s/^host_id = .*/host_id = \"$host_id\"/" \
+    -e "s#/etc/betang/pki/host-1#/etc/betang/pki/$host_id#" \
+    "$here/agent.example.toml" >/etc/betang/agent.toml
 fi
+host_id=$(sed -n 's/^host_id = "\(.*\)"/\1/p' /etc/betang/agent.toml)
+# Mutual TLS between controller and agent: the CA, then one certificate each.
+# `betangctl pki issue` renews a certificate when run again.
+pki=/etc/betang/pki
+betangctl pki init --dir "$pki" >/dev/null
+[ -f "$pki/betang-controller.pem" ] || betangctl pki issue betang-controller --dir "$pki" --san 127.0.0.1 >/dev/null
+[ -f "$pki/$host_id.pem" ] || betangctl pki issue "$host_id" --dir "$pki" --san 127.0.0.1 >/dev/null
 
 start_service() {
   local name=$1 bin=$2 conf=$3
@@ -74,25 +84,57 @@ start_service betang-controller /usr/local/bin/betang-controller /etc/betang/con
 start_service betang-agent /usr/local/bin/betang-agent /etc/betang/agent.toml
 
 endpoint=http://$(sed -n 's/^listen = "\(.*\)"/\1/p' /etc/betang/controller.toml)
+for _ in $(seq 1 100); do
+  # Any answer, even "not authenticated", means the controller is up.
+  out=$(betangctl --endpoint "$endpoint" image list 2>&1 || true)
+  grep -q 'cannot reach' <<<"$out" || break
+  sleep 0.2
+done
+
+# The first admin, once: its token goes into root's betangctl config.
+if ! betangctl whoami >/dev/null 2>&1; then
+  echo "==> bootstrapping the first admin"
+  token=$(betang-controller --config /etc/betang/controller.toml bootstrap-admin 2>/dev/null)
+  echo "$token" | betangctl login --endpoint "$endpoint" --token-stdin >/dev/null
+fi
+institution=$(betangctl whoami | awk '{print $4}')
+# The operators' own institution gets a small quota for trying things out.
+# (Output is captured first: with pipefail, grep -q closing the pipe early
+# would count as a failure.)
+out=$(betangctl institution get "$institution")
+if grep -q '/0 vCPU' <<<"$out"; then
+  betangctl institution quota "$institution" --vcpus 8 --memory-mib 8192 --disk-gib 100 --vps 10 >/dev/null
+fi
+
+host_up() {
+  local out
+  out=$(betangctl host list 2>/dev/null || true)
+  grep -q '^state: *UP' <<<"$out"
+}
 for _ in $(seq 1 120); do
-  if BETANG_ENDPOINT=$endpoint betangctl host list 2>/dev/null | grep -q '^state: *UP'; then
-    break
-  fi
+  host_up && break
   sleep 0.5
 done
-if ! BETANG_ENDPOINT=$endpoint betangctl host list 2>/dev/null | grep -q '^state: *UP'; then
+if ! host_up; then
   echo "the agent did not register; see /var/log/betang/ (or journalctl -u betang-agent)" >&2
   exit 1
 fi
-BETANG_ENDPOINT=$endpoint betangctl host list
+betangctl host list
 
 cat <<MSG
 
-Betang is up: controller on $endpoint, agent registered, image betang-test in the catalogue.
-Request a VPS that really boots:
+Betang is up: controller on $endpoint (agents on mutual TLS), agent $host_id registered,
+image betang-test in the catalogue, and root's betangctl logged in as the first admin
+(~/.config/betang/config.toml). Request a VPS that really boots:
 
-  betangctl vps create --name halo --vcpus 1 --memory-mib 128 --disk-gib 1 --image betang-test --wait
+  betangctl vps create --institution $institution --name halo --vcpus 1 --memory-mib 128 \\
+      --disk-gib 1 --image betang-test --app-name "Halo" --responsible-name "Operator" --wait
 
 Then: betangctl vps list | get ID | stop ID | start ID | reboot ID | delete ID
+Institutions request through members' tokens and wait for approval:
+  betangctl institution create --code dinkes --name "Dinas Kesehatan" --vcpus 16 --memory-mib 32768 --disk-gib 500 --vps 10
+  betangctl user create --username siti --institution ID --role member
+  betangctl token create --user USER_ID
+  betangctl vps list --pending; betangctl vps approve ID; betangctl audit list
 The guest's serial console: /var/lib/betang/vms/<VPS id>/console.log
 MSG
