@@ -225,3 +225,59 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
     assert!(hosts.is_empty(), "{hosts:?}");
     Ok(())
 }
+
+/// With `[tls] user_api = true` people reach the API over TLS only, and
+/// still authenticate with their tokens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_user_api_can_be_served_over_tls() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions {
+        hosts: vec![],
+        ..Default::default()
+    })
+    .await?;
+    cluster
+        .controller_cfg
+        .tls
+        .as_mut()
+        .expect("the harness uses TLS")
+        .user_api = true;
+    cluster.restart_controller().await?;
+    let https = cluster.endpoint.replace("http://", "https://");
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(std::fs::read(
+            cluster.pki.ca_cert(),
+        )?))
+        .domain_name(betang_controller::pki::CONTROLLER_NAME);
+    let ch = tonic::transport::Endpoint::from_shared(https)?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let token: tonic::metadata::MetadataValue<_> =
+        format!("Bearer {}", cluster.people.member_a).parse()?;
+    let mut identity =
+        betang_proto::v1::identity_service_client::IdentityServiceClient::with_interceptor(
+            ch,
+            move |mut req: tonic::Request<()>| {
+                req.metadata_mut().insert("authorization", token.clone());
+                Ok(req)
+            },
+        );
+    let me = identity
+        .who_am_i(betang_proto::v1::WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(me.institution_id, cluster.people.inst_a);
+    // Plaintext no longer gets an answer.
+    let plain = cluster.clients(&cluster.people.member_a).await;
+    let refused = match plain {
+        Err(_) => true,
+        Ok(c) => c
+            .identity
+            .clone()
+            .who_am_i(betang_proto::v1::WhoAmIRequest {})
+            .await
+            .is_err(),
+    };
+    assert!(refused, "plaintext still answered");
+    Ok(())
+}
