@@ -101,6 +101,22 @@ pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: u64) -> Result<()
     Ok(())
 }
 
+/// Grows a qcow2 disk to `size_bytes` if it is smaller; never shrinks it.
+pub fn grow(path: &Path, size_bytes: u64) -> Result<()> {
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2", "--"])
+        .arg(path))?;
+    let info: QemuImgInfo = serde_json::from_slice(&out)
+        .map_err(|e| AgentError::Disk(format!("qemu-img info {}: {e}", path.display())))?;
+    if info.virtual_size < size_bytes {
+        run(std::process::Command::new("qemu-img")
+            .args(["resize", "-q", "-f", "qcow2", "--"])
+            .arg(path)
+            .arg(size_bytes.to_string()))?;
+    }
+    Ok(())
+}
+
 /// True when `overlay` is a qcow2 whose backing file is exactly `base`; used to
 /// decide whether a leftover file from an interrupted ensure can be kept.
 pub fn overlay_matches(base: &Path, overlay: &Path) -> bool {
@@ -172,5 +188,14 @@ mod tests {
         // The overlay itself has a backing file, so it can never be a base.
         assert!(inspect_base(&overlay).is_err());
         assert!(!overlay_matches(&dir.path().join("other.qcow2"), &overlay));
+        // Growing works; asking for less changes nothing.
+        grow(&overlay, 2 * GIB).unwrap();
+        grow(&overlay, GIB).unwrap();
+        let out = run(std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2"])
+            .arg(&overlay))
+        .unwrap();
+        let info: QemuImgInfo = serde_json::from_slice(&out).unwrap();
+        assert_eq!(info.virtual_size, 2 * GIB);
     }
 }

@@ -150,6 +150,7 @@ impl VmManager {
         match existing {
             None => self.create(&args, &name, &meta, desired).await?,
             Some(state) => {
+                self.apply_size(&args, &name, &meta, &state).await?;
                 let known = state.metadata.as_ref().map_or(0, |m| m.generation);
                 if args.generation > known {
                     self.hv
@@ -223,7 +224,6 @@ impl VmManager {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
         let root = dir.join("root.qcow2");
         let seed = dir.join("seed.img");
-        let serial = dir.join("console.log");
         let (b, r) = (base.to_path_buf(), root.clone());
         tokio::task::spawn_blocking(move || {
             // A disk left by an interrupted call is kept only if it is ours.
@@ -247,20 +247,7 @@ impl VmManager {
         tokio::task::spawn_blocking(move || content.write_image(&s))
             .await
             .map_err(|e| AgentError::Internal(e.to_string()))??;
-        let xml = DomainSpec {
-            domain_type: self.domain_type,
-            name: name.to_owned(),
-            uuid: args.vps_id.clone(),
-            title: args.spec.name.clone(),
-            metadata: meta.clone(),
-            vcpus: args.spec.vcpus,
-            memory_mib: args.spec.memory_mib,
-            root_disk: root,
-            seed_disk: seed,
-            serial_log: serial,
-            network: self.network.clone(),
-        }
-        .to_xml()?;
+        let xml = self.domain_xml(args, name, meta, dir)?;
         let (n, running) = (name.to_owned(), desired == PowerState::Running);
         self.hv
             .call(move |hv| {
@@ -273,6 +260,60 @@ impl VmManager {
             })
             .await?;
         info!(domain = %name, "VM defined");
+        Ok(())
+    }
+
+    fn domain_xml(
+        &self,
+        args: &EnsureArgs,
+        name: &str,
+        meta: &VpsMetadata,
+        dir: &Path,
+    ) -> Result<String> {
+        DomainSpec {
+            domain_type: self.domain_type,
+            name: name.to_owned(),
+            uuid: args.vps_id.clone(),
+            title: args.spec.name.clone(),
+            metadata: meta.clone(),
+            vcpus: args.spec.vcpus,
+            memory_mib: args.spec.memory_mib,
+            root_disk: dir.join("root.qcow2"),
+            seed_disk: dir.join("seed.img"),
+            serial_log: dir.join("console.log"),
+            network: self.network.clone(),
+        }
+        .to_xml()
+    }
+
+    /// A stopped guest takes a new size: the domain is redefined with the new
+    /// vCPUs and memory, and its disk grows (never shrinks). A running guest
+    /// keeps its size until it is stopped.
+    async fn apply_size(
+        &self,
+        args: &EnsureArgs,
+        name: &str,
+        meta: &VpsMetadata,
+        state: &DomainState,
+    ) -> Result<()> {
+        if state.power != Power::Stopped {
+            return Ok(());
+        }
+        let dir = self.dir_of(&args.vps_id);
+        if state.vcpus != args.spec.vcpus || state.memory_kib != args.spec.memory_mib * 1024 {
+            let xml = self.domain_xml(args, name, meta, &dir)?;
+            self.hv.call(move |hv| hv.define(&xml)).await?;
+            info!(
+                vcpus = args.spec.vcpus,
+                memory_mib = args.spec.memory_mib,
+                "resized"
+            );
+        }
+        let root = dir.join("root.qcow2");
+        let want = args.spec.disk_gib.saturating_mul(disks::GIB);
+        tokio::task::spawn_blocking(move || disks::grow(&root, want))
+            .await
+            .map_err(|e| AgentError::Internal(e.to_string()))??;
         Ok(())
     }
 

@@ -9,8 +9,8 @@ use betang_proto::v1::{
     CreateUserRequest, CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetInstitutionRequest,
     GetVpsRequest, ListAuditRequest, ListHostsRequest, ListImagesRequest, ListInstitutionsRequest,
     ListTokensRequest, ListUsersRequest, ListVpsRequest, Quota, RebootVpsRequest, RejectVpsRequest,
-    RevokeTokenRequest, Role, SetQuotaRequest, StartVpsRequest, StopVpsRequest, VpsState,
-    WhoAmIRequest,
+    ResizeVpsRequest, RevokeTokenRequest, Role, SetQuotaRequest, StartVpsRequest, StopVpsRequest,
+    VpsState, WhoAmIRequest,
 };
 use betang_tests::{Clients, Cluster, ClusterOptions, application, state_of, wait_state};
 use tonic::{Code, Status};
@@ -27,6 +27,7 @@ fn code<R>(r: Result<tonic::Response<R>, Status>) -> Code {
 /// What each matrix run acts on, made fresh by the operator.
 struct Fixture {
     vps: String,
+    stopped: String,
     to_approve: String,
     to_reject: String,
     to_cancel: String,
@@ -47,6 +48,22 @@ async fn fixture(
         .await?
         .into_inner();
     wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
+    let stopped = op
+        .vps
+        .clone()
+        .create_vps(cluster.create(cluster.spec(&format!("{tag}-s"))))
+        .await?
+        .into_inner();
+    wait_state(&op.vps, &stopped.id, VpsState::Running, T).await?;
+    op.vps
+        .clone()
+        .stop_vps(StopVpsRequest {
+            id: stopped.id.clone(),
+            timeout_seconds: 1,
+            force: true,
+        })
+        .await?;
+    wait_state(&op.vps, &stopped.id, VpsState::Stopped, T).await?;
     let mut pending = Vec::new();
     for n in ["ap", "rj", "cn"] {
         let r = member_a
@@ -85,6 +102,7 @@ async fn fixture(
         .into_inner();
     Ok(Fixture {
         vps: v.id,
+        stopped: stopped.id,
         to_approve: pending[0].clone(),
         to_reject: pending[1].clone(),
         to_cancel: pending[2].clone(),
@@ -93,7 +111,7 @@ async fn fixture(
     })
 }
 
-const CALLS: [&str; 25] = [
+const CALLS: [&str; 26] = [
     "CreateVps",
     "GetVps",
     "ListVps",
@@ -119,6 +137,7 @@ const CALLS: [&str; 25] = [
     "ListTokensOfOther",
     "RevokeToken",
     "ListAudit",
+    "ResizeVps",
 ];
 
 async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code> {
@@ -248,6 +267,14 @@ async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code
         .await,
     ));
     out.push(code(audit.list_audit(ListAuditRequest::default()).await));
+    out.push(code(
+        vps.resize_vps(ResizeVpsRequest {
+            id: f.stopped.clone(),
+            vcpus: 2,
+            ..Default::default()
+        })
+        .await,
+    ));
     out
 }
 
@@ -258,13 +285,13 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
     let p = cluster.people.clone();
     let op = cluster.clients(&p.operator).await?;
     let member_a = cluster.clients(&p.member_a).await?;
-    let expectations: [(&str, Option<&str>, [Code; 25]); 6] = [
+    let expectations: [(&str, Option<&str>, [Code; 26]); 6] = [
         (
             "member-a",
             Some(&p.member_a),
             [
                 OK, OK, OK, OK, OK, OK, OK, OK, PD, PD, OK, PD, PD, OK, PD, OK, OK, PD, PD, PD, OK,
-                PD, PD, OK, PD,
+                PD, PD, OK, PD, PD,
             ],
         ),
         (
@@ -272,7 +299,7 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
             Some(&p.member_b),
             [
                 OK, NF, OK, NF, NF, NF, NF, OK, PD, PD, NF, PD, PD, OK, PD, OK, NF, PD, PD, PD, OK,
-                PD, PD, NF, PD,
+                PD, PD, NF, PD, PD,
             ],
         ),
         (
@@ -280,15 +307,15 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
             Some(&p.operator),
             [
                 OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, PD, OK, OK, OK, PD, OK, OK,
-                PD, PD, NF, OK,
+                PD, PD, NF, OK, OK,
             ],
         ),
-        ("admin", Some(&p.admin), [OK; 25]),
-        ("anonymous", None, [Code::Unauthenticated; 25]),
+        ("admin", Some(&p.admin), [OK; 26]),
+        ("anonymous", None, [Code::Unauthenticated; 26]),
         (
             "forged",
             Some("btg_0000000000000000000000000000000000000000000000000000000000000000"),
-            [Code::Unauthenticated; 25],
+            [Code::Unauthenticated; 26],
         ),
     ];
     for (who, token, expected) in expectations {
@@ -319,6 +346,7 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
             "CreateToken",
             "CreateTokenForOther",
             "RevokeToken",
+            "ResizeVps",
         ];
         let allowed_changes = CALLS
             .iter()

@@ -591,3 +591,112 @@ async fn health_and_reflection_answer_on_controller_and_agent() -> anyhow::Resul
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_stopped_vps_is_resized_within_quota_and_host() -> anyhow::Result<()> {
+    use betang_proto::v1::{GetInstitutionRequest, Quota, ResizeVpsRequest, SetQuotaRequest};
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let c = op.vps.clone();
+    let v = c
+        .clone()
+        .create_vps(cluster.create(cluster.spec("grow")))
+        .await?
+        .into_inner();
+    let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
+    let resize = |vcpus: u32, memory_mib: u64, disk_gib: u64| ResizeVpsRequest {
+        id: v.id.clone(),
+        vcpus,
+        memory_mib,
+        disk_gib,
+    };
+    let err = c.clone().resize_vps(resize(2, 0, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    c.clone()
+        .stop_vps(StopVpsRequest {
+            id: v.id.clone(),
+            timeout_seconds: 1,
+            force: true,
+        })
+        .await?;
+    wait_state(&c, &v.id, VpsState::Stopped, T).await?;
+    let err = c.clone().resize_vps(resize(0, 0, 1)).await.unwrap_err();
+    assert!(
+        err.message().starts_with("disk_gib: disks only grow"),
+        "{}",
+        err.message()
+    );
+    let err = c.clone().resize_vps(resize(40, 0, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().starts_with("no host fits 40 vCPU"),
+        "{}",
+        err.message()
+    );
+
+    let r = c
+        .clone()
+        .resize_vps(resize(2, 1024, 10))
+        .await?
+        .into_inner();
+    assert_eq!(r.spec.unwrap().vcpus, 2);
+    let i = cluster
+        .hosts
+        .iter()
+        .position(|h| h.host_id == v.host_id)
+        .unwrap();
+    let hv = cluster.hosts[i].hv.clone();
+    let dom = format!("betang-{}", v.id);
+    eventually(T, "the domain to take the new size", || {
+        let (hv, dom) = (hv.clone(), dom.clone());
+        async move {
+            let d = hv.lookup(&dom).ok()??;
+            (d.vcpus == 2 && d.memory_kib == 1024 * 1024).then_some(())
+        }
+    })
+    .await?;
+    let disk = cluster.hosts[i].cfg.vm_dir.join(&v.id).join("root.qcow2");
+    let info = std::process::Command::new("qemu-img")
+        .args(["info", "--output=json"])
+        .arg(&disk)
+        .output()?;
+    let text = String::from_utf8(info.stdout)?;
+    assert!(text.contains("\"virtual-size\": 10737418240"), "{text}");
+
+    // Growth beyond the institution's quota is refused, saying by how much.
+    let inst = op
+        .identity
+        .clone()
+        .get_institution(GetInstitutionRequest {
+            id: cluster.people.inst_a.clone(),
+        })
+        .await?
+        .into_inner();
+    let used = inst.used.unwrap();
+    op.identity
+        .clone()
+        .set_quota(SetQuotaRequest {
+            institution_id: cluster.people.inst_a.clone(),
+            quota: Some(Quota {
+                vcpus: used.vcpus,
+                ..ClusterOptions::default().quota
+            }),
+        })
+        .await?;
+    let err = c.clone().resize_vps(resize(4, 0, 0)).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted);
+    assert!(
+        err.message().contains("vcpus of institution") && err.message().contains("2 over"),
+        "{}",
+        err.message()
+    );
+    // Shrinking is always allowed.
+    c.clone().resize_vps(resize(1, 0, 0)).await?;
+    c.clone()
+        .start_vps(StartVpsRequest { id: v.id.clone() })
+        .await?;
+    wait_state(&c, &v.id, VpsState::Running, T).await?;
+    let d = hv.lookup(&dom)?.unwrap();
+    assert_eq!(d.vcpus, 1);
+    Ok(())
+}

@@ -1,7 +1,7 @@
 use betang_proto::v1::{
     ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest,
     ListImagesRequest, ListImagesResponse, ListVpsRequest, ListVpsResponse, RebootVmRequest,
-    RebootVpsRequest, RejectVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
+    RebootVpsRequest, RejectVpsRequest, ResizeVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
     vps_service_server::VpsService,
 };
 use tonic::{Request, Response, Status};
@@ -318,6 +318,29 @@ impl VpsService for VpsApi {
             self.decide_against(caller, &r.id, VpsState::Rejected, r.reason)
                 .await?,
         ))
+    }
+
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]
+    async fn resize_vps(&self, req: Request<ResizeVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::AllVps)?;
+        let r = req.into_inner();
+        let id = VpsId::parse(&r.id)?;
+        let size = vps::Approval {
+            vcpus: r.vcpus,
+            memory_mib: r.memory_mib,
+            disk_gib: r.disk_gib,
+            pin: None,
+        };
+        let placement = self.placement();
+        let now = now_ms();
+        let v = self
+            .ctx
+            .store
+            .run(move |c| vps::resize(c, &caller, &id, &size, &placement, now))
+            .await?;
+        self.ctx.wake.notify_one();
+        Ok(Response::new(v.to_proto()))
     }
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id))]

@@ -199,6 +199,16 @@ enum VpsCmd {
     },
     /// Withdraw a request still waiting for approval.
     Cancel { id: String },
+    /// Operators: give a stopped VPS another size (disks only grow).
+    Resize {
+        id: String,
+        #[arg(long, default_value_t = 0)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 0)]
+        memory_mib: u64,
+        #[arg(long, default_value_t = 0)]
+        disk_gib: u64,
+    },
     /// Wait until a VPS reaches a state (RUNNING, STOPPED, DELETED, ...).
     Wait {
         id: String,
@@ -1127,6 +1137,23 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
         VpsCmd::Reject { id, reason } => {
             let v = c
                 .reject_vps(RejectVpsRequest { id, reason })
+                .await
+                .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Resize {
+            id,
+            vcpus,
+            memory_mib,
+            disk_gib,
+        } => {
+            let v = c
+                .resize_vps(betang_proto::v1::ResizeVpsRequest {
+                    id,
+                    vcpus,
+                    memory_mib,
+                    disk_gib,
+                })
                 .await
                 .map_err(status_error)?;
             print_vps(v.get_ref());

@@ -202,7 +202,12 @@ pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
 
 /// Refuses `add` when it would take the institution over any limit, naming
 /// the limit and by how much. Run inside the transaction that then claims it.
-pub fn check_quota(c: &Connection, institution_id: &str, add: Resources) -> Result<(), ApiError> {
+pub fn check_quota(
+    c: &Connection,
+    institution_id: &str,
+    add: Resources,
+    add_vps: u64,
+) -> Result<(), ApiError> {
     let inst = get_institution(c, institution_id)?;
     let quota = inst.quota.unwrap_or_default();
     let used = inst.used.unwrap_or_default();
@@ -231,14 +236,16 @@ pub fn check_quota(c: &Connection, institution_id: &str, add: Resources) -> Resu
         (
             "vps_count",
             u64::from(used.vps_count),
-            1,
+            add_vps,
             u64::from(quota.vps_count),
             "",
         ),
     ];
     for (name, used, add, limit, unit) in checks {
         let total = used.saturating_add(add);
-        if total > limit {
+        // Shrinking or keeping a resource never trips its limit, even when an
+        // operator has since lowered the quota below what is in use.
+        if add > 0 && total > limit {
             return Err(ApiError::QuotaExceeded(format!(
                 "{name} of institution {} would be {total}{unit}, {}{unit} over its limit of {limit}{unit} ({used}{unit} in use, {add}{unit} asked)",
                 inst.code,

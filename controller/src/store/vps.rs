@@ -305,7 +305,7 @@ pub fn create(
         return Ok(existing);
     }
     let (state, host) = if staff {
-        identity::check_quota(&tx, &institution, need(&n.spec))?;
+        identity::check_quota(&tx, &institution, need(&n.spec), 1)?;
         let host = place(&tx, &n.spec, n.pin.as_ref(), placement, now_ms)?;
         (VpsState::Scheduled, Some(host))
     } else {
@@ -410,7 +410,7 @@ pub fn approve(
         spec.disk_gib = a.disk_gib;
     }
     validation::spec(&spec)?;
-    identity::check_quota(&tx, v.institution(), need(&spec))?;
+    identity::check_quota(&tx, v.institution(), need(&spec), 1)?;
     let pin = a.pin.clone().or_else(|| {
         tx.query_row(
             "SELECT pinned_host FROM vps WHERE id = ?1",
@@ -495,6 +495,101 @@ pub fn decide_against(
         } else {
             reason
         },
+        now_ms,
+    )?;
+    let rec = get_any(&tx, id)?;
+    tx.commit()?;
+    Ok(rec)
+}
+
+/// An operator resizes a stopped VPS: the growth must fit the institution's
+/// quota and the VPS's own host, checked and claimed in one transaction.
+pub fn resize(
+    c: &mut Connection,
+    actor: &Caller,
+    id: &VpsId,
+    size: &Approval,
+    placement: &Placement,
+    now_ms: i64,
+) -> Result<VpsRecord, ApiError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let v = get(&tx, id, &actor.scope())?;
+    if v.state != VpsState::Stopped {
+        return Err(ApiError::WrongState {
+            id: v.id.to_string(),
+            state: v.state.as_str(),
+            action: "resize (stop it first)",
+        });
+    }
+    let mut spec = v.spec.clone();
+    if size.vcpus > 0 {
+        spec.vcpus = size.vcpus;
+    }
+    if size.memory_mib > 0 {
+        spec.memory_mib = size.memory_mib;
+    }
+    if size.disk_gib > 0 {
+        if size.disk_gib < v.spec.disk_gib {
+            return Err(ApiError::invalid(
+                "disk_gib",
+                format!(
+                    "disks only grow: {} GiB is less than the {} GiB it has",
+                    size.disk_gib, v.spec.disk_gib
+                ),
+            ));
+        }
+        spec.disk_gib = size.disk_gib;
+    }
+    validation::spec(&spec)?;
+    let (old, new) = (need(&v.spec), need(&spec));
+    let growth = Resources {
+        vcpus: new.vcpus.saturating_sub(old.vcpus),
+        memory_mib: new.memory_mib.saturating_sub(old.memory_mib),
+        disk_gib: new.disk_gib.saturating_sub(old.disk_gib),
+    };
+    identity::check_quota(&tx, v.institution(), growth, 0)?;
+    let host = v.host_id.clone().ok_or_else(|| ApiError::WrongState {
+        id: v.id.to_string(),
+        state: v.state.as_str(),
+        action: "resize",
+    })?;
+    let mut views = hosts::views(&tx, now_ms, placement.down_after_ms)?;
+    views.retain(|h| h.id == host);
+    for h in &mut views {
+        // The VPS's own share is already counted; judge the new size alone.
+        h.allocated.vcpus = h.allocated.vcpus.saturating_sub(old.vcpus);
+        h.allocated.memory_mib = h.allocated.memory_mib.saturating_sub(old.memory_mib);
+        h.allocated.disk_gib = h.allocated.disk_gib.saturating_sub(old.disk_gib);
+        // Whether the host is up matters to the reconciler, not to the claim.
+        h.up = true;
+    }
+    let demand = Demand {
+        need: new,
+        image: spec.image.clone(),
+    };
+    scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;
+    tx.execute(
+        "UPDATE vps SET vcpus = ?2, memory_mib = ?3, disk_gib = ?4, generation = generation + 1,
+             attempts = 0, next_attempt_ms = 0, updated_at_ms = ?5 WHERE id = ?1",
+        params![
+            id.to_string(),
+            spec.vcpus,
+            spec.memory_mib as i64,
+            spec.disk_gib as i64,
+            now_ms
+        ],
+    )?;
+    let result = format!(
+        "{} vCPU, {} MiB, {} GiB",
+        spec.vcpus, spec.memory_mib, spec.disk_gib
+    );
+    identity::audit(
+        &tx,
+        actor,
+        v.institution(),
+        "vps.resize",
+        &id.to_string(),
+        &result,
         now_ms,
     )?;
     let rec = get_any(&tx, id)?;
