@@ -20,4 +20,5 @@ ensure_libvirtd
 cd "$repo"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo test --workspace --locked
+# A hung test fails the run instead of eating the whole CI budget.
+timeout --signal=KILL 2700 cargo test --workspace --locked

@@ -38,6 +38,12 @@ pub struct AgentConfig {
     pub capacity: Option<CapacityConfig>,
     #[serde(default)]
     pub network: NetworkConfig,
+    /// Where this host stands, e.g. a room or rack; VPS may ask for a zone.
+    #[serde(default)]
+    pub zone: String,
+    /// What this host offers, e.g. `disk = "ssd"`; VPS may ask for labels.
+    #[serde(default)]
+    pub labels: std::collections::BTreeMap<String, String>,
     /// Mutual TLS with the controller; leave out only for a throw-away setup.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
@@ -108,6 +114,23 @@ impl AgentConfig {
             anyhow::ensure!(
                 ok,
                 "network.source: {source:?} must be 1 to 15 characters of a-z, A-Z, 0-9, '-', '_', '.'"
+            );
+        }
+        let slug = |s: &str| {
+            s.len() <= 63
+                && s.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.')
+                })
+        };
+        anyhow::ensure!(
+            slug(&self.zone) && self.zone.len() <= 32,
+            "zone: {:?} must be at most 32 characters of a-z, 0-9, '-', '_', '.'",
+            self.zone
+        );
+        for (k, v) in &self.labels {
+            anyhow::ensure!(
+                !k.is_empty() && slug(k) && slug(v),
+                "labels: {k:?} = {v:?}: names and values are at most 63 characters of a-z, 0-9, '-', '_', '.'"
             );
         }
         anyhow::ensure!(

@@ -6,15 +6,24 @@ use crate::{config::CapacityConfig, error::Result, usage::HostSampler, vms::VmMa
 
 pub struct HostReporter {
     host_id: String,
+    zone: String,
+    labels: std::collections::BTreeMap<String, String>,
     hostname: String,
     capacity: Option<CapacityConfig>,
     sampler: HostSampler,
 }
 
 impl HostReporter {
-    pub fn new(host_id: String, capacity: Option<CapacityConfig>) -> Self {
+    pub fn new(
+        host_id: String,
+        capacity: Option<CapacityConfig>,
+        zone: String,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Self {
         HostReporter {
             host_id,
+            zone,
+            labels,
             hostname: sysinfo::System::host_name().unwrap_or_default(),
             capacity,
             sampler: HostSampler::default(),
@@ -71,6 +80,8 @@ impl HostReporter {
             usage: Some(self.usage(vms)),
             images,
             domain_type: vms.domain_type().as_str().to_owned(),
+            zone: self.zone.clone(),
+            labels: self.labels.clone().into_iter().collect(),
         })
     }
 }

@@ -89,7 +89,12 @@ pub async fn start_with(
     )?);
     let adopted = vms.reconcile().await?;
     info!(adopted, "adopted existing guests");
-    let host = Arc::new(HostReporter::new(cfg.host_id.clone(), cfg.capacity));
+    let host = Arc::new(HostReporter::new(
+        cfg.host_id.clone(),
+        cfg.capacity,
+        cfg.zone.clone(),
+        cfg.labels.clone(),
+    ));
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

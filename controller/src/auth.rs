@@ -57,6 +57,8 @@ pub enum Permission {
     /// See and act on every institution's VPS; approve, reject, create directly, pin hosts.
     AllVps,
     ViewHosts,
+    /// Cordon, uncordon and weigh hosts.
+    ManageHosts,
     ViewInstitutions,
     SetQuota,
     ViewAudit,
@@ -66,10 +68,11 @@ pub enum Permission {
     ManageAllTokens,
 }
 
-pub const ALL_PERMISSIONS: [Permission; 9] = [
+pub const ALL_PERMISSIONS: [Permission; 10] = [
     Permission::OwnVps,
     Permission::AllVps,
     Permission::ViewHosts,
+    Permission::ManageHosts,
     Permission::ViewInstitutions,
     Permission::SetQuota,
     Permission::ViewAudit,
@@ -84,7 +87,7 @@ pub fn allowed(role: Role, p: Permission) -> bool {
         Role::Member => matches!(p, OwnVps),
         Role::Operator => matches!(
             p,
-            OwnVps | AllVps | ViewHosts | ViewInstitutions | SetQuota | ViewAudit
+            OwnVps | AllVps | ViewHosts | ManageHosts | ViewInstitutions | SetQuota | ViewAudit
         ),
         Role::Admin => true,
     }

@@ -4,7 +4,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
-use crate::scheduler::Ratios;
+use crate::scheduler::{Policy, Ratios};
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -23,6 +23,8 @@ pub struct ControllerConfig {
     pub data_dir: PathBuf,
     #[serde(default)]
     pub overcommit: Ratios,
+    #[serde(default)]
+    pub placement: Policy,
     /// A host whose last heartbeat is older than this is DOWN.
     #[serde(default = "default_down_after_ms")]
     pub host_down_after_ms: u64,
@@ -103,6 +105,7 @@ impl ControllerConfig {
             tls: None,
             data_dir,
             overcommit: Ratios::default(),
+            placement: Policy::default(),
             host_down_after_ms: default_down_after_ms(),
             heartbeat_interval_ms: default_heartbeat_ms(),
             reconcile_interval_ms: default_reconcile_ms(),

@@ -1,8 +1,9 @@
-//! Placement: which host gets a VPS. Pure functions over a snapshot of hosts
-//! and their allocations, so the store can run them inside the transaction
-//! that claims the capacity.
+//! Placement: which host gets a VPS. Small filters say whether a host can
+//! take it at all; weighers rank the hosts that can. Everything here is a
+//! pure function over a snapshot of hosts and their allocations, so the store
+//! runs it inside the transaction that claims the capacity.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::Deserialize;
 
@@ -37,10 +38,35 @@ impl Default for Ratios {
     }
 }
 
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Spread VPS over hosts (the least loaded first), or pack them (the most
+/// loaded that still fits first, keeping whole hosts free).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Strategy {
+    #[default]
+    Spread,
+    Pack,
+}
+
+/// The placement policy from the controller's configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Policy {
+    #[serde(default)]
+    pub strategy: Strategy,
+    /// Kept for the host itself on every host, before overcommit.
+    #[serde(default)]
+    pub reserved: Resources,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct Resources {
+    #[serde(default)]
     pub vcpus: u64,
+    #[serde(default)]
     pub memory_mib: u64,
+    #[serde(default)]
     pub disk_gib: u64,
 }
 
@@ -48,96 +74,180 @@ pub struct Resources {
 pub struct HostView {
     pub id: HostId,
     pub up: bool,
+    /// False while an operator has cordoned the host.
+    pub schedulable: bool,
     pub capacity: Resources,
     pub allocated: Resources,
     pub images: BTreeSet<String>,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+    /// Operator-set preference; 1.0 is neutral.
+    pub weight: f64,
+    /// Anti-affinity groups that already have a VPS here.
+    pub groups: BTreeSet<String>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Demand {
     pub need: Resources,
     pub image: String,
+    pub zone: String,
+    pub labels: BTreeMap<String, String>,
+    pub anti_affinity_group: String,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reject {
+/// Why a host cannot take a VPS, in the order the filters run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Reject {
     Down,
-    NoImage,
+    Cordoned,
+    Zone,
+    Labels,
+    Image,
+    AntiAffinity,
     Cpu,
     Memory,
     Disk,
 }
 
-fn limit(capacity: u64, ratio: f64) -> u64 {
-    (capacity as f64 * ratio).floor() as u64
+impl Reject {
+    fn label(self) -> &'static str {
+        match self {
+            Reject::Down => "down",
+            Reject::Cordoned => "cordoned",
+            Reject::Zone => "in another zone",
+            Reject::Labels => "lack the labels",
+            Reject::Image => "lack the image",
+            Reject::AntiAffinity => "already hold its anti-affinity group",
+            Reject::Cpu => "lack vCPUs",
+            Reject::Memory => "lack memory",
+            Reject::Disk => "lack disk",
+        }
+    }
 }
 
-fn check(h: &HostView, d: &Demand, r: &Ratios) -> Result<f64, Reject> {
-    if !h.up {
-        return Err(Reject::Down);
+/// What a host may hold of one resource: capacity less the host's reserve,
+/// times the overcommit ratio.
+pub fn limit(capacity: u64, reserved: u64, ratio: f64) -> u64 {
+    (capacity.saturating_sub(reserved) as f64 * ratio).floor() as u64
+}
+
+fn fits(alloc: u64, need: u64, limit: u64) -> bool {
+    alloc.checked_add(need).is_some_and(|t| t <= limit)
+}
+
+type Filter = fn(&HostView, &Demand, &Ratios, &Policy) -> Option<Reject>;
+
+pub mod filters {
+    use super::*;
+
+    pub fn up(h: &HostView, _: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        (!h.up).then_some(Reject::Down)
     }
-    if !h.images.contains(&d.image) {
-        return Err(Reject::NoImage);
+    pub fn schedulable(h: &HostView, _: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        (!h.schedulable).then_some(Reject::Cordoned)
     }
-    let fits = |alloc: u64, need: u64, cap: u64, ratio: f64| {
-        alloc
-            .checked_add(need)
-            .is_some_and(|t| t <= limit(cap, ratio))
-    };
-    if !fits(h.allocated.vcpus, d.need.vcpus, h.capacity.vcpus, r.cpu) {
-        return Err(Reject::Cpu);
+    pub fn zone(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        (!d.zone.is_empty() && h.zone != d.zone).then_some(Reject::Zone)
     }
-    if !fits(
-        h.allocated.memory_mib,
-        d.need.memory_mib,
-        h.capacity.memory_mib,
-        r.memory,
-    ) {
-        return Err(Reject::Memory);
+    pub fn labels(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        let ok = d.labels.iter().all(|(k, v)| h.labels.get(k) == Some(v));
+        (!ok).then_some(Reject::Labels)
     }
-    if !fits(
-        h.allocated.disk_gib,
-        d.need.disk_gib,
-        h.capacity.disk_gib,
-        r.disk,
-    ) {
-        return Err(Reject::Disk);
+    pub fn image(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        (!h.images.contains(&d.image)).then_some(Reject::Image)
     }
-    // Load after placement: the fuller of CPU and memory, as a share of the limit.
-    let share = |alloc: u64, need: u64, cap: u64, ratio: f64| {
-        (alloc + need) as f64 / limit(cap, ratio).max(1) as f64
-    };
-    Ok(
-        share(h.allocated.vcpus, d.need.vcpus, h.capacity.vcpus, r.cpu).max(share(
+    pub fn anti_affinity(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        (!d.anti_affinity_group.is_empty() && h.groups.contains(&d.anti_affinity_group))
+            .then_some(Reject::AntiAffinity)
+    }
+    pub fn cpu(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reject> {
+        let l = limit(h.capacity.vcpus, p.reserved.vcpus, r.cpu);
+        (!fits(h.allocated.vcpus, d.need.vcpus, l)).then_some(Reject::Cpu)
+    }
+    pub fn memory(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reject> {
+        let l = limit(h.capacity.memory_mib, p.reserved.memory_mib, r.memory);
+        (!fits(h.allocated.memory_mib, d.need.memory_mib, l)).then_some(Reject::Memory)
+    }
+    pub fn disk(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reject> {
+        let l = limit(h.capacity.disk_gib, p.reserved.disk_gib, r.disk);
+        (!fits(h.allocated.disk_gib, d.need.disk_gib, l)).then_some(Reject::Disk)
+    }
+}
+
+const FILTERS: [Filter; 9] = [
+    filters::up,
+    filters::schedulable,
+    filters::zone,
+    filters::labels,
+    filters::image,
+    filters::anti_affinity,
+    filters::cpu,
+    filters::memory,
+    filters::disk,
+];
+
+pub mod weighers {
+    use super::*;
+
+    /// The host's load after placement: the fuller of CPU and memory, as a
+    /// share of what it may hold.
+    pub fn load_after(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> f64 {
+        let share = |alloc: u64, need: u64, cap: u64, res: u64, ratio: f64| {
+            (alloc + need) as f64 / limit(cap, res, ratio).max(1) as f64
+        };
+        share(
+            h.allocated.vcpus,
+            d.need.vcpus,
+            h.capacity.vcpus,
+            p.reserved.vcpus,
+            r.cpu,
+        )
+        .max(share(
             h.allocated.memory_mib,
             d.need.memory_mib,
             h.capacity.memory_mib,
+            p.reserved.memory_mib,
             r.memory,
-        )),
-    )
+        ))
+    }
+
+    /// Higher is better. Spread prefers empty hosts, pack full ones; the
+    /// operator's host weight scales either.
+    pub fn score(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> f64 {
+        let load = load_after(h, d, r, p);
+        let base = match p.strategy {
+            Strategy::Spread => 1.0 - load,
+            Strategy::Pack => load,
+        };
+        // Shifted so that a weight still ranks hosts whose base score is 0.
+        (base + 1.0) * h.weight.max(0.0)
+    }
 }
 
-/// The least loaded host that fits, or why none does.
-pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios) -> Result<HostId, String> {
+/// The best host that passes every filter, or why none does.
+pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios, p: &Policy) -> Result<HostId, String> {
     let mut best: Option<(f64, &HostView)> = None;
-    let mut rejects = [0usize; 5];
-    for h in hosts {
-        match check(h, d, r) {
-            Ok(load) => {
-                if best.is_none_or(|(b, bh)| load < b || (load == b && h.id < bh.id)) {
-                    best = Some((load, h));
-                }
+    let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
+    'hosts: for h in hosts {
+        for f in FILTERS {
+            if let Some(why) = f(h, d, r, p) {
+                *rejects.entry(why).or_default() += 1;
+                continue 'hosts;
             }
-            Err(why) => rejects[why as usize] += 1,
+        }
+        let s = weighers::score(h, d, r, p);
+        if best.is_none_or(|(b, bh)| s > b || (s == b && h.id < bh.id)) {
+            best = Some((s, h));
         }
     }
-    if let Some((_, h)) = best {
-        return Ok(h.id.clone());
+    match best {
+        Some((_, h)) => Ok(h.id.clone()),
+        None => Err(explain(hosts.len(), d, &rejects)),
     }
-    Err(explain(hosts.len(), d, &rejects))
 }
 
-fn explain(total: usize, d: &Demand, rejects: &[usize; 5]) -> String {
+fn explain(total: usize, d: &Demand, rejects: &BTreeMap<Reject, usize>) -> String {
     let head = format!(
         "no host fits {} vCPU / {} MiB memory / {} GiB disk with image {}",
         d.need.vcpus, d.need.memory_mib, d.need.disk_gib, d.image
@@ -145,17 +255,9 @@ fn explain(total: usize, d: &Demand, rejects: &[usize; 5]) -> String {
     if total == 0 {
         return format!("{head}: no hosts are registered");
     }
-    let labels = [
-        (Reject::Down, "down"),
-        (Reject::NoImage, "lack the image"),
-        (Reject::Cpu, "lack vCPUs"),
-        (Reject::Memory, "lack memory"),
-        (Reject::Disk, "lack disk"),
-    ];
-    let parts: Vec<String> = labels
+    let parts: Vec<String> = rejects
         .iter()
-        .filter(|(r, _)| rejects[*r as usize] > 0)
-        .map(|(r, label)| format!("{} {label}", rejects[*r as usize]))
+        .map(|(r, n)| format!("{n} {}", r.label()))
         .collect();
     format!("{head}: {}", parts.join(", "))
 }
@@ -168,6 +270,7 @@ mod tests {
         HostView {
             id: HostId::parse(id).unwrap(),
             up: true,
+            schedulable: true,
             capacity: Resources {
                 vcpus,
                 memory_mib: mem,
@@ -179,6 +282,10 @@ mod tests {
                 disk_gib: 0,
             },
             images: ["debian-12".to_string()].into(),
+            zone: "a".into(),
+            labels: BTreeMap::new(),
+            weight: 1.0,
+            groups: BTreeSet::new(),
         }
     }
 
@@ -190,34 +297,128 @@ mod tests {
                 disk_gib: 10,
             },
             image: "debian-12".into(),
+            ..Demand::default()
         }
     }
 
-    #[test]
-    fn picks_the_least_loaded_host() {
-        let hosts = [host("a", 8, 8192, 4, 4096), host("b", 8, 8192, 1, 1024)];
-        assert_eq!(
-            place(&hosts, &demand(1, 1024), &Ratios::default())
-                .unwrap()
-                .as_str(),
-            "b"
-        );
+    fn pick(hosts: &[HostView], d: &Demand, p: &Policy) -> String {
+        place(hosts, d, &Ratios::default(), p).unwrap().to_string()
     }
 
     #[test]
-    fn overcommit_ratios_apply() {
+    fn each_filter_on_its_own() {
+        let (r, p) = (Ratios::default(), Policy::default());
+        let d = demand(1, 1024);
+        let ok = host("a", 8, 8192, 0, 0);
+        for f in FILTERS {
+            assert_eq!(f(&ok, &d, &r, &p), None);
+        }
+        let mut h = ok.clone();
+        h.up = false;
+        assert_eq!(filters::up(&h, &d, &r, &p), Some(Reject::Down));
+        let mut h = ok.clone();
+        h.schedulable = false;
+        assert_eq!(filters::schedulable(&h, &d, &r, &p), Some(Reject::Cordoned));
+        let zoned = Demand {
+            zone: "b".into(),
+            ..d.clone()
+        };
+        assert_eq!(filters::zone(&ok, &zoned, &r, &p), Some(Reject::Zone));
+        let labelled = Demand {
+            labels: [("ssd".to_string(), "yes".to_string())].into(),
+            ..d.clone()
+        };
+        assert_eq!(
+            filters::labels(&ok, &labelled, &r, &p),
+            Some(Reject::Labels)
+        );
+        let mut h = ok.clone();
+        h.labels.insert("ssd".into(), "yes".into());
+        assert_eq!(filters::labels(&h, &labelled, &r, &p), None);
+        let other_image = Demand {
+            image: "rocky-9".into(),
+            ..d.clone()
+        };
+        assert_eq!(
+            filters::image(&ok, &other_image, &r, &p),
+            Some(Reject::Image)
+        );
+        let grouped = Demand {
+            anti_affinity_group: "inst/web".into(),
+            ..d.clone()
+        };
+        let mut h = ok.clone();
+        h.groups.insert("inst/web".into());
+        assert_eq!(
+            filters::anti_affinity(&h, &grouped, &r, &p),
+            Some(Reject::AntiAffinity)
+        );
+        assert_eq!(filters::anti_affinity(&ok, &grouped, &r, &p), None);
+        assert_eq!(filters::cpu(&ok, &demand(33, 1), &r, &p), Some(Reject::Cpu));
+        assert_eq!(
+            filters::memory(&ok, &demand(1, 8193), &r, &p),
+            Some(Reject::Memory)
+        );
+        let big_disk = Demand {
+            need: Resources {
+                disk_gib: 1001,
+                ..d.need
+            },
+            ..d.clone()
+        };
+        assert_eq!(filters::disk(&ok, &big_disk, &r, &p), Some(Reject::Disk));
+    }
+
+    #[test]
+    fn overcommit_ratios_and_the_hosts_reserve_apply() {
         let hosts = [host("a", 2, 8192, 7, 0)];
         let r = Ratios {
             cpu: 4.0,
             ..Ratios::default()
         };
-        assert!(place(&hosts, &demand(1, 128), &r).is_ok());
-        assert!(place(&hosts, &demand(2, 128), &r).is_err());
+        let p = Policy::default();
+        assert!(place(&hosts, &demand(1, 128), &r, &p).is_ok());
+        assert!(place(&hosts, &demand(2, 128), &r, &p).is_err());
         let strict = Ratios {
             cpu: 1.0,
             ..Ratios::default()
         };
-        assert!(place(&hosts, &demand(1, 128), &strict).is_err());
+        assert!(place(&hosts, &demand(1, 128), &strict, &p).is_err());
+        let reserve = Policy {
+            reserved: Resources {
+                memory_mib: 1024,
+                ..Resources::default()
+            },
+            ..Policy::default()
+        };
+        let hosts = [host("a", 8, 8192, 0, 0)];
+        assert!(place(&hosts, &demand(1, 7168), &r, &reserve).is_ok());
+        assert!(place(&hosts, &demand(1, 7169), &r, &reserve).is_err());
+    }
+
+    #[test]
+    fn spread_picks_the_least_loaded_and_pack_the_most() {
+        let hosts = [host("a", 8, 8192, 4, 4096), host("b", 8, 8192, 1, 1024)];
+        let d = demand(1, 1024);
+        assert_eq!(pick(&hosts, &d, &Policy::default()), "b");
+        let pack = Policy {
+            strategy: Strategy::Pack,
+            ..Policy::default()
+        };
+        assert_eq!(pick(&hosts, &d, &pack), "a");
+    }
+
+    #[test]
+    fn host_weight_shifts_the_choice() {
+        let mut hosts = [host("a", 8, 8192, 2, 2048), host("b", 8, 8192, 1, 1024)];
+        let d = demand(1, 1024);
+        assert_eq!(pick(&hosts, &d, &Policy::default()), "b");
+        hosts[0].weight = 3.0;
+        assert_eq!(pick(&hosts, &d, &Policy::default()), "a");
+        hosts[0].weight = 0.0;
+        hosts[1].weight = 0.0;
+        // Equal scores: the lower host id, so placement is deterministic.
+        assert_eq!(pick(&hosts, &d, &Policy::default()), "a");
     }
 
     #[test]
@@ -226,25 +427,42 @@ mod tests {
         down.up = false;
         let mut no_image = host("e", 64, 65536, 0, 0);
         no_image.images.clear();
+        let mut cordoned = host("f", 64, 65536, 0, 0);
+        cordoned.schedulable = false;
         let hosts = [
             host("a", 8, 1024, 0, 0),
             host("b", 8, 2048, 0, 0),
             host("c", 1, 65536, 4, 0),
             down,
             no_image,
+            cordoned,
         ];
-        let e = place(&hosts, &demand(2, 4096), &Ratios::default()).unwrap_err();
+        let e = place(
+            &hosts,
+            &demand(2, 4096),
+            &Ratios::default(),
+            &Policy::default(),
+        )
+        .unwrap_err();
         assert_eq!(
             e,
-            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 lack the image, 1 lack vCPUs, 2 lack memory"
+            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 cordoned, 1 lack the image, 1 lack vCPUs, 2 lack memory"
         );
-        let e = place(&[], &demand(1, 1), &Ratios::default()).unwrap_err();
+        let e = place(&[], &demand(1, 1), &Ratios::default(), &Policy::default()).unwrap_err();
         assert!(e.ends_with(": no hosts are registered"), "{e}");
     }
 
     #[test]
     fn huge_demands_do_not_overflow() {
         let hosts = [host("a", 8, 8192, 1, 1)];
-        assert!(place(&hosts, &demand(u64::MAX, 1), &Ratios::default()).is_err());
+        assert!(
+            place(
+                &hosts,
+                &demand(u64::MAX, 1),
+                &Ratios::default(),
+                &Policy::default()
+            )
+            .is_err()
+        );
     }
 }

@@ -301,6 +301,43 @@ mod tests {
     }
 }
 
+fn slug(field: &'static str, v: &str, max: usize) -> Result<(), ApiError> {
+    let ok = v.len() <= max
+        && v.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            field,
+            format!("{v:?} must be at most {max} characters of a-z, 0-9, '-', '_', '.'"),
+        ))
+    }
+}
+
+/// Where a VPS may go: zone, host labels, anti-affinity group.
+pub fn placement(p: &betang_proto::v1::PlacementRequest) -> Result<(), ApiError> {
+    slug("placement.zone", &p.zone, 32)?;
+    slug("placement.anti_affinity_group", &p.anti_affinity_group, 63)?;
+    if p.host_labels.len() > 16 {
+        return Err(ApiError::invalid(
+            "placement.host_labels",
+            "at most 16 labels",
+        ));
+    }
+    for (k, v) in &p.host_labels {
+        if k.is_empty() {
+            return Err(ApiError::invalid(
+                "placement.host_labels",
+                "a label needs a name",
+            ));
+        }
+        slug("placement.host_labels", k, 63)?;
+        slug("placement.host_labels", v, 63)?;
+    }
+    Ok(())
+}
+
 /// The application inventory fields of a request.
 pub fn application(a: &betang_proto::v1::Application) -> Result<(), ApiError> {
     let text = |field: &'static str, v: &str, max: usize, required: bool| {

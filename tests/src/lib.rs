@@ -384,6 +384,8 @@ impl Cluster {
                 capacity: Some(*cap),
                 network: NetworkConfig::None,
                 tls: Some(agent_tls(&cluster.pki, &host_id)),
+                zone: if i % 2 == 0 { "a".into() } else { "b".into() },
+                labels: [("rack".to_string(), format!("r{i}"))].into(),
             };
             let hv = Arc::new(LibvirtHypervisor::new(&uri)?);
             cluster.hosts.push(TestHost {
@@ -504,6 +506,7 @@ impl Cluster {
             application: Some(application()),
             institution_id: self.people.inst_a.clone(),
             host_id: String::new(),
+            placement: None,
         }
     }
 }

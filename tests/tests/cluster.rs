@@ -422,7 +422,9 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
         .get_vps(GetVpsRequest { id: v.id.clone() })
         .await?
         .into_inner();
-    assert_eq!(state_of(&still), VpsState::Running);
+    // Not deleted, not moved: shown as UNKNOWN while its host is silent.
+    assert_eq!(state_of(&still), VpsState::Unknown);
+    assert_eq!(still.host_id, host_id);
 
     // The agent restarts: it adopts the running guest without restarting it.
     cluster.start_agent(i).await?;
@@ -698,5 +700,276 @@ async fn a_stopped_vps_is_resized_within_quota_and_host() -> anyhow::Result<()> 
     wait_state(&c, &v.id, VpsState::Running, T).await?;
     let d = hv.lookup(&dom)?.unwrap();
     assert_eq!(d.vcpus, 1);
+    Ok(())
+}
+
+fn with_placement(
+    mut req: CreateVpsRequest,
+    zone: &str,
+    labels: &[(&str, &str)],
+    group: &str,
+) -> CreateVpsRequest {
+    req.placement = Some(betang_proto::v1::PlacementRequest {
+        zone: zone.into(),
+        host_labels: labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+        anti_affinity_group: group.into(),
+    });
+    req
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn zones_labels_and_anti_affinity_steer_placement() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let mut c = cluster.vps_client().await?;
+    // Host 0 is in zone a with rack r0, host 1 in zone b with rack r1.
+    for _ in 0..3 {
+        let v = c
+            .create_vps(with_placement(
+                cluster.create(cluster.spec("zb")),
+                "b",
+                &[],
+                "",
+            ))
+            .await?
+            .into_inner();
+        assert_eq!(v.host_id, cluster.hosts[1].host_id);
+    }
+    let v = c
+        .create_vps(with_placement(
+            cluster.create(cluster.spec("r0")),
+            "",
+            &[("rack", "r0")],
+            "",
+        ))
+        .await?
+        .into_inner();
+    assert_eq!(v.host_id, cluster.hosts[0].host_id);
+    let err = c
+        .create_vps(with_placement(
+            cluster.create(cluster.spec("zc")),
+            "c",
+            &[],
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().ends_with(": 2 in another zone"),
+        "{}",
+        err.message()
+    );
+    // Two of one group land on different hosts; a third has nowhere to go.
+    let mut hosts = std::collections::BTreeSet::new();
+    for n in ["g1", "g2"] {
+        let v = c
+            .create_vps(with_placement(
+                cluster.create(cluster.spec(n)),
+                "",
+                &[],
+                "web",
+            ))
+            .await?
+            .into_inner();
+        hosts.insert(v.host_id);
+    }
+    assert_eq!(hosts.len(), 2);
+    let err = c
+        .create_vps(with_placement(
+            cluster.create(cluster.spec("g3")),
+            "",
+            &[],
+            "web",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message()
+            .ends_with(": 2 already hold its anti-affinity group"),
+        "{}",
+        err.message()
+    );
+    // Another institution's group of the same name is unrelated.
+    let mut other = with_placement(cluster.create(cluster.spec("g4")), "", &[], "web");
+    other.institution_id = cluster.people.inst_b.clone();
+    c.create_vps(other).await?;
+    let err = c
+        .create_vps(with_placement(
+            cluster.create(cluster.spec("bad")),
+            "<x>",
+            &[],
+            "",
+        ))
+        .await
+        .unwrap_err();
+    assert!(
+        err.message().starts_with("placement.zone:"),
+        "{}",
+        err.message()
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn cordon_drain_and_uncordon() -> anyhow::Result<()> {
+    use betang_proto::v1::{CordonHostRequest, ListAuditRequest, UncordonHostRequest};
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let mut c = op.vps.clone();
+    let h0 = cluster.hosts[0].host_id.clone();
+    let mut on_h0 = Vec::new();
+    for i in 0..4 {
+        let v = c
+            .create_vps(cluster.create(cluster.spec(&format!("d{i}"))))
+            .await?
+            .into_inner();
+        if v.host_id == h0 {
+            on_h0.push(v.id);
+        }
+    }
+    assert_eq!(on_h0.len(), 2, "spread puts two on each host");
+    let h = op
+        .hosts
+        .clone()
+        .cordon_host(CordonHostRequest { id: h0.clone() })
+        .await?
+        .into_inner();
+    assert!(h.cordoned);
+    for i in 0..3 {
+        let v = c
+            .create_vps(cluster.create(cluster.spec(&format!("n{i}"))))
+            .await?
+            .into_inner();
+        assert_ne!(v.host_id, h0, "placed on a cordoned host");
+    }
+    // Draining lists what is on the host; those VPS keep running.
+    let listed = c
+        .list_vps(ListVpsRequest {
+            host_id: h0.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut ids: Vec<_> = listed.vps.iter().map(|v| v.id.clone()).collect();
+    ids.sort();
+    on_h0.sort();
+    assert_eq!(ids, on_h0);
+    for id in &on_h0 {
+        wait_state(&c, id, VpsState::Running, T).await?;
+    }
+    // Pinning to a cordoned host is refused too, with the reason.
+    let mut pinned = cluster.create(cluster.spec("pin"));
+    pinned.host_id = h0.clone();
+    let err = c.create_vps(pinned.clone()).await.unwrap_err();
+    assert!(err.message().ends_with(": 1 cordoned"), "{}", err.message());
+    op.hosts
+        .clone()
+        .uncordon_host(UncordonHostRequest { id: h0.clone() })
+        .await?;
+    let v = c.create_vps(pinned).await?.into_inner();
+    assert_eq!(v.host_id, h0);
+    let audit = op
+        .audit
+        .clone()
+        .list_audit(ListAuditRequest {
+            target: h0.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let actions: Vec<_> = audit.records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, ["host.cordon", "host.uncordon"]);
+    // Members may not.
+    let member = cluster.clients(&cluster.people.member_a).await?;
+    let err = member
+        .hosts
+        .clone()
+        .cordon_host(CordonHostRequest { id: h0 })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn vps_on_a_silent_host_show_unknown_until_it_returns() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let c = cluster.vps_client().await?;
+    let v = c
+        .clone()
+        .create_vps(cluster.create(cluster.spec("unk")))
+        .await?
+        .into_inner();
+    let v = wait_state(&c, &v.id, VpsState::Running, T).await?;
+    let i = cluster
+        .hosts
+        .iter()
+        .position(|h| h.host_id == v.host_id)
+        .unwrap();
+    cluster.stop_agent(i);
+    let unknown = wait_state(&c, &v.id, VpsState::Unknown, T).await?;
+    assert!(
+        unknown.state_reason.contains("last known state RUNNING"),
+        "{}",
+        unknown.state_reason
+    );
+    let listed = c
+        .clone()
+        .list_vps(ListVpsRequest::default())
+        .await?
+        .into_inner();
+    assert_eq!(state_of(&listed.vps[0]), VpsState::Unknown);
+    cluster.start_agent(i).await?;
+    wait_state(&c, &v.id, VpsState::Running, T).await?;
+    Ok(())
+}
+
+/// 500 placements at once onto hosts that can hold exactly 500: every host
+/// ends exactly full and none over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_hundred_concurrent_placements_fill_hosts_exactly() -> anyhow::Result<()> {
+    let cap = CapacityConfig {
+        vcpus: 50,
+        memory_mib: 1 << 20,
+        disk_gib: 1 << 20,
+    };
+    let mut cluster = Cluster::start(ClusterOptions {
+        hosts: vec![cap; 10],
+        heartbeat_ms: 500,
+        down_after_ms: 30_000,
+        ..Default::default()
+    })
+    .await?;
+    cluster.controller_cfg.overcommit.cpu = 1.0;
+    cluster.restart_controller().await?;
+    let c = cluster.vps_client().await?;
+    let results = futures::future::join_all((0..520).map(|i| {
+        let mut c = c.clone();
+        let mut spec = cluster.spec(&format!("f{i}"));
+        spec.memory_mib = 64;
+        spec.disk_gib = 1;
+        let req = cluster.create(spec);
+        async move { c.create_vps(req).await }
+    }))
+    .await;
+    let placed = results.iter().filter(|r| r.is_ok()).count();
+    assert_eq!(placed, 500);
+    for r in results.iter().filter_map(|r| r.as_ref().err()) {
+        assert_eq!(r.code(), Code::ResourceExhausted, "{}", r.message());
+    }
+    let hosts = cluster
+        .host_client()
+        .await?
+        .list_hosts(ListHostsRequest {})
+        .await?
+        .into_inner()
+        .hosts;
+    assert_eq!(hosts.len(), 10);
+    for h in hosts {
+        assert_eq!(h.allocated.unwrap().vcpus, 50, "{}", h.id);
+        assert_eq!(h.vps_count, 50, "{}", h.id);
+    }
     Ok(())
 }

@@ -160,6 +160,8 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         libvirt_call_timeout_seconds: 60,
         capacity: None,
         network: NetworkConfig::None,
+        zone: String::new(),
+        labels: Default::default(),
         tls: Some(agent_tls(&pki, &host_id)),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -203,6 +205,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
             application: Some(application()),
             institution_id: String::new(),
             host_id: String::new(),
+            placement: None,
         })
         .await?
         .into_inner();

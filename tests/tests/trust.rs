@@ -16,6 +16,10 @@ use betang_proto::v1::{
 use betang_tests::{Cluster, ClusterOptions, agent_tls, make_image_dir, mtls_channel};
 use tonic::Code;
 
+/// A refused peer may get an error or no answer at all; either way the call
+/// must not succeed, and the test must not wait forever to find out.
+const REFUSAL: Duration = Duration::from_secs(5);
+
 fn info(host_id: &str) -> HostInfoResponse {
     HostInfoResponse {
         host_id: host_id.into(),
@@ -89,6 +93,8 @@ async fn an_agent_may_speak_only_for_the_host_its_certificate_names() -> anyhow:
         .domain_name(betang_controller::pki::CONTROLLER_NAME);
     let refused = async {
         let ch = tonic::transport::Endpoint::from_shared(cluster.agent_endpoint.clone())?
+            .connect_timeout(REFUSAL)
+            .timeout(REFUSAL)
             .tls_config(tls)?
             .connect()
             .await?;
@@ -108,6 +114,8 @@ async fn an_agent_may_speak_only_for_the_host_its_certificate_names() -> anyhow:
         let ch = tonic::transport::Endpoint::from_shared(
             cluster.agent_endpoint.replace("https://", "http://"),
         )?
+        .connect_timeout(REFUSAL)
+        .timeout(REFUSAL)
         .connect()
         .await?;
         RegistryServiceClient::new(ch)
@@ -163,6 +171,8 @@ async fn an_agent_accepts_calls_only_from_the_controller() -> anyhow::Result<()>
     // Plaintext: refused.
     let plain = async {
         let ch = tonic::transport::Endpoint::from_shared(agent.replace("https://", "http://"))?
+            .connect_timeout(REFUSAL)
+            .timeout(REFUSAL)
             .connect()
             .await?;
         AgentServiceClient::new(ch)
@@ -207,6 +217,8 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
             disk_gib: 100,
         }),
         network: NetworkConfig::None,
+        zone: String::new(),
+        labels: Default::default(),
         tls: Some(agent_tls(&cluster.pki, "host-real")),
     };
     let hv: Arc<dyn Hypervisor> = Arc::new(LibvirtHypervisor::new(&uri)?);

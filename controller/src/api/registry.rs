@@ -67,6 +67,11 @@ impl RegistryService for RegistryApi {
         for img in &info.images {
             crate::validation::image(&img.name)?;
         }
+        crate::validation::placement(&betang_proto::v1::PlacementRequest {
+            zone: info.zone.clone(),
+            host_labels: info.labels.clone(),
+            anti_affinity_group: String::new(),
+        })?;
         let now = now_ms();
         let endpoint = r.agent_endpoint.clone();
         self.ctx

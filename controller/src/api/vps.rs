@@ -28,6 +28,7 @@ impl VpsApi {
     fn placement(&self) -> vps::Placement {
         vps::Placement {
             ratios: self.ctx.cfg.overcommit,
+            policy: self.ctx.cfg.placement,
             down_after_ms: self.ctx.down_after_ms(),
         }
     }
@@ -70,6 +71,30 @@ impl VpsApi {
     }
 }
 
+/// A VPS whose host has gone silent is shown as UNKNOWN (its recorded state
+/// is kept, and shown again when the host returns).
+fn present(v: &vps::VpsRecord, down_hosts: &std::collections::HashSet<String>) -> Vps {
+    let mut p = v.to_proto();
+    let on_down_host = v
+        .host_id
+        .as_ref()
+        .is_some_and(|h| down_hosts.contains(h.as_str()));
+    if on_down_host
+        && matches!(
+            v.state,
+            VpsState::Provisioning | VpsState::Running | VpsState::Stopped
+        )
+    {
+        p.state = betang_proto::v1::VpsState::Unknown as i32;
+        p.state_reason = format!(
+            "host {} has stopped reporting; last known state {}",
+            v.host_id.as_ref().map(HostId::as_str).unwrap_or(""),
+            v.state
+        );
+    }
+    p
+}
+
 fn pin(host_id: &str) -> Result<Option<HostId>, ApiError> {
     if host_id.is_empty() {
         Ok(None)
@@ -98,12 +123,15 @@ impl VpsService for VpsApi {
             )
         })?;
         validation::application(&application)?;
+        let placement = r.placement.unwrap_or_default();
+        validation::placement(&placement)?;
         let new = vps::NewVps {
             request_id: r.request_id,
             spec,
             application,
             institution_id: r.institution_id,
             pin: pin(&r.host_id)?,
+            placement,
         };
         let placement = self.placement();
         let now = now_ms();
@@ -123,12 +151,13 @@ impl VpsService for VpsApi {
         caller.require(Permission::OwnVps)?;
         let id = VpsId::parse(&req.get_ref().id)?;
         let scope = caller.scope();
-        let v = self
+        let (now, down) = (now_ms(), self.ctx.down_after_ms());
+        let (v, down) = self
             .ctx
             .store
-            .run(move |c| vps::get(c, &id, &scope))
+            .run(move |c| Ok((vps::get(c, &id, &scope)?, hosts::down_hosts(c, now, down)?)))
             .await?;
-        Ok(Response::new(v.to_proto()))
+        Ok(Response::new(present(&v, &down)))
     }
 
     async fn list_vps(
@@ -145,6 +174,7 @@ impl VpsService for VpsApi {
             Err(_) => return Err(ApiError::invalid("state", "is not a VPS state").into()),
         };
         let filter = vps::ListFilter {
+            host_id: r.host_id,
             after_seq: page_after(&r.page_token)?,
             limit: size + 1,
             include_deleted: r.include_deleted,
@@ -152,10 +182,16 @@ impl VpsService for VpsApi {
             state,
         };
         let scope = caller.scope();
-        let mut rows = self
+        let (now, down) = (now_ms(), self.ctx.down_after_ms());
+        let (mut rows, down) = self
             .ctx
             .store
-            .run(move |c| vps::list(c, &scope, &filter))
+            .run(move |c| {
+                Ok((
+                    vps::list(c, &scope, &filter)?,
+                    hosts::down_hosts(c, now, down)?,
+                ))
+            })
             .await?;
         let next = if rows.len() > size as usize {
             rows.truncate(size as usize);
@@ -164,7 +200,7 @@ impl VpsService for VpsApi {
             String::new()
         };
         Ok(Response::new(ListVpsResponse {
-            vps: rows.iter().map(vps::VpsRecord::to_proto).collect(),
+            vps: rows.iter().map(|v| present(v, &down)).collect(),
             next_page_token: next,
         }))
     }

@@ -100,6 +100,8 @@ struct AppArgs {
     responsible_phone: String,
 }
 
+// Parsed once per run; the size of the biggest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum VpsCmd {
     /// Request a new VPS (members), or create one for an institution (operators).
@@ -129,6 +131,15 @@ enum VpsCmd {
         /// Operators: place on this host.
         #[arg(long, default_value = "")]
         host: String,
+        /// Only on hosts in this zone.
+        #[arg(long, default_value = "")]
+        zone: String,
+        /// Only on hosts carrying this label (NAME=VALUE); may be repeated.
+        #[arg(long = "host-label")]
+        host_labels: Vec<String>,
+        /// VPS of one group land on different hosts.
+        #[arg(long, default_value = "")]
+        anti_affinity_group: String,
         /// Makes retries safe: the same id never creates a second VPS.
         #[arg(long)]
         request_id: Option<String>,
@@ -149,6 +160,9 @@ enum VpsCmd {
         /// Operators: only this institution's.
         #[arg(long, default_value = "")]
         institution: String,
+        /// Operators: only those on this host.
+        #[arg(long, default_value = "")]
+        host: String,
     },
     /// Show one VPS with its usage.
     Get { id: String },
@@ -221,7 +235,25 @@ enum VpsCmd {
 #[derive(Subcommand)]
 enum HostCmd {
     List,
-    Get { id: String },
+    Get {
+        id: String,
+    },
+    /// Place nothing new on a host (what is there stays).
+    Cordon {
+        id: String,
+    },
+    Uncordon {
+        id: String,
+    },
+    /// Cordon a host and list what is on it.
+    Drain {
+        id: String,
+    },
+    /// Placement preference: 1 is neutral, higher attracts, 0 avoids.
+    Weight {
+        id: String,
+        weight: f64,
+    },
 }
 
 #[derive(Subcommand)]
@@ -610,7 +642,18 @@ fn print_host(h: &Host) {
         .trim_start_matches("HOST_STATE_");
     println!("id:         {}", h.id);
     println!("hostname:   {}", h.hostname);
-    println!("state:      {state}");
+    println!(
+        "state:      {state}{}",
+        if h.cordoned { ", cordoned" } else { "" }
+    );
+    let mut labels: Vec<_> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    labels.sort();
+    println!(
+        "placement:  zone {:?}, weight {}, labels {}",
+        h.zone,
+        h.weight,
+        labels.join(",")
+    );
     println!("endpoint:   {}", h.agent_endpoint);
     println!("guests:     {} ({} domains)", h.vps_count, h.domain_type);
     println!(
@@ -713,6 +756,47 @@ async fn main() -> anyhow::Result<()> {
                 }
                 print_host(h);
             }
+        }
+        Cmd::Host(HostCmd::Cordon { id }) => {
+            let h = c
+                .hosts
+                .cordon_host(betang_proto::v1::CordonHostRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_host(h.get_ref());
+        }
+        Cmd::Host(HostCmd::Uncordon { id }) => {
+            let h = c
+                .hosts
+                .uncordon_host(betang_proto::v1::UncordonHostRequest { id })
+                .await
+                .map_err(status_error)?;
+            print_host(h.get_ref());
+        }
+        Cmd::Host(HostCmd::Weight { id, weight }) => {
+            let h = c
+                .hosts
+                .set_host_weight(betang_proto::v1::SetHostWeightRequest { id, weight })
+                .await
+                .map_err(status_error)?;
+            print_host(h.get_ref());
+        }
+        Cmd::Host(HostCmd::Drain { id }) => {
+            c.hosts
+                .cordon_host(betang_proto::v1::CordonHostRequest { id: id.clone() })
+                .await
+                .map_err(status_error)?;
+            println!("{id}: cordoned; on it:");
+            vps(
+                &mut c.vps,
+                VpsCmd::List {
+                    all: false,
+                    pending: false,
+                    institution: String::new(),
+                    host: id,
+                },
+            )
+            .await?;
         }
         Cmd::Host(HostCmd::Get { id }) => {
             let h = c
@@ -974,10 +1058,20 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
             app,
             institution,
             host,
+            zone,
+            host_labels,
+            anti_affinity_group,
             request_id,
             wait,
             wait_seconds,
         } => {
+            let mut labels = std::collections::HashMap::new();
+            for l in host_labels {
+                let (k, v) = l
+                    .split_once('=')
+                    .with_context(|| format!("--host-label {l:?}: use NAME=VALUE"))?;
+                labels.insert(k.to_owned(), v.to_owned());
+            }
             let ssh_public_key = read_optional(&ssh_key_file)?.trim().to_owned();
             let user_data = read_optional(&user_data_file)?;
             let request_id = request_id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
@@ -1005,6 +1099,11 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                     }),
                     institution_id: institution,
                     host_id: host,
+                    placement: Some(betang_proto::v1::PlacementRequest {
+                        zone,
+                        host_labels: labels,
+                        anti_affinity_group,
+                    }),
                 })
                 .await
                 .map_err(status_error)?
@@ -1020,6 +1119,7 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
             all,
             pending,
             institution,
+            host,
         } => {
             println!(
                 "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}",
@@ -1033,6 +1133,7 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                         page_token: token.clone(),
                         include_deleted: all,
                         institution_id: institution.clone(),
+                        host_id: host.clone(),
                         state: if pending {
                             VpsState::PendingApproval as i32
                         } else {

@@ -1,6 +1,6 @@
 //! Hosts, their images, their heartbeats and the VM reports they carry.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use betang_proto::v1::{
     Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, PowerState, VmStatus,
@@ -23,13 +23,16 @@ pub fn register(
 ) -> Result<(), ApiError> {
     let id = HostId::parse(&info.host_id)?;
     let cap = info.capacity.unwrap_or_default();
+    let labels: BTreeMap<&String, &String> = info.labels.iter().collect();
+    let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
     let tx = c.transaction()?;
     tx.execute(
         "INSERT INTO hosts (id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
-                            registered_at_ms, last_heartbeat_ms)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8)
+                            registered_at_ms, last_heartbeat_ms, zone, labels)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)
          ON CONFLICT(id) DO UPDATE SET hostname = ?2, agent_endpoint = ?3, domain_type = ?4,
-             vcpus = ?5, memory_mib = ?6, disk_gib = ?7, last_heartbeat_ms = ?8",
+             vcpus = ?5, memory_mib = ?6, disk_gib = ?7, last_heartbeat_ms = ?8, zone = ?9,
+             labels = ?10",
         params![
             id.as_str(),
             info.hostname,
@@ -38,7 +41,9 @@ pub fn register(
             cap.vcpus,
             cap.memory_mib as i64,
             cap.disk_gib as i64,
-            now_ms
+            now_ms,
+            info.zone,
+            labels
         ],
     )?;
     tx.execute("DELETE FROM host_images WHERE host_id = ?1", [id.as_str()])?;
@@ -288,12 +293,34 @@ fn images(c: &Connection) -> Result<HashMap<String, Vec<Image>>, ApiError> {
     Ok(out)
 }
 
+fn parse_labels(s: &str) -> BTreeMap<String, String> {
+    serde_json::from_str(s).unwrap_or_default()
+}
+
+/// Anti-affinity groups (as "<institution>/<group>") with a VPS on each host.
+fn groups(c: &Connection) -> Result<HashMap<String, BTreeSet<String>>, ApiError> {
+    let mut q = c.prepare_cached(
+        "SELECT host_id, COALESCE(institution_id, '') || '/' || anti_affinity_group FROM vps
+         WHERE anti_affinity_group <> '' AND host_id IS NOT NULL AND state <> 'DELETED'",
+    )?;
+    let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+    let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
+    for row in rows {
+        let (h, g) = row?;
+        out.entry(h).or_default().insert(g);
+    }
+    Ok(out)
+}
+
 /// Every host as the scheduler sees it.
 pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<HostView>, ApiError> {
     let alloc = allocations(c)?;
     let imgs = images(c)?;
-    let mut q =
-        c.prepare_cached("SELECT id, vcpus, memory_mib, disk_gib, last_heartbeat_ms FROM hosts")?;
+    let mut grps = groups(c)?;
+    let mut q = c.prepare_cached(
+        "SELECT id, vcpus, memory_mib, disk_gib, last_heartbeat_ms, zone, labels, weight, cordoned
+         FROM hosts",
+    )?;
     let rows = q.query_map([], |r| {
         Ok((
             r.get::<_, String>(0)?,
@@ -301,14 +328,19 @@ pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host
             r.get::<_, i64>(2)?,
             r.get::<_, i64>(3)?,
             r.get::<_, i64>(4)?,
+            r.get::<_, String>(5)?,
+            r.get::<_, String>(6)?,
+            r.get::<_, f64>(7)?,
+            r.get::<_, bool>(8)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, vcpus, mem, disk, hb) = row?;
+        let (id, vcpus, mem, disk, hb, zone, labels, weight, cordoned) = row?;
         out.push(HostView {
             id: HostId::parse(&id)?,
             up: now_ms - hb <= down_after_ms,
+            schedulable: !cordoned,
             capacity: Resources {
                 vcpus: vcpus as u64,
                 memory_mib: mem as u64,
@@ -319,9 +351,71 @@ pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host
                 .get(&id)
                 .map(|v| v.iter().map(|i| i.name.clone()).collect())
                 .unwrap_or_default(),
+            zone,
+            labels: parse_labels(&labels),
+            weight,
+            groups: grps.remove(&id).unwrap_or_default(),
         });
     }
     Ok(out)
+}
+
+/// Hosts whose last heartbeat is too old.
+pub fn down_hosts(
+    c: &Connection,
+    now_ms: i64,
+    down_after_ms: i64,
+) -> Result<std::collections::HashSet<String>, ApiError> {
+    let mut q = c.prepare_cached("SELECT id FROM hosts WHERE last_heartbeat_ms < ?1")?;
+    let rows = q.query_map([now_ms - down_after_ms], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// Cordon or uncordon a host, or set its weight; audited.
+pub fn update(
+    c: &mut Connection,
+    actor: &crate::auth::Caller,
+    id: &HostId,
+    change: HostChange,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let tx = c.transaction()?;
+    let (action, result, n) = match change {
+        HostChange::Cordon(on) => {
+            let n = tx.execute(
+                "UPDATE hosts SET cordoned = ?2 WHERE id = ?1",
+                params![id.as_str(), on],
+            )?;
+            let action = if on { "host.cordon" } else { "host.uncordon" };
+            (
+                action,
+                if on { "cordoned" } else { "schedulable" }.to_owned(),
+                n,
+            )
+        }
+        HostChange::Weight(w) => {
+            if !w.is_finite() || !(0.0..=100.0).contains(&w) {
+                return Err(ApiError::invalid("weight", "must be between 0 and 100"));
+            }
+            let n = tx.execute(
+                "UPDATE hosts SET weight = ?2 WHERE id = ?1",
+                params![id.as_str(), w],
+            )?;
+            ("host.set_weight", format!("{w}"), n)
+        }
+    };
+    if n == 0 {
+        return Err(ApiError::HostNotFound(id.to_string()));
+    }
+    super::identity::audit(&tx, actor, "", action, id.as_str(), &result, now_ms)?;
+    tx.commit()?;
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+pub enum HostChange {
+    Cordon(bool),
+    Weight(f64),
 }
 
 /// One host for operators.
@@ -339,7 +433,8 @@ pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>
     let mut q = c.prepare_cached(
         "SELECT id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                 last_heartbeat_ms, cpu_percent, mem_used_bytes, mem_total_bytes,
-                disk_used_bytes, disk_total_bytes, load_1m, load_5m, load_15m, usage_at_ms
+                disk_used_bytes, disk_total_bytes, load_1m, load_5m, load_15m, usage_at_ms,
+                zone, labels, weight, cordoned
          FROM hosts ORDER BY id",
     )?;
     let rows = q.query_map([], |r| {
@@ -375,6 +470,10 @@ pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>
             last_heartbeat_ms: hb,
             vps_count: 0,
             images: Vec::new(),
+            zone: r.get(17)?,
+            labels: parse_labels(&r.get::<_, String>(18)?).into_iter().collect(),
+            weight: r.get(19)?,
+            cordoned: r.get(20)?,
         })
     })?;
     let mut out = Vec::new();

@@ -19,6 +19,7 @@ use crate::error::{ApiError, StoreError};
 const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0001_initial.sql")),
     M::up(include_str!("../../migrations/0002_institutions.sql")),
+    M::up(include_str!("../../migrations/0003_placement.sql")),
 ];
 
 #[derive(Clone)]

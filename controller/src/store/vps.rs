@@ -3,7 +3,9 @@
 //! records. Every change made for a caller writes its audit record in the
 //! same transaction.
 
-use betang_proto::v1::{Application, PowerState, VmStatus, VmUsage, Vps, VpsSpec};
+use betang_proto::v1::{
+    Application, PlacementRequest, PowerState, VmStatus, VmUsage, Vps, VpsSpec,
+};
 use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
 
 use crate::{
@@ -11,7 +13,7 @@ use crate::{
     error::{ApiError, StoreError},
     ids::{HostId, VpsId},
     lifecycle::{DesiredPower, VpsState},
-    scheduler::{self, Demand, Ratios, Resources},
+    scheduler::{self, Demand, Policy, Ratios, Resources},
     store::{hosts, identity},
     validation,
 };
@@ -40,6 +42,7 @@ pub struct VpsRecord {
     pub application: Application,
     pub requested_by: String,
     pub decided_by: String,
+    pub placement: PlacementRequest,
 }
 
 const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
@@ -48,7 +51,7 @@ const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, imag
     updated_at_ms, cpu_rate, cpu_time_ns, mem_max_bytes, mem_used_bytes, disk_read_bytes,
     disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes,
     institution_id, app_name, app_kind, app_purpose, app_domain, resp_name, resp_nip,
-    resp_email, resp_phone, requested_by, decided_by";
+    resp_email, resp_phone, requested_by, decided_by, zone, host_labels, anti_affinity_group";
 
 fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
@@ -113,6 +116,11 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
         },
         requested_by: r.get(42)?,
         decided_by: r.get(43)?,
+        placement: PlacementRequest {
+            zone: r.get(44)?,
+            host_labels: serde_json::from_str(&r.get::<_, String>(45)?).unwrap_or_default(),
+            anti_affinity_group: r.get(46)?,
+        },
     })
 }
 
@@ -144,6 +152,7 @@ impl VpsRecord {
             application: Some(self.application.clone()),
             requested_by: self.requested_by.clone(),
             decided_by: self.decided_by.clone(),
+            placement: Some(self.placement.clone()),
         }
     }
 
@@ -184,7 +193,23 @@ fn by_request(c: &Connection, request_id: &str) -> Result<Option<VpsRecord>, Api
 
 pub struct Placement {
     pub ratios: Ratios,
+    pub policy: Policy,
     pub down_after_ms: i64,
+}
+
+fn demand(spec: &VpsSpec, wish: &PlacementRequest, institution: &str) -> Demand {
+    Demand {
+        need: need(spec),
+        image: spec.image.clone(),
+        zone: wish.zone.clone(),
+        labels: wish.host_labels.clone().into_iter().collect(),
+        // Groups belong to an institution: two institutions' "web" are unrelated.
+        anti_affinity_group: if wish.anti_affinity_group.is_empty() {
+            String::new()
+        } else {
+            format!("{institution}/{}", wish.anti_affinity_group)
+        },
+    }
 }
 
 /// Picks a host for `spec` (or checks the pinned one) from the hosts as they
@@ -193,6 +218,8 @@ pub struct Placement {
 fn place(
     c: &Connection,
     spec: &VpsSpec,
+    wish: &PlacementRequest,
+    institution: &str,
     pin: Option<&HostId>,
     placement: &Placement,
     now_ms: i64,
@@ -225,15 +252,9 @@ fn place(
             return Err(ApiError::invalid("host_id", format!("no host {pin}")));
         }
     }
-    let demand = Demand {
-        need: Resources {
-            vcpus: spec.vcpus.into(),
-            memory_mib: spec.memory_mib,
-            disk_gib: spec.disk_gib,
-        },
-        image: spec.image.clone(),
-    };
-    scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)
+    let demand = demand(spec, wish, institution);
+    scheduler::place(&views, &demand, &placement.ratios, &placement.policy)
+        .map_err(ApiError::NoHostFits)
 }
 
 fn need(spec: &VpsSpec) -> Resources {
@@ -251,6 +272,7 @@ pub struct NewVps {
     /// Required from operators; members always use their own.
     pub institution_id: String,
     pub pin: Option<HostId>,
+    pub placement: PlacementRequest,
 }
 
 /// A member's request waits for approval; an operator's VPS is placed at
@@ -306,7 +328,15 @@ pub fn create(
     }
     let (state, host) = if staff {
         identity::check_quota(&tx, &institution, need(&n.spec), 1)?;
-        let host = place(&tx, &n.spec, n.pin.as_ref(), placement, now_ms)?;
+        let host = place(
+            &tx,
+            &n.spec,
+            &n.placement,
+            &institution,
+            n.pin.as_ref(),
+            placement,
+            now_ms,
+        )?;
         (VpsState::Scheduled, Some(host))
     } else {
         // Checked now so the member hears of a bad image at once, not after approval.
@@ -331,9 +361,10 @@ pub fn create(
         "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
                           user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
                           institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
-                          resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host)
+                          resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host,
+                          zone, host_labels, anti_affinity_group)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
-                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24)",
+                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
         params![
             id.to_string(),
             scoped_request,
@@ -359,6 +390,15 @@ pub fn create(
             actor.username,
             decided_by,
             n.pin.as_ref().map(|h| h.as_str().to_owned()),
+            n.placement.zone,
+            serde_json::to_string(
+                &n.placement
+                    .host_labels
+                    .iter()
+                    .collect::<std::collections::BTreeMap<_, _>>()
+            )
+            .unwrap_or_else(|_| "{}".into()),
+            n.placement.anti_affinity_group,
         ],
     )?;
     let (action, result) = match &host {
@@ -421,7 +461,15 @@ pub fn approve(
         .flatten()
         .and_then(|h| HostId::parse(&h).ok())
     });
-    let host = place(&tx, &spec, pin.as_ref(), placement, now_ms)?;
+    let host = place(
+        &tx,
+        &spec,
+        &v.placement,
+        v.institution(),
+        pin.as_ref(),
+        placement,
+        now_ms,
+    )?;
     tx.execute(
         "UPDATE vps SET state = 'SCHEDULED', vcpus = ?2, memory_mib = ?3, disk_gib = ?4,
              host_id = ?5, decided_by = ?6, generation = generation + 1, updated_at_ms = ?7,
@@ -563,11 +611,14 @@ pub fn resize(
         // Whether the host is up matters to the reconciler, not to the claim.
         h.up = true;
     }
+    // The VPS stays where it is: only its size is judged.
     let demand = Demand {
         need: new,
         image: spec.image.clone(),
+        ..Demand::default()
     };
-    scheduler::place(&views, &demand, &placement.ratios).map_err(ApiError::NoHostFits)?;
+    scheduler::place(&views, &demand, &placement.ratios, &placement.policy)
+        .map_err(ApiError::NoHostFits)?;
     tx.execute(
         "UPDATE vps SET vcpus = ?2, memory_mib = ?3, disk_gib = ?4, generation = generation + 1,
              attempts = 0, next_attempt_ms = 0, updated_at_ms = ?5 WHERE id = ?1",
@@ -598,6 +649,7 @@ pub fn resize(
 }
 
 pub struct ListFilter {
+    pub host_id: String,
     pub after_seq: i64,
     pub limit: u32,
     pub include_deleted: bool,
@@ -615,6 +667,7 @@ pub fn list(c: &Connection, scope: &Scope, f: &ListFilter) -> Result<Vec<VpsReco
              AND (?2 OR state NOT IN ('DELETED', 'REJECTED', 'CANCELLED'))
              AND (?3 = '' OR institution_id = ?3)
              AND (?4 = '' OR state = ?4)
+             AND (?6 = '' OR host_id = ?6)
          ORDER BY seq LIMIT ?5"
     );
     let mut q = c.prepare_cached(&sql)?;
@@ -625,7 +678,8 @@ pub fn list(c: &Connection, scope: &Scope, f: &ListFilter) -> Result<Vec<VpsReco
             f.include_deleted || f.state.is_some(),
             institution,
             state,
-            f.limit
+            f.limit,
+            f.host_id
         ],
         from_row,
     )?;
