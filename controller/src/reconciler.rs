@@ -30,6 +30,7 @@ pub struct Reconciler {
     pub wake: Arc<Notify>,
     pub interval: Duration,
     pub build_timeout: Duration,
+    pub down_after: Duration,
     in_flight: Mutex<HashSet<VpsId>>,
 }
 
@@ -48,6 +49,7 @@ impl Reconciler {
         wake: Arc<Notify>,
         interval: Duration,
         build_timeout: Duration,
+        down_after: Duration,
     ) -> Self {
         Reconciler {
             store,
@@ -55,6 +57,7 @@ impl Reconciler {
             wake,
             interval,
             build_timeout,
+            down_after,
             in_flight: Mutex::new(HashSet::new()),
         }
     }
@@ -73,6 +76,10 @@ impl Reconciler {
 
     async fn pass(self: &Arc<Self>) -> Result<(), ApiError> {
         let now = now_ms();
+        let down_after = self.down_after.as_millis() as i64;
+        self.store
+            .run(move |c| hosts::mark_down(c, now, down_after))
+            .await?;
         let items = self.store.run(move |c| vps::work_items(c, now)).await?;
         for (work, v) in items {
             if !self

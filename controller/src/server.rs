@@ -96,6 +96,7 @@ pub async fn start(
         wake,
         Duration::from_millis(cfg.reconcile_interval_ms),
         Duration::from_secs(cfg.build_timeout_seconds),
+        Duration::from_millis(cfg.host_down_after_ms),
     ));
 
     let (reporter, health, reflection) = health_and_reflection()?;

@@ -374,7 +374,12 @@ async fn count_audit(c: &Clients) -> anyhow::Result<usize> {
         })
         .await?
         .into_inner();
-    Ok(r.records.len())
+    // Betang's own records (a host seen going down on a busy machine) are not
+    // the callers' changes.
+    Ok(r.records
+        .iter()
+        .filter(|a| a.actor_user_id != "system")
+        .count())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

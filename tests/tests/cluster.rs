@@ -923,6 +923,20 @@ async fn vps_on_a_silent_host_show_unknown_until_it_returns() -> anyhow::Result<
     assert_eq!(state_of(&listed.vps[0]), VpsState::Unknown);
     cluster.start_agent(i).await?;
     wait_state(&c, &v.id, VpsState::Running, T).await?;
+    // Down and back are each recorded once in the audit trail.
+    let audit = cluster
+        .as_operator()
+        .await?
+        .audit
+        .list_audit(betang_proto::v1::ListAuditRequest {
+            target: v.host_id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let actions: Vec<_> = audit.records.iter().map(|r| r.action.as_str()).collect();
+    assert_eq!(actions, ["host.down", "host.up"]);
+    assert_eq!(audit.records[0].actor_username, "betang");
     Ok(())
 }
 

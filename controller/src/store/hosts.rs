@@ -8,6 +8,7 @@ use betang_proto::v1::{
 use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{
+    auth::Caller,
     error::ApiError,
     ids::HostId,
     lifecycle::{DesiredPower, VpsState},
@@ -64,6 +65,7 @@ pub fn register(
     if let Some(u) = &info.usage {
         store_usage(&tx, &id, u)?;
     }
+    note_back(&tx, &id, now_ms)?;
     tx.commit()?;
     Ok(())
 }
@@ -114,6 +116,7 @@ pub fn heartbeat(
     if n == 0 {
         return Err(ApiError::HostNotFound(host_id.to_string()));
     }
+    note_back(&tx, host_id, now_ms)?;
     if let Some(u) = usage {
         store_usage(&tx, host_id, u)?;
     }
@@ -221,6 +224,62 @@ pub fn heartbeat(
     }
     tx.commit()?;
     Ok(())
+}
+
+/// A host that had been marked DOWN reports again: record that it is back.
+fn note_back(c: &Connection, id: &HostId, now_ms: i64) -> Result<(), ApiError> {
+    let since: i64 = c.query_row(
+        "SELECT down_since_ms FROM hosts WHERE id = ?1",
+        [id.as_str()],
+        |r| r.get(0),
+    )?;
+    if since != 0 {
+        c.execute(
+            "UPDATE hosts SET down_since_ms = 0 WHERE id = ?1",
+            [id.as_str()],
+        )?;
+        let result = format!("back after {} s", (now_ms - since).max(0) / 1000);
+        tracing::info!(host_id = %id, %result, "host is back");
+        super::identity::audit(
+            c,
+            &Caller::system(),
+            "",
+            "host.up",
+            id.as_str(),
+            &result,
+            now_ms,
+        )?;
+    }
+    Ok(())
+}
+
+/// Marks hosts whose heartbeats stopped as DOWN, once each, in the audit
+/// trail. (Whether a host is down is always derived from its last heartbeat;
+/// this only records the change.)
+pub fn mark_down(
+    c: &mut Connection,
+    now_ms: i64,
+    down_after_ms: i64,
+) -> Result<Vec<String>, ApiError> {
+    let tx = c.transaction()?;
+    let silent: Vec<(String, i64)> = {
+        let mut q = tx.prepare_cached(
+            "SELECT id, last_heartbeat_ms FROM hosts WHERE last_heartbeat_ms < ?1 AND down_since_ms = 0",
+        )?;
+        let rows = q.query_map([now_ms - down_after_ms], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        rows.collect::<Result<_, _>>()?
+    };
+    for (id, last) in &silent {
+        tx.execute(
+            "UPDATE hosts SET down_since_ms = ?2 WHERE id = ?1",
+            params![id, now_ms],
+        )?;
+        let result = format!("no heartbeat for {} ms", now_ms - last);
+        tracing::warn!(host_id = %id, %result, "host is DOWN");
+        super::identity::audit(&tx, &Caller::system(), "", "host.down", id, &result, now_ms)?;
+    }
+    tx.commit()?;
+    Ok(silent.into_iter().map(|(id, _)| id).collect())
 }
 
 pub fn power_name(p: PowerState) -> &'static str {
@@ -374,7 +433,7 @@ pub fn down_hosts(
 /// Cordon or uncordon a host, or set its weight; audited.
 pub fn update(
     c: &mut Connection,
-    actor: &crate::auth::Caller,
+    actor: &Caller,
     id: &HostId,
     change: HostChange,
     now_ms: i64,

@@ -20,6 +20,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0001_initial.sql")),
     M::up(include_str!("../../migrations/0002_institutions.sql")),
     M::up(include_str!("../../migrations/0003_placement.sql")),
+    M::up(include_str!("../../migrations/0004_host_down.sql")),
 ];
 
 #[derive(Clone)]
