@@ -921,13 +921,32 @@ async fn vps_on_a_silent_host_show_unknown_until_it_returns() -> anyhow::Result<
         .await?
         .into_inner();
     assert_eq!(state_of(&listed.vps[0]), VpsState::Unknown);
+    // Betang records the host going down (on its next reconcile pass).
+    let audit = cluster.as_operator().await?.audit;
+    let host_id = v.host_id.clone();
+    eventually(T, "host.down in the audit trail", || {
+        let (mut audit, target) = (audit.clone(), host_id.clone());
+        async move {
+            let r = audit
+                .list_audit(betang_proto::v1::ListAuditRequest {
+                    target,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
+            r.records
+                .iter()
+                .any(|a| a.action == "host.down")
+                .then_some(())
+        }
+    })
+    .await?;
     cluster.start_agent(i).await?;
     wait_state(&c, &v.id, VpsState::Running, T).await?;
     // Down and back are each recorded once in the audit trail.
-    let audit = cluster
-        .as_operator()
-        .await?
-        .audit
+    let audit = audit
+        .clone()
         .list_audit(betang_proto::v1::ListAuditRequest {
             target: v.host_id.clone(),
             ..Default::default()
