@@ -160,24 +160,29 @@ async fn main() -> anyhow::Result<()> {
             })
             .await?;
     }
-    // Heartbeats every 2 s for every host but the one that will go silent.
-    let silent = ids[0].clone();
-    let beat_ids: Vec<String> = ids[1..].to_vec();
-    let mut beat = registry.clone();
+    // Heartbeats every 2 s, like agents; a silenced host stops sending them.
+    let silenced: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let last_beat: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
+        Arc::default();
+    let (beat_ids, mut beat) = (ids.clone(), registry.clone());
+    let (quiet, last) = (silenced.clone(), last_beat.clone());
     tokio::spawn(async move {
         loop {
             for id in &beat_ids {
+                if quiet.lock().unwrap().contains(id) {
+                    continue;
+                }
                 let _ = beat
                     .heartbeat(HeartbeatRequest {
                         host_id: id.clone(),
                         ..Default::default()
                     })
                     .await;
+                last.lock().unwrap().insert(id.clone(), Instant::now());
             }
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });
-    let silent_since = Instant::now();
 
     let op = Clients::connect(&endpoint, Some(&people.operator)).await?;
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
@@ -281,7 +286,9 @@ async fn main() -> anyhow::Result<()> {
         })
         .count();
 
-    // The silent host: time from its last heartbeat to DOWN.
+    // A host goes silent: time from its last heartbeat to DOWN.
+    let silent = ids[0].clone();
+    silenced.lock().unwrap().insert(silent.clone());
     let down_after = loop {
         let h = op
             .hosts
@@ -290,7 +297,8 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner();
         if h.state == HostState::Down as i32 {
-            break silent_since.elapsed();
+            let last = last_beat.lock().unwrap().get(&silent).copied();
+            break last.map_or(Duration::ZERO, |t| t.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
