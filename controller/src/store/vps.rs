@@ -426,6 +426,23 @@ pub struct Approval {
     pub pin: Option<HostId>,
 }
 
+impl Approval {
+    /// `spec` with each size that was given (non-zero) replaced.
+    fn applied_to(&self, spec: &VpsSpec) -> VpsSpec {
+        let mut s = spec.clone();
+        if self.vcpus > 0 {
+            s.vcpus = self.vcpus;
+        }
+        if self.memory_mib > 0 {
+            s.memory_mib = self.memory_mib;
+        }
+        if self.disk_gib > 0 {
+            s.disk_gib = self.disk_gib;
+        }
+        s
+    }
+}
+
 /// An operator approves a request, optionally resizing it or pinning a host:
 /// quota check, placement and claim in one transaction.
 pub fn approve(
@@ -439,16 +456,7 @@ pub fn approve(
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let v = get(&tx, id, &actor.scope())?;
     transition(&v, VpsState::Scheduled, "approve")?;
-    let mut spec = v.spec.clone();
-    if a.vcpus > 0 {
-        spec.vcpus = a.vcpus;
-    }
-    if a.memory_mib > 0 {
-        spec.memory_mib = a.memory_mib;
-    }
-    if a.disk_gib > 0 {
-        spec.disk_gib = a.disk_gib;
-    }
+    let spec = a.applied_to(&v.spec);
     validation::spec(&spec)?;
     identity::check_quota(&tx, v.institution(), need(&spec), 1)?;
     let pin = a.pin.clone().or_else(|| {
@@ -569,24 +577,15 @@ pub fn resize(
             action: "resize (stop it first)",
         });
     }
-    let mut spec = v.spec.clone();
-    if size.vcpus > 0 {
-        spec.vcpus = size.vcpus;
-    }
-    if size.memory_mib > 0 {
-        spec.memory_mib = size.memory_mib;
-    }
-    if size.disk_gib > 0 {
-        if size.disk_gib < v.spec.disk_gib {
-            return Err(ApiError::invalid(
-                "disk_gib",
-                format!(
-                    "disks only grow: {} GiB is less than the {} GiB it has",
-                    size.disk_gib, v.spec.disk_gib
-                ),
-            ));
-        }
-        spec.disk_gib = size.disk_gib;
+    let spec = size.applied_to(&v.spec);
+    if spec.disk_gib < v.spec.disk_gib {
+        return Err(ApiError::invalid(
+            "disk_gib",
+            format!(
+                "disks only grow: {} GiB is less than the {} GiB it has",
+                spec.disk_gib, v.spec.disk_gib
+            ),
+        ));
     }
     validation::spec(&spec)?;
     let (old, new) = (need(&v.spec), need(&spec));
