@@ -6,7 +6,6 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 use anyhow::Context;
 use betang_proto::v1::agent_service_server::AgentServiceServer;
 use tokio::{net::TcpListener, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Endpoint, Server};
 use tracing::{info, warn};
 
@@ -125,7 +124,9 @@ pub async fn start_with(
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgentServiceServer::with_interceptor(api, check))
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
     let mut tasks = vec![tokio::spawn(async move {
         if let Err(e) = server.await {
             warn!(error = %e, "agent gRPC server stopped");

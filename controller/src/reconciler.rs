@@ -10,7 +10,7 @@ use std::{
 };
 
 use betang_proto::v1::{DeleteVmRequest, EnsureVmRequest};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{Instrument, info, info_span, warn};
 
 use crate::{
@@ -20,9 +20,11 @@ use crate::{
     now_ms,
     store::{
         Store, hosts,
-        vps::{self, VpsRecord, Work},
+        vps::{self, Ensured, VpsRecord, Work},
     },
 };
+
+const WAKE_GATHER: Duration = Duration::from_millis(5);
 
 pub struct Reconciler {
     pub store: Store,
@@ -32,7 +34,16 @@ pub struct Reconciler {
     pub build_timeout: Duration,
     pub down_after: Duration,
     in_flight: Mutex<HashSet<VpsId>>,
+    /// Agents' answers wait here to be recorded together (group commit).
+    answers: mpsc::UnboundedSender<Answer>,
+    answers_rx: Mutex<Option<mpsc::UnboundedReceiver<Answer>>>,
 }
+
+/// An agent's answer, and who waits for it to be recorded.
+type Answer = (Ensured, oneshot::Sender<()>);
+
+/// At most this many answers go into one transaction.
+const ANSWERS_PER_COMMIT: usize = 512;
 
 fn transient(code: tonic::Code) -> bool {
     use tonic::Code::*;
@@ -51,7 +62,10 @@ impl Reconciler {
         build_timeout: Duration,
         down_after: Duration,
     ) -> Self {
+        let (answers, answers_rx) = mpsc::unbounded_channel();
         Reconciler {
+            answers,
+            answers_rx: Mutex::new(Some(answers_rx)),
             store,
             agents,
             wake,
@@ -63,12 +77,22 @@ impl Reconciler {
     }
 
     pub async fn run(self: Arc<Self>) {
+        let rx = self
+            .answers_rx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let Some(rx) = rx {
+            tokio::spawn(record_answers(self.store.clone(), rx));
+        }
         loop {
             if let Err(e) = self.pass().await {
                 warn!(error = %e, "reconcile pass failed");
             }
             tokio::select! {
-                _ = self.wake.notified() => {}
+                // Wake-ups that come in a burst (hundreds of requests a
+                // second) are served by one pass, a few milliseconds later.
+                _ = self.wake.notified() => tokio::time::sleep(WAKE_GATHER).await,
                 _ = tokio::time::sleep(self.interval) => {}
             }
         }
@@ -80,7 +104,26 @@ impl Reconciler {
         self.store
             .run(move |c| hosts::mark_down(c, now, down_after))
             .await?;
-        let items = self.store.run(move |c| vps::work_items(c, now)).await?;
+        let busy = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let items = self
+            .store
+            .run(move |c| vps::work_items(c, now, &busy))
+            .await?;
+        let building: Vec<VpsId> = items
+            .iter()
+            .filter(|(w, v)| *w == Work::Ensure && v.state == crate::lifecycle::VpsState::Scheduled)
+            .map(|(_, v)| v.id)
+            .collect();
+        if !building.is_empty() {
+            let now = now_ms();
+            self.store
+                .run(move |c| vps::begin_provisioning(c, &building, now))
+                .await?;
+        }
         for (work, v) in items {
             if !self
                 .in_flight
@@ -154,10 +197,6 @@ impl Reconciler {
         v: VpsRecord,
     ) -> Result<(), ApiError> {
         let id = v.id;
-        let now = now_ms();
-        self.store
-            .run(move |c| vps::begin_provisioning(c, &id, now))
-            .await?;
         let mut req = tonic::Request::new(EnsureVmRequest {
             vps_id: v.id.to_string(),
             spec: Some(v.spec.clone()),
@@ -175,11 +214,17 @@ impl Reconciler {
             Ok(resp) => {
                 let status = resp.into_inner();
                 info!(host_id = %host, power = status.power, generation = v.generation, "ensured");
-                let generation = v.generation;
-                let now = now_ms();
-                self.store
-                    .run(move |c| vps::ensure_succeeded(c, &id, generation, &status, now))
-                    .await
+                let (done, recorded) = oneshot::channel();
+                let answer = Ensured {
+                    id,
+                    generation: v.generation,
+                    status,
+                };
+                if self.answers.send((answer, done)).is_ok() {
+                    // Held in flight until recorded, so no pass sends it again meanwhile.
+                    let _ = recorded.await;
+                }
+                Ok(())
             }
             Err(s) => {
                 self.failed(id, transient(s.code()), s.message().to_owned())
@@ -198,5 +243,26 @@ impl Reconciler {
         // A permanent failure leaves cleanup work; do it now, not at the next tick.
         self.wake.notify_one();
         Ok(())
+    }
+}
+
+/// Records agents' answers as they come, all that are waiting in one
+/// transaction, and tells each sender when its answer is in the store.
+async fn record_answers(store: Store, mut rx: mpsc::UnboundedReceiver<Answer>) {
+    let mut batch = Vec::new();
+    while rx.recv_many(&mut batch, ANSWERS_PER_COMMIT).await > 0 {
+        let (answers, waiters): (Vec<Ensured>, Vec<oneshot::Sender<()>>) =
+            std::mem::take(&mut batch).into_iter().unzip();
+        let now = now_ms();
+        if let Err(e) = store
+            .run(move |c| vps::ensure_succeeded(c, &answers, now))
+            .await
+        {
+            // Not recorded: the next pass sees the VPS unchanged and asks again.
+            warn!(error = %e, "recording agents' answers failed");
+        }
+        for w in waiters {
+            let _ = w.send(());
+        }
     }
 }

@@ -9,7 +9,6 @@ use betang_proto::v1::{
     vps_service_server::VpsServiceServer,
 };
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use tracing::{info, warn};
 
@@ -112,7 +111,9 @@ pub async fn start(
         .add_service(HostServiceServer::new(HostApi { ctx: ctx.clone() }))
         .add_service(IdentityServiceServer::new(IdentityApi { ctx: ctx.clone() }))
         .add_service(AuditServiceServer::new(AuditApi { ctx: ctx.clone() }))
-        .serve_with_incoming(TcpListenerStream::new(listener));
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+        );
 
     let (agent_reporter, agent_health, agent_reflection) = health_and_reflection()?;
     agent_reporter
@@ -129,7 +130,9 @@ pub async fn start(
             ctx,
             mutual_tls: tls.is_some(),
         }))
-        .serve_with_incoming(TcpListenerStream::new(agent_listener));
+        .serve_with_incoming(
+            tonic::transport::server::TcpIncoming::from(agent_listener).with_nodelay(Some(true)),
+        );
 
     let tasks = vec![
         tokio::spawn(async move {

@@ -27,40 +27,41 @@ pub fn register(
     let labels: BTreeMap<&String, &String> = info.labels.iter().collect();
     let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
     let tx = c.transaction()?;
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO hosts (id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                             registered_at_ms, last_heartbeat_ms, zone, labels)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?8, ?9, ?10)
          ON CONFLICT(id) DO UPDATE SET hostname = ?2, agent_endpoint = ?3, domain_type = ?4,
              vcpus = ?5, memory_mib = ?6, disk_gib = ?7, last_heartbeat_ms = ?8, zone = ?9,
              labels = ?10",
-        params![
-            id.as_str(),
-            info.hostname,
-            endpoint,
-            info.domain_type,
-            cap.vcpus,
-            cap.memory_mib as i64,
-            cap.disk_gib as i64,
-            now_ms,
-            info.zone,
-            labels
-        ],
-    )?;
-    tx.execute("DELETE FROM host_images WHERE host_id = ?1", [id.as_str()])?;
+    )?
+    .execute(params![
+        id.as_str(),
+        info.hostname,
+        endpoint,
+        info.domain_type,
+        cap.vcpus,
+        cap.memory_mib as i64,
+        cap.disk_gib as i64,
+        now_ms,
+        info.zone,
+        labels
+    ])?;
+    tx.prepare_cached("DELETE FROM host_images WHERE host_id = ?1")?
+        .execute([id.as_str()])?;
     for img in &info.images {
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO host_images (host_id, name, description, os, min_disk_gib, size_bytes)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![
-                id.as_str(),
-                img.name,
-                img.description,
-                img.os,
-                img.min_disk_gib as i64,
-                img.size_bytes as i64
-            ],
-        )?;
+        )?
+        .execute(params![
+            id.as_str(),
+            img.name,
+            img.description,
+            img.os,
+            img.min_disk_gib as i64,
+            img.size_bytes as i64
+        ])?;
     }
     if let Some(u) = &info.usage {
         store_usage(&tx, &id, u)?;
@@ -71,23 +72,23 @@ pub fn register(
 }
 
 fn store_usage(c: &Connection, id: &HostId, u: &HostUsage) -> Result<(), ApiError> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE hosts SET cpu_percent = ?2, mem_used_bytes = ?3, mem_total_bytes = ?4,
              disk_used_bytes = ?5, disk_total_bytes = ?6, load_1m = ?7, load_5m = ?8,
              load_15m = ?9, usage_at_ms = ?10 WHERE id = ?1",
-        params![
-            id.as_str(),
-            u.cpu_percent,
-            u.memory_used_bytes as i64,
-            u.memory_total_bytes as i64,
-            u.disk_used_bytes as i64,
-            u.disk_total_bytes as i64,
-            u.load_1m,
-            u.load_5m,
-            u.load_15m,
-            u.sampled_at_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.as_str(),
+        u.cpu_percent,
+        u.memory_used_bytes as i64,
+        u.memory_total_bytes as i64,
+        u.disk_used_bytes as i64,
+        u.disk_total_bytes as i64,
+        u.load_1m,
+        u.load_5m,
+        u.load_15m,
+        u.sampled_at_ms
+    ])?;
     Ok(())
 }
 
@@ -109,10 +110,9 @@ pub fn heartbeat(
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
-    let n = tx.execute(
-        "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1",
-        params![host_id.as_str(), now_ms],
-    )?;
+    let n = tx
+        .prepare_cached("UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1")?
+        .execute(params![host_id.as_str(), now_ms])?;
     if n == 0 {
         return Err(ApiError::HostNotFound(host_id.to_string()));
     }
@@ -159,25 +159,25 @@ pub fn heartbeat(
         };
         seen.insert(v.id.clone());
         if let Some(u) = &vm.usage {
-            tx.execute(
+            tx.prepare_cached(
                 "UPDATE vps SET cpu_rate = ?2, cpu_time_ns = ?3, mem_max_bytes = ?4,
                      mem_used_bytes = ?5, disk_read_bytes = ?6, disk_write_bytes = ?7,
                      net_rx_bytes = ?8, net_tx_bytes = ?9, usage_at_ms = ?10, mem_rss_bytes = ?11
                  WHERE id = ?1",
-                params![
-                    v.id,
-                    u.cpu_rate,
-                    u.cpu_time_ns as i64,
-                    u.memory_max_bytes as i64,
-                    u.memory_used_bytes as i64,
-                    u.disk_read_bytes as i64,
-                    u.disk_write_bytes as i64,
-                    u.net_rx_bytes as i64,
-                    u.net_tx_bytes as i64,
-                    u.sampled_at_ms,
-                    u.memory_rss_bytes as i64
-                ],
-            )?;
+            )?
+            .execute(params![
+                v.id,
+                u.cpu_rate,
+                u.cpu_time_ns as i64,
+                u.memory_max_bytes as i64,
+                u.memory_used_bytes as i64,
+                u.disk_read_bytes as i64,
+                u.disk_write_bytes as i64,
+                u.net_rx_bytes as i64,
+                u.net_tx_bytes as i64,
+                u.sampled_at_ms,
+                u.memory_rss_bytes as i64
+            ])?;
         }
         if vm.generation < v.generation || !matches!(v.state, VpsState::Running | VpsState::Stopped)
         {
@@ -188,13 +188,13 @@ pub fn heartbeat(
         match (v.desired, power) {
             // The guest powered itself off: that is now what its owner wants.
             (DesiredPower::Running, PowerState::Stopped) => {
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE vps SET state = 'STOPPED', desired_power = 'stopped',
                          generation = generation + 1, observed_power = ?2, updated_at_ms = ?3,
                          state_reason = 'the guest powered itself off'
                      WHERE id = ?1",
-                    params![v.id, observed, now_ms],
-                )?;
+                )?
+                .execute(params![v.id, observed, now_ms])?;
             }
             _ => {
                 let state = if power == PowerState::Running {
@@ -202,23 +202,21 @@ pub fn heartbeat(
                 } else {
                     VpsState::Stopped
                 };
-                tx.execute(
+                tx.prepare_cached(
                     "UPDATE vps SET observed_power = ?2,
                          state = ?3,
                          updated_at_ms = CASE WHEN state = ?3 THEN updated_at_ms ELSE ?4 END
                      WHERE id = ?1",
-                    params![v.id, observed, state.as_str(), now_ms],
-                )?;
+                )?
+                .execute(params![v.id, observed, state.as_str(), now_ms])?;
             }
         }
     }
     if vms_listed {
         for v in placed.values() {
             if !seen.contains(&v.id) && matches!(v.state, VpsState::Running | VpsState::Stopped) {
-                tx.execute(
-                    "UPDATE vps SET observed_power = 'absent' WHERE id = ?1",
-                    [&v.id],
-                )?;
+                tx.prepare_cached("UPDATE vps SET observed_power = 'absent' WHERE id = ?1")?
+                    .execute([&v.id])?;
             }
         }
     }
@@ -228,16 +226,12 @@ pub fn heartbeat(
 
 /// A host that had been marked DOWN reports again: record that it is back.
 fn note_back(c: &Connection, id: &HostId, now_ms: i64) -> Result<(), ApiError> {
-    let since: i64 = c.query_row(
-        "SELECT down_since_ms FROM hosts WHERE id = ?1",
-        [id.as_str()],
-        |r| r.get(0),
-    )?;
+    let since: i64 = c
+        .prepare_cached("SELECT down_since_ms FROM hosts WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))?;
     if since != 0 {
-        c.execute(
-            "UPDATE hosts SET down_since_ms = 0 WHERE id = ?1",
-            [id.as_str()],
-        )?;
+        c.prepare_cached("UPDATE hosts SET down_since_ms = 0 WHERE id = ?1")?
+            .execute([id.as_str()])?;
         let result = format!("back after {} s", (now_ms - since).max(0) / 1000);
         tracing::info!(host_id = %id, %result, "host is back");
         super::identity::audit(
@@ -270,10 +264,8 @@ pub fn mark_down(
         rows.collect::<Result<_, _>>()?
     };
     for (id, last) in &silent {
-        tx.execute(
-            "UPDATE hosts SET down_since_ms = ?2 WHERE id = ?1",
-            params![id, now_ms],
-        )?;
+        tx.prepare_cached("UPDATE hosts SET down_since_ms = ?2 WHERE id = ?1")?
+            .execute(params![id, now_ms])?;
         let result = format!("no heartbeat for {} ms", now_ms - last);
         tracing::warn!(host_id = %id, %result, "host is DOWN");
         super::identity::audit(&tx, &Caller::system(), "", "host.down", id, &result, now_ms)?;
@@ -294,21 +286,22 @@ pub fn power_name(p: PowerState) -> &'static str {
 }
 
 pub fn endpoint(c: &Connection, id: &HostId) -> Result<String, ApiError> {
-    c.query_row(
-        "SELECT agent_endpoint FROM hosts WHERE id = ?1",
-        [id.as_str()],
-        |r| r.get(0),
-    )
-    .optional()?
-    .ok_or_else(|| ApiError::HostNotFound(id.to_string()))
+    c.prepare_cached("SELECT agent_endpoint FROM hosts WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| ApiError::HostNotFound(id.to_string()))
 }
 
-fn allocations(c: &Connection) -> Result<HashMap<String, (Resources, u32)>, ApiError> {
-    let mut q = c.prepare_cached(
-        "SELECT host_id, SUM(vcpus), SUM(memory_mib), SUM(disk_gib), COUNT(*) FROM vps
-         WHERE host_id IS NOT NULL AND state <> 'DELETED' GROUP BY host_id",
-    )?;
-    let rows = q.query_map([], |r| {
+/// What each host holds, from the totals the triggers keep.
+fn allocations(
+    c: &Connection,
+    one: Option<&HostId>,
+) -> Result<HashMap<String, (Resources, u32)>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT host_id, vcpus, memory_mib, disk_gib, vps_count FROM host_allocation {}",
+        one_host(one, "host_id")
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
         Ok((
             r.get::<_, String>(0)?,
             Resources {
@@ -327,12 +320,25 @@ fn allocations(c: &Connection) -> Result<HashMap<String, (Resources, u32)>, ApiE
     Ok(out)
 }
 
-fn images(c: &Connection) -> Result<HashMap<String, Vec<Image>>, ApiError> {
-    let mut q = c.prepare_cached(
-        "SELECT host_id, name, description, os, min_disk_gib, size_bytes FROM host_images
+/// `WHERE` for queries over every host, or over one (`?1`).
+fn one_host(one: Option<&HostId>, column: &str) -> String {
+    match one {
+        Some(_) => format!("WHERE {column} = ?1"),
+        None => String::new(),
+    }
+}
+
+fn host_param(one: Option<&HostId>) -> Vec<String> {
+    one.map(|h| h.as_str().to_owned()).into_iter().collect()
+}
+
+fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Image>>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT host_id, name, description, os, min_disk_gib, size_bytes FROM host_images {}
          ORDER BY host_id, name",
-    )?;
-    let rows = q.query_map([], |r| {
+        one_host(one, "host_id")
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
         Ok((
             r.get::<_, String>(0)?,
             Image {
@@ -357,12 +363,21 @@ fn parse_labels(s: &str) -> BTreeMap<String, String> {
 }
 
 /// Anti-affinity groups (as "<institution>/<group>") with a VPS on each host.
-fn groups(c: &Connection) -> Result<HashMap<String, BTreeSet<String>>, ApiError> {
-    let mut q = c.prepare_cached(
+fn groups(
+    c: &Connection,
+    one: Option<&HostId>,
+) -> Result<HashMap<String, BTreeSet<String>>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
         "SELECT host_id, COALESCE(institution_id, '') || '/' || anti_affinity_group FROM vps
-         WHERE anti_affinity_group <> '' AND host_id IS NOT NULL AND state <> 'DELETED'",
-    )?;
-    let rows = q.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+         WHERE anti_affinity_group <> '' AND host_id IS NOT NULL AND state <> 'DELETED' {}",
+        match one {
+            Some(_) => "AND host_id = ?1",
+            None => "",
+        }
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
     let mut out: HashMap<String, BTreeSet<String>> = HashMap::new();
     for row in rows {
         let (h, g) = row?;
@@ -371,52 +386,108 @@ fn groups(c: &Connection) -> Result<HashMap<String, BTreeSet<String>>, ApiError>
     Ok(out)
 }
 
-/// Every host as the scheduler sees it.
-pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<HostView>, ApiError> {
-    let alloc = allocations(c)?;
-    let imgs = images(c)?;
-    let mut grps = groups(c)?;
-    let mut q = c.prepare_cached(
-        "SELECT id, vcpus, memory_mib, disk_gib, last_heartbeat_ms, zone, labels, weight, cordoned
-         FROM hosts",
-    )?;
-    let rows = q.query_map([], |r| {
+/// Hosts as the scheduler sees them (every host, or one), each with its last
+/// heartbeat; `up` is left for the caller to judge against the clock.
+pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView, i64)>, ApiError> {
+    let mut imgs = images(c, one)?;
+    let mut grps = groups(c, one)?;
+    let mut q = c.prepare_cached(&format!(
+        "SELECT h.id, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_ms, h.zone, h.labels,
+                h.weight, h.cordoned, COALESCE(a.vcpus, 0), COALESCE(a.memory_mib, 0),
+                COALESCE(a.disk_gib, 0)
+         FROM hosts h LEFT JOIN host_allocation a ON a.host_id = h.id {} ORDER BY h.id",
+        one_host(one, "h.id")
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
         Ok((
             r.get::<_, String>(0)?,
-            r.get::<_, i64>(1)?,
-            r.get::<_, i64>(2)?,
-            r.get::<_, i64>(3)?,
+            [
+                r.get::<_, i64>(1)?,
+                r.get::<_, i64>(2)?,
+                r.get::<_, i64>(3)?,
+            ],
             r.get::<_, i64>(4)?,
             r.get::<_, String>(5)?,
             r.get::<_, String>(6)?,
             r.get::<_, f64>(7)?,
             r.get::<_, bool>(8)?,
+            [
+                r.get::<_, i64>(9)?,
+                r.get::<_, i64>(10)?,
+                r.get::<_, i64>(11)?,
+            ],
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, vcpus, mem, disk, hb, zone, labels, weight, cordoned) = row?;
-        out.push(HostView {
-            id: HostId::parse(&id)?,
-            up: now_ms - hb <= down_after_ms,
-            schedulable: !cordoned,
-            capacity: Resources {
-                vcpus: vcpus as u64,
-                memory_mib: mem as u64,
-                disk_gib: disk as u64,
+        let (id, cap, hb, zone, labels, weight, cordoned, alloc) = row?;
+        let resources = |v: [i64; 3]| Resources {
+            vcpus: v[0].max(0) as u64,
+            memory_mib: v[1].max(0) as u64,
+            disk_gib: v[2].max(0) as u64,
+        };
+        out.push((
+            HostView {
+                id: HostId::parse(&id)?,
+                up: true,
+                schedulable: !cordoned,
+                capacity: resources(cap),
+                allocated: resources(alloc),
+                images: imgs
+                    .remove(&id)
+                    .map(|v| v.into_iter().map(|i| i.name).collect())
+                    .unwrap_or_default(),
+                zone,
+                labels: parse_labels(&labels),
+                weight,
+                groups: grps.remove(&id).unwrap_or_default(),
             },
-            allocated: alloc.get(&id).map(|a| a.0).unwrap_or_default(),
-            images: imgs
-                .get(&id)
-                .map(|v| v.iter().map(|i| i.name.clone()).collect())
-                .unwrap_or_default(),
-            zone,
-            labels: parse_labels(&labels),
-            weight,
-            groups: grps.remove(&id).unwrap_or_default(),
-        });
+            hb,
+        ));
     }
     Ok(out)
+}
+
+/// Every host as the scheduler sees it now.
+pub fn views(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<HostView>, ApiError> {
+    Ok(read_views(c, None)?
+        .into_iter()
+        .map(|(mut v, hb)| {
+            v.up = now_ms - hb <= down_after_ms;
+            v
+        })
+        .collect())
+}
+
+/// One host as the scheduler sees it now, read inside the caller's transaction.
+pub fn view(
+    c: &Connection,
+    id: &HostId,
+    now_ms: i64,
+    down_after_ms: i64,
+) -> Result<Option<HostView>, ApiError> {
+    Ok(read_views(c, Some(id))?.pop().map(|(mut v, hb)| {
+        v.up = now_ms - hb <= down_after_ms;
+        v
+    }))
+}
+
+/// An image of the catalogue by name, as one of the hosts offering it describes it.
+pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiError> {
+    Ok(c.prepare_cached(
+        "SELECT name, description, os, min_disk_gib, size_bytes FROM host_images
+         WHERE name = ?1 LIMIT 1",
+    )?
+    .query_row([name], |r| {
+        Ok(Image {
+            name: r.get(0)?,
+            description: r.get(1)?,
+            os: r.get(2)?,
+            min_disk_gib: r.get::<_, i64>(3)? as u64,
+            size_bytes: r.get::<_, i64>(4)? as u64,
+        })
+    })
+    .optional()?)
 }
 
 /// Hosts whose last heartbeat is too old.
@@ -441,10 +512,9 @@ pub fn update(
     let tx = c.transaction()?;
     let (action, result, n) = match change {
         HostChange::Cordon(on) => {
-            let n = tx.execute(
-                "UPDATE hosts SET cordoned = ?2 WHERE id = ?1",
-                params![id.as_str(), on],
-            )?;
+            let n = tx
+                .prepare_cached("UPDATE hosts SET cordoned = ?2 WHERE id = ?1")?
+                .execute(params![id.as_str(), on])?;
             let action = if on { "host.cordon" } else { "host.uncordon" };
             (
                 action,
@@ -456,10 +526,9 @@ pub fn update(
             if !w.is_finite() || !(0.0..=100.0).contains(&w) {
                 return Err(ApiError::invalid("weight", "must be between 0 and 100"));
             }
-            let n = tx.execute(
-                "UPDATE hosts SET weight = ?2 WHERE id = ?1",
-                params![id.as_str(), w],
-            )?;
+            let n = tx
+                .prepare_cached("UPDATE hosts SET weight = ?2 WHERE id = ?1")?
+                .execute(params![id.as_str(), w])?;
             ("host.set_weight", format!("{w}"), n)
         }
     };
@@ -479,24 +548,33 @@ pub enum HostChange {
 
 /// One host for operators.
 pub fn get(c: &Connection, id: &HostId, now_ms: i64, down_after_ms: i64) -> Result<Host, ApiError> {
-    list(c, now_ms, down_after_ms)?
-        .into_iter()
-        .find(|h| h.id == id.as_str())
+    read(c, Some(id), now_ms, down_after_ms)?
+        .pop()
         .ok_or_else(|| ApiError::HostNotFound(id.to_string()))
 }
 
 /// Hosts for operators, with allocation, usage and state.
 pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>, ApiError> {
-    let alloc = allocations(c)?;
-    let mut imgs = images(c)?;
-    let mut q = c.prepare_cached(
+    read(c, None, now_ms, down_after_ms)
+}
+
+fn read(
+    c: &Connection,
+    one: Option<&HostId>,
+    now_ms: i64,
+    down_after_ms: i64,
+) -> Result<Vec<Host>, ApiError> {
+    let alloc = allocations(c, one)?;
+    let mut imgs = images(c, one)?;
+    let mut q = c.prepare_cached(&format!(
         "SELECT id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                 last_heartbeat_ms, cpu_percent, mem_used_bytes, mem_total_bytes,
                 disk_used_bytes, disk_total_bytes, load_1m, load_5m, load_15m, usage_at_ms,
                 zone, labels, weight, cordoned
-         FROM hosts ORDER BY id",
-    )?;
-    let rows = q.query_map([], |r| {
+         FROM hosts {} ORDER BY id",
+        one_host(one, "id")
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
         let id: String = r.get(0)?;
         let hb: i64 = r.get(7)?;
         Ok(Host {
@@ -554,7 +632,7 @@ pub fn list(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Vec<Host>
 /// The images offered by at least one host, each once.
 pub fn catalogue(c: &Connection) -> Result<Vec<Image>, ApiError> {
     let mut by_name: std::collections::BTreeMap<String, Image> = Default::default();
-    for (_, imgs) in images(c)? {
+    for (_, imgs) in images(c, None)? {
         for i in imgs {
             by_name.entry(i.name.clone()).or_insert(i);
         }

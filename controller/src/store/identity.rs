@@ -24,11 +24,8 @@ pub fn audit(
     result: &str,
     now_ms: i64,
 ) -> Result<(), ApiError> {
-    c.execute(
-        "INSERT INTO audit (at_ms, actor_user_id, actor_username, institution_id, action, target, result)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-        params![now_ms, actor.user_id, actor.username, institution_id, action, target, result],
-    )?;
+    c.prepare_cached("INSERT INTO audit (at_ms, actor_user_id, actor_username, institution_id, action, target, result)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)")?.execute(params![now_ms, actor.user_id, actor.username, institution_id, action, target, result],)?;
     Ok(())
 }
 
@@ -90,21 +87,20 @@ pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, A
 pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Caller, ApiError> {
     let hash = auth::hash_secret(secret);
     let row = c
-        .query_row(
+        .prepare_cached(
             "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms
              FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.secret_sha256 = ?1",
-            [hash],
-            |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                    r.get::<_, i64>(4)?,
-                    r.get::<_, i64>(5)?,
-                ))
-            },
-        )
+        )?
+        .query_row([hash], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+                r.get::<_, String>(3)?,
+                r.get::<_, i64>(4)?,
+                r.get::<_, i64>(5)?,
+            ))
+        })
         .optional()?;
     let denied = || ApiError::Unauthenticated("the token is unknown, expired or revoked".into());
     let (user_id, username, institution_id, role, expires, revoked) = row.ok_or_else(denied)?;
@@ -177,27 +173,46 @@ fn institution_row(r: &Row<'_>) -> rusqlite::Result<Institution> {
 const INSTITUTION_COLS: &str = "id, code, name, contact_name, contact_email, contact_phone,
     quota_vcpus, quota_memory_mib, quota_disk_gib, quota_vps, created_at_ms";
 
-/// VPS states that hold an institution's quota: approved and not gone.
+/// VPS states that hold an institution's quota: approved and not gone. The
+/// triggers in migrations/0005_allocation_totals.sql count the same states.
+#[cfg(test)]
 const QUOTA_STATES: &str =
     "('SCHEDULED', 'PROVISIONING', 'RUNNING', 'STOPPED', 'DELETING', 'ERROR')";
 
 pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
-    Ok(c.query_row(
-        &format!(
-            "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0),
+    // Kept by triggers (migrations/0005_allocation_totals.sql) over QUOTA_STATES.
+    Ok(c.prepare_cached(
+        "SELECT vcpus, memory_mib, disk_gib, vps_count FROM institution_usage
+             WHERE institution_id = ?1",
+    )?
+    .query_row([institution_id], |r| {
+        Ok(Quota {
+            vcpus: r.get::<_, i64>(0)? as u32,
+            memory_mib: r.get::<_, i64>(1)? as u64,
+            disk_gib: r.get::<_, i64>(2)? as u64,
+            vps_count: r.get::<_, i64>(3)? as u32,
+        })
+    })
+    .optional()?
+    .unwrap_or_default())
+}
+
+/// The same figures summed from every VPS: what the triggers must agree with.
+#[cfg(test)]
+pub fn used_by_sum(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
+    Ok(c.prepare_cached(&format!(
+        "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0),
                     COALESCE(SUM(disk_gib), 0), COUNT(*)
              FROM vps WHERE institution_id = ?1 AND state IN {QUOTA_STATES}"
-        ),
-        [institution_id],
-        |r| {
-            Ok(Quota {
-                vcpus: r.get::<_, i64>(0)? as u32,
-                memory_mib: r.get::<_, i64>(1)? as u64,
-                disk_gib: r.get::<_, i64>(2)? as u64,
-                vps_count: r.get::<_, i64>(3)? as u32,
-            })
-        },
-    )?)
+    ))?
+    .query_row([institution_id], |r| {
+        Ok(Quota {
+            vcpus: r.get::<_, i64>(0)? as u32,
+            memory_mib: r.get::<_, i64>(1)? as u64,
+            disk_gib: r.get::<_, i64>(2)? as u64,
+            vps_count: r.get::<_, i64>(3)? as u32,
+        })
+    })?)
 }
 
 /// Refuses `add` when it would take the institution over any limit, naming
@@ -258,11 +273,10 @@ pub fn check_quota(
 
 pub fn get_institution(c: &Connection, id: &str) -> Result<Institution, ApiError> {
     let mut inst = c
-        .query_row(
-            &format!("SELECT {INSTITUTION_COLS} FROM institutions WHERE id = ?1"),
-            [id],
-            institution_row,
-        )
+        .prepare_cached(&format!(
+            "SELECT {INSTITUTION_COLS} FROM institutions WHERE id = ?1"
+        ))?
+        .query_row([id], institution_row)
         .optional()?
         .ok_or_else(|| ApiError::NotFound {
             what: "institution",
@@ -300,11 +314,9 @@ fn insert_institution(c: &Connection, n: &NewInstitution, now_ms: i64) -> Result
     check_text("contact_name", &n.contact_name, 200, false)?;
     check_text("contact_email", &n.contact_email, 200, false)?;
     check_text("contact_phone", &n.contact_phone, 40, false)?;
-    let exists: bool = c.query_row(
-        "SELECT EXISTS(SELECT 1 FROM institutions WHERE code = ?1)",
-        [&n.code],
-        |r| r.get(0),
-    )?;
+    let exists: bool = c
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM institutions WHERE code = ?1)")?
+        .query_row([&n.code], |r| r.get(0))?;
     if exists {
         return Err(ApiError::AlreadyExists(format!(
             "code: an institution with code {:?} exists",
@@ -312,9 +324,7 @@ fn insert_institution(c: &Connection, n: &NewInstitution, now_ms: i64) -> Result
         )));
     }
     let id = new_id();
-    c.execute(
-        &format!("INSERT INTO institutions ({INSTITUTION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"),
-        params![
+    c.prepare_cached(&format!("INSERT INTO institutions ({INSTITUTION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))?.execute(params![
             id,
             n.code,
             n.name,
@@ -326,8 +336,7 @@ fn insert_institution(c: &Connection, n: &NewInstitution, now_ms: i64) -> Result
             n.quota.disk_gib as i64,
             n.quota.vps_count,
             now_ms
-        ],
-    )?;
+        ],)?;
     Ok(id)
 }
 
@@ -362,17 +371,17 @@ pub fn set_quota(
 ) -> Result<Institution, ApiError> {
     let tx = c.transaction()?;
     get_institution(&tx, id)?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE institutions SET quota_vcpus = ?2, quota_memory_mib = ?3, quota_disk_gib = ?4,
              quota_vps = ?5 WHERE id = ?1",
-        params![
-            id,
-            q.vcpus,
-            q.memory_mib as i64,
-            q.disk_gib as i64,
-            q.vps_count
-        ],
-    )?;
+    )?
+    .execute(params![
+        id,
+        q.vcpus,
+        q.memory_mib as i64,
+        q.disk_gib as i64,
+        q.vps_count
+    ])?;
     let result = format!(
         "{} vCPU, {} MiB, {} GiB, {} VPS",
         q.vcpus, q.memory_mib, q.disk_gib, q.vps_count
@@ -399,16 +408,13 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
 const USER_COLS: &str = "id, username, full_name, email, institution_id, role, created_at_ms";
 
 pub fn get_user(c: &Connection, id: &str) -> Result<User, ApiError> {
-    c.query_row(
-        &format!("SELECT {USER_COLS} FROM users WHERE id = ?1"),
-        [id],
-        user_row,
-    )
-    .optional()?
-    .ok_or_else(|| ApiError::NotFound {
-        what: "user",
-        id: id.to_owned(),
-    })
+    c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id = ?1"))?
+        .query_row([id], user_row)
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "user",
+            id: id.to_owned(),
+        })
 }
 
 pub fn list_users(c: &Connection, institution_id: &str) -> Result<Vec<User>, ApiError> {
@@ -440,11 +446,9 @@ fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiEr
             format!("no institution {:?}", n.institution_id),
         )
     })?;
-    let exists: bool = c.query_row(
-        "SELECT EXISTS(SELECT 1 FROM users WHERE username = ?1)",
-        [&n.username],
-        |r| r.get(0),
-    )?;
+    let exists: bool = c
+        .prepare_cached("SELECT EXISTS(SELECT 1 FROM users WHERE username = ?1)")?
+        .query_row([&n.username], |r| r.get(0))?;
     if exists {
         return Err(ApiError::AlreadyExists(format!(
             "username: {:?} is taken",
@@ -452,18 +456,18 @@ fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiEr
         )));
     }
     let id = new_id();
-    c.execute(
-        &format!("INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"),
-        params![
-            id,
-            n.username,
-            n.full_name,
-            n.email,
-            n.institution_id,
-            n.role.as_str(),
-            now_ms
-        ],
-    )?;
+    c.prepare_cached(&format!(
+        "INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+    ))?
+    .execute(params![
+        id,
+        n.username,
+        n.full_name,
+        n.email,
+        n.institution_id,
+        n.role.as_str(),
+        now_ms
+    ])?;
     Ok(id)
 }
 
@@ -518,23 +522,21 @@ fn insert_token(
     } else {
         now_ms + i64::from(ttl_seconds) * 1000
     };
-    c.execute(
+    c.prepare_cached(
         "INSERT INTO tokens (id, user_id, name, secret_sha256, created_at_ms, expires_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![
-            id,
-            user_id,
-            name,
-            auth::hash_secret(&secret),
-            now_ms,
-            expires
-        ],
-    )?;
-    let t = c.query_row(
-        &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
-        [&id],
-        token_row,
-    )?;
+    )?
+    .execute(params![
+        id,
+        user_id,
+        name,
+        auth::hash_secret(&secret),
+        now_ms,
+        expires
+    ])?;
+    let t = c
+        .prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"))?
+        .query_row([&id], token_row)?;
     Ok((t, secret))
 }
 
@@ -584,21 +586,16 @@ pub fn revoke_token(
         id: id.to_owned(),
     };
     let t = tx
-        .query_row(
-            &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
-            [id],
-            token_row,
-        )
+        .prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"))?
+        .query_row([id], token_row)
         .optional()?
         .ok_or_else(not_found)?;
     if t.user_id != actor.user_id && !auth::allowed(actor.role, auth::Permission::ManageAllTokens) {
         return Err(not_found());
     }
     if t.revoked_at_ms == 0 {
-        tx.execute(
-            "UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1",
-            params![id, now_ms],
-        )?;
+        tx.prepare_cached("UPDATE tokens SET revoked_at_ms = ?2 WHERE id = ?1")?
+            .execute(params![id, now_ms])?;
         let owner = get_user(&tx, &t.user_id)?;
         audit(
             &tx,
@@ -610,11 +607,9 @@ pub fn revoke_token(
             now_ms,
         )?;
     }
-    let t = tx.query_row(
-        &format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"),
-        [id],
-        token_row,
-    )?;
+    let t = tx
+        .prepare_cached(&format!("SELECT {TOKEN_COLS} FROM tokens WHERE id = ?1"))?
+        .query_row([id], token_row)?;
     tx.commit()?;
     Ok(t)
 }
@@ -630,9 +625,8 @@ pub fn bootstrap_admin(
 ) -> Result<(User, String), ApiError> {
     let tx = c.transaction()?;
     let inst_id: Option<String> = tx
-        .query_row("SELECT id FROM institutions WHERE code = ?1", [code], |r| {
-            r.get(0)
-        })
+        .prepare_cached("SELECT id FROM institutions WHERE code = ?1")?
+        .query_row([code], |r| r.get(0))
         .optional()?;
     let inst_id = match inst_id {
         Some(id) => id,
@@ -650,11 +644,8 @@ pub fn bootstrap_admin(
         )?,
     };
     let user_id: Option<String> = tx
-        .query_row(
-            "SELECT id FROM users WHERE username = ?1",
-            [username],
-            |r| r.get(0),
-        )
+        .prepare_cached("SELECT id FROM users WHERE username = ?1")?
+        .query_row([username], |r| r.get(0))
         .optional()?;
     let user_id = match user_id {
         Some(id) => {

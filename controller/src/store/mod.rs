@@ -1,12 +1,17 @@
 //! The controller's store: one SQLite file (WAL) with embedded migrations.
 //! A single connection behind a mutex makes every transaction serial, which
 //! is what makes placement claims atomic; calls run on the blocking pool.
+//! Beside the connection, under the same mutex, the scheduler's in-memory
+//! view of the hosts (`host_index`).
 
+mod checkpoint;
+pub mod host_index;
 pub mod hosts;
 pub mod identity;
 pub mod vps;
 
 use std::{
+    ops::{Deref, DerefMut},
     path::Path,
     sync::{Arc, Mutex},
 };
@@ -21,11 +26,45 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0002_institutions.sql")),
     M::up(include_str!("../../migrations/0003_placement.sql")),
     M::up(include_str!("../../migrations/0004_host_down.sql")),
+    M::up(include_str!("../../migrations/0005_allocation_totals.sql")),
 ];
+
+/// The connection and what is kept in memory beside it. Derefs to the
+/// connection, so store functions that only need SQL take `&Connection`.
+pub struct Db {
+    pub conn: Connection,
+    pub hosts: host_index::HostIndex,
+}
+
+impl Deref for Db {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl DerefMut for Db {
+    fn deref_mut(&mut self) -> &mut Connection {
+        &mut self.conn
+    }
+}
+
+impl Db {
+    /// Runs one unit of work, then brings the host index up to date with
+    /// whatever it changed.
+    fn work<T>(&mut self, f: impl FnOnce(&mut Db) -> Result<T, ApiError>) -> Result<T, ApiError> {
+        let out = f(self);
+        if let Err(e) = self.hosts.sync(&self.conn) {
+            tracing::warn!(error = %e, "host index out of step; reloading it");
+            self.hosts.invalidate();
+        }
+        out
+    }
+}
 
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
+    db: Arc<Mutex<Db>>,
 }
 
 impl Store {
@@ -33,7 +72,13 @@ impl Store {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Self::init(conn)
+        // Checkpoints (copying the WAL into the file, with an fsync) are
+        // left to a thread of their own, so no request waits for one.
+        conn.pragma_update(None, "wal_autocheckpoint", 0)?;
+        conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
+        let store = Self::init(conn)?;
+        checkpoint::spawn(path, Arc::downgrade(&store.db))?;
+        Ok(store)
     }
 
     pub fn open_in_memory() -> Result<Store, StoreError> {
@@ -43,9 +88,19 @@ impl Store {
     fn init(mut conn: Connection) -> Result<Store, StoreError> {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement the controller runs stays prepared (the default keeps 16).
+        conn.set_prepared_statement_cache_capacity(256);
+        // The host index's change list (a temporary table) never touches a file.
+        conn.pragma_update(None, "temp_store", "MEMORY")?;
+        conn.pragma_update(None, "cache_size", -65536)?;
+        conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+        conn.execute_batch(host_index::DIRTY_TRACKING)?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
+            db: Arc::new(Mutex::new(Db {
+                conn,
+                hosts: host_index::HostIndex::default(),
+            })),
         })
     }
 
@@ -53,24 +108,20 @@ impl Store {
     pub async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut c = conn.lock().unwrap_or_else(|p| p.into_inner());
-            f(&mut c)
-        })
-        .await
-        .map_err(|e| ApiError::Store(StoreError::Task(e.to_string())))?
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(|p| p.into_inner()).work(f))
+            .await
+            .map_err(|e| ApiError::Store(StoreError::Task(e.to_string())))?
     }
 
     /// The same, for code that is already on a blocking thread (and tests).
     pub fn run_sync<T>(
         &self,
-        f: impl FnOnce(&mut Connection) -> Result<T, ApiError>,
+        f: impl FnOnce(&mut Db) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        let mut c = self.conn.lock().unwrap_or_else(|p| p.into_inner());
-        f(&mut c)
+        self.db.lock().unwrap_or_else(|p| p.into_inner()).work(f)
     }
 }
 
@@ -81,7 +132,10 @@ impl From<rusqlite::Error> for ApiError {
 }
 
 #[cfg(test)]
-mod tests {
+mod tests;
+
+#[cfg(test)]
+mod store_file_tests {
     use super::*;
 
     #[test]

@@ -13,8 +13,8 @@ use crate::{
     error::{ApiError, StoreError},
     ids::{HostId, VpsId},
     lifecycle::{DesiredPower, VpsState},
-    scheduler::{self, Demand, Policy, Ratios, Resources},
-    store::{hosts, identity},
+    scheduler::{self, Demand, HostView, Policy, Ratios, Resources},
+    store::{Db, host_index::HostIndex, hosts, identity},
     validation,
 };
 
@@ -173,22 +173,18 @@ pub fn get(c: &Connection, id: &VpsId, scope: &Scope) -> Result<VpsRecord, ApiEr
 
 /// For the dispatcher, which acts for no caller.
 pub fn get_any(c: &Connection, id: &VpsId) -> Result<VpsRecord, ApiError> {
-    c.query_row(
-        &format!("SELECT {COLS} FROM vps WHERE id = ?1"),
-        [id.to_string()],
-        from_row,
-    )
-    .optional()?
-    .ok_or_else(|| ApiError::VpsNotFound(id.to_string()))
+    c.prepare_cached(&format!("SELECT {COLS} FROM vps WHERE id = ?1"))?
+        .query_row([id.to_string()], from_row)
+        .optional()?
+        .ok_or_else(|| ApiError::VpsNotFound(id.to_string()))
 }
 
 fn by_request(c: &Connection, request_id: &str) -> Result<Option<VpsRecord>, ApiError> {
-    Ok(c.query_row(
-        &format!("SELECT {COLS} FROM vps WHERE request_id = ?1"),
-        [request_id],
-        from_row,
+    Ok(
+        c.prepare_cached(&format!("SELECT {COLS} FROM vps WHERE request_id = ?1"))?
+            .query_row([request_id], from_row)
+            .optional()?,
     )
-    .optional()?)
 }
 
 pub struct Placement {
@@ -212,11 +208,22 @@ fn demand(spec: &VpsSpec, wish: &PlacementRequest, institution: &str) -> Demand 
     }
 }
 
-/// Picks a host for `spec` (or checks the pinned one) from the hosts as they
-/// are inside the caller's transaction; the caller's UPDATE or INSERT of the
-/// VPS with that host is the claim.
+fn no_such_image(name: &str) -> ApiError {
+    ApiError::invalid(
+        "image",
+        format!("no image named {name:?} in the catalogue; see `betangctl image list`"),
+    )
+}
+
+/// Picks a host for `spec` (or checks the pinned one) inside the caller's
+/// transaction; the caller's UPDATE or INSERT of the VPS with that host is
+/// the claim. The choice comes from the in-memory host index; the chosen
+/// host is then judged again from its rows in this transaction, so a stale
+/// index can cost a retry but never a double booking.
+#[allow(clippy::too_many_arguments)]
 fn place(
     c: &Connection,
+    index: &mut HostIndex,
     spec: &VpsSpec,
     wish: &PlacementRequest,
     institution: &str,
@@ -224,19 +231,8 @@ fn place(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<HostId, ApiError> {
-    let mut views = hosts::views(c, now_ms, placement.down_after_ms)?;
-    let Some(image) = hosts::catalogue(c)?
-        .into_iter()
-        .find(|i| i.name == spec.image)
-    else {
-        return Err(ApiError::invalid(
-            "image",
-            format!(
-                "no image named {:?} in the catalogue; see `betangctl image list`",
-                spec.image
-            ),
-        ));
-    };
+    let image =
+        hosts::catalogue_image(c, &spec.image)?.ok_or_else(|| no_such_image(&spec.image))?;
     if spec.disk_gib < image.min_disk_gib {
         return Err(ApiError::invalid(
             "disk_gib",
@@ -246,15 +242,28 @@ fn place(
             ),
         ));
     }
-    if let Some(pin) = pin {
-        views.retain(|h| &h.id == pin);
-        if views.is_empty() {
-            return Err(ApiError::invalid("host_id", format!("no host {pin}")));
-        }
-    }
     let demand = demand(spec, wish, institution);
-    scheduler::place(&views, &demand, &placement.ratios, &placement.policy)
-        .map_err(ApiError::NoHostFits)
+    let (r, p, down) = (
+        &placement.ratios,
+        &placement.policy,
+        placement.down_after_ms,
+    );
+    let judge = |views: &[HostView]| scheduler::place(views, &demand, r, p);
+    if let Some(pin) = pin {
+        let Some(view) = hosts::view(c, pin, now_ms, down)? else {
+            return Err(ApiError::invalid("host_id", format!("no host {pin}")));
+        };
+        return judge(&[view]).map_err(ApiError::NoHostFits);
+    }
+    let chosen = judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)?;
+    let confirmed = hosts::view(c, &chosen, now_ms, down)?
+        .is_some_and(|v| judge(std::slice::from_ref(&v)).is_ok());
+    if confirmed {
+        return Ok(chosen);
+    }
+    tracing::warn!(host_id = %chosen, "host index was out of step with the store; reloading it");
+    index.reload(c)?;
+    judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)
 }
 
 fn need(spec: &VpsSpec) -> Resources {
@@ -279,7 +288,7 @@ pub struct NewVps {
 /// once, within its institution's quota. The same `request_id` again (from
 /// the same institution) returns the first VPS.
 pub fn create(
-    c: &mut Connection,
+    db: &mut Db,
     actor: &Caller,
     n: &NewVps,
     placement: &Placement,
@@ -308,7 +317,9 @@ pub fn create(
         }
         actor.institution_id.clone()
     };
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
     identity::get_institution(&tx, &institution).map_err(|_| ApiError::NotFound {
         what: "institution",
         id: institution.clone(),
@@ -330,6 +341,7 @@ pub fn create(
         identity::check_quota(&tx, &institution, need(&n.spec), 1)?;
         let host = place(
             &tx,
+            &mut db.hosts,
             &n.spec,
             &n.placement,
             &institution,
@@ -340,24 +352,15 @@ pub fn create(
         (VpsState::Scheduled, Some(host))
     } else {
         // Checked now so the member hears of a bad image at once, not after approval.
-        if !hosts::catalogue(&tx)?
-            .iter()
-            .any(|i| i.name == n.spec.image)
-        {
-            return Err(ApiError::invalid(
-                "image",
-                format!(
-                    "no image named {:?} in the catalogue; see `betangctl image list`",
-                    n.spec.image
-                ),
-            ));
+        if hosts::catalogue_image(&tx, &n.spec.image)?.is_none() {
+            return Err(no_such_image(&n.spec.image));
         }
         (VpsState::PendingApproval, None)
     };
     let id = VpsId::new();
     let a = &n.application;
     let decided_by = if staff { actor.username.as_str() } else { "" };
-    tx.execute(
+    tx.prepare_cached(
         "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
                           user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
                           institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
@@ -365,42 +368,42 @@ pub fn create(
                           zone, host_labels, anti_affinity_group)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
                  ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
-        params![
-            id.to_string(),
-            scoped_request,
-            n.spec.name,
-            n.spec.vcpus,
-            n.spec.memory_mib as i64,
-            n.spec.disk_gib as i64,
-            n.spec.image,
-            n.spec.ssh_public_key,
-            n.spec.user_data,
-            state.as_str(),
-            host.as_ref().map(|h| h.as_str().to_owned()),
-            now_ms,
-            institution,
-            a.name,
-            a.kind,
-            a.purpose,
-            a.domain,
-            a.responsible_name,
-            a.responsible_nip,
-            a.responsible_email,
-            a.responsible_phone,
-            actor.username,
-            decided_by,
-            n.pin.as_ref().map(|h| h.as_str().to_owned()),
-            n.placement.zone,
-            serde_json::to_string(
-                &n.placement
-                    .host_labels
-                    .iter()
-                    .collect::<std::collections::BTreeMap<_, _>>()
-            )
-            .unwrap_or_else(|_| "{}".into()),
-            n.placement.anti_affinity_group,
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        scoped_request,
+        n.spec.name,
+        n.spec.vcpus,
+        n.spec.memory_mib as i64,
+        n.spec.disk_gib as i64,
+        n.spec.image,
+        n.spec.ssh_public_key,
+        n.spec.user_data,
+        state.as_str(),
+        host.as_ref().map(|h| h.as_str().to_owned()),
+        now_ms,
+        institution,
+        a.name,
+        a.kind,
+        a.purpose,
+        a.domain,
+        a.responsible_name,
+        a.responsible_nip,
+        a.responsible_email,
+        a.responsible_phone,
+        actor.username,
+        decided_by,
+        n.pin.as_ref().map(|h| h.as_str().to_owned()),
+        n.placement.zone,
+        serde_json::to_string(
+            &n.placement
+                .host_labels
+                .iter()
+                .collect::<std::collections::BTreeMap<_, _>>()
+        )
+        .unwrap_or_else(|_| "{}".into()),
+        n.placement.anti_affinity_group,
+    ])?;
     let (action, result) = match &host {
         Some(h) => ("vps.create", format!("SCHEDULED on {h}")),
         None => ("vps.request", "PENDING_APPROVAL".to_owned()),
@@ -446,31 +449,32 @@ impl Approval {
 /// An operator approves a request, optionally resizing it or pinning a host:
 /// quota check, placement and claim in one transaction.
 pub fn approve(
-    c: &mut Connection,
+    db: &mut Db,
     actor: &Caller,
     id: &VpsId,
     a: &Approval,
     placement: &Placement,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db
+        .conn
+        .transaction_with_behavior(TransactionBehavior::Immediate)?;
     let v = get(&tx, id, &actor.scope())?;
     transition(&v, VpsState::Scheduled, "approve")?;
     let spec = a.applied_to(&v.spec);
     validation::spec(&spec)?;
     identity::check_quota(&tx, v.institution(), need(&spec), 1)?;
     let pin = a.pin.clone().or_else(|| {
-        tx.query_row(
-            "SELECT pinned_host FROM vps WHERE id = ?1",
-            [id.to_string()],
-            |r| r.get::<_, Option<String>>(0),
-        )
-        .ok()
-        .flatten()
-        .and_then(|h| HostId::parse(&h).ok())
+        tx.prepare_cached("SELECT pinned_host FROM vps WHERE id = ?1")
+            .ok()?
+            .query_row([id.to_string()], |r| r.get::<_, Option<String>>(0))
+            .ok()
+            .flatten()
+            .and_then(|h| HostId::parse(&h).ok())
     });
     let host = place(
         &tx,
+        &mut db.hosts,
         &spec,
         &v.placement,
         v.institution(),
@@ -478,21 +482,21 @@ pub fn approve(
         placement,
         now_ms,
     )?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE vps SET state = 'SCHEDULED', vcpus = ?2, memory_mib = ?3, disk_gib = ?4,
              host_id = ?5, decided_by = ?6, generation = generation + 1, updated_at_ms = ?7,
              state_reason = ''
          WHERE id = ?1",
-        params![
-            id.to_string(),
-            spec.vcpus,
-            spec.memory_mib as i64,
-            spec.disk_gib as i64,
-            host.as_str(),
-            actor.username,
-            now_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        spec.vcpus,
+        spec.memory_mib as i64,
+        spec.disk_gib as i64,
+        host.as_str(),
+        actor.username,
+        now_ms
+    ])?;
     let result = format!(
         "SCHEDULED on {host}: {} vCPU, {} MiB, {} GiB",
         spec.vcpus, spec.memory_mib, spec.disk_gib
@@ -529,17 +533,17 @@ pub fn decide_against(
         "cancel"
     };
     transition(&v, next, action)?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE vps SET state = ?2, state_reason = ?3, decided_by = ?4, updated_at_ms = ?5
          WHERE id = ?1",
-        params![
-            id.to_string(),
-            next.as_str(),
-            reason,
-            actor.username,
-            now_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        next.as_str(),
+        reason,
+        actor.username,
+        now_ms
+    ])?;
     identity::audit(
         &tx,
         actor,
@@ -600,8 +604,9 @@ pub fn resize(
         state: v.state.as_str(),
         action: "resize",
     })?;
-    let mut views = hosts::views(&tx, now_ms, placement.down_after_ms)?;
-    views.retain(|h| h.id == host);
+    let mut views: Vec<HostView> = hosts::view(&tx, &host, now_ms, placement.down_after_ms)?
+        .into_iter()
+        .collect();
     for h in &mut views {
         // The VPS's own share is already counted; judge the new size alone.
         h.allocated.vcpus = h.allocated.vcpus.saturating_sub(old.vcpus);
@@ -618,17 +623,17 @@ pub fn resize(
     };
     scheduler::place(&views, &demand, &placement.ratios, &placement.policy)
         .map_err(ApiError::NoHostFits)?;
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE vps SET vcpus = ?2, memory_mib = ?3, disk_gib = ?4, generation = generation + 1,
              attempts = 0, next_attempt_ms = 0, updated_at_ms = ?5 WHERE id = ?1",
-        params![
-            id.to_string(),
-            spec.vcpus,
-            spec.memory_mib as i64,
-            spec.disk_gib as i64,
-            now_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        spec.vcpus,
+        spec.memory_mib as i64,
+        spec.disk_gib as i64,
+        now_ms
+    ])?;
     let result = format!(
         "{} vCPU, {} MiB, {} GiB",
         spec.vcpus, spec.memory_mib, spec.disk_gib
@@ -726,18 +731,18 @@ pub fn set_desired(
     if v.desired == desired && v.stop_timeout_s == stop_timeout_s && v.force_stop == force_stop {
         return Ok(v);
     }
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE vps SET desired_power = ?2, stop_timeout_s = ?3, force_stop = ?4,
              generation = generation + 1, attempts = 0, next_attempt_ms = 0,
              state_reason = '', updated_at_ms = ?5 WHERE id = ?1",
-        params![
-            id.to_string(),
-            desired.as_str(),
-            stop_timeout_s,
-            force_stop,
-            now_ms
-        ],
-    )?;
+    )?
+    .execute(params![
+        id.to_string(),
+        desired.as_str(),
+        stop_timeout_s,
+        force_stop,
+        now_ms
+    ])?;
     let result = if force_stop {
         "forced"
     } else {
@@ -777,11 +782,11 @@ pub fn mark_deleting(
     } else {
         VpsState::Deleting
     };
-    tx.execute(
+    tx.prepare_cached(
         "UPDATE vps SET state = ?3, generation = generation + 1, attempts = 0,
              next_attempt_ms = 0, updated_at_ms = ?2 WHERE id = ?1",
-        params![id.to_string(), now_ms, next.as_str()],
-    )?;
+    )?
+    .execute(params![id.to_string(), now_ms, next.as_str()])?;
     identity::audit(
         &tx,
         actor,
@@ -805,22 +810,38 @@ pub enum Work {
     Cleanup,
 }
 
-pub fn work_items(c: &Connection, now_ms: i64) -> Result<Vec<(Work, VpsRecord)>, ApiError> {
-    let sql = format!(
-        "SELECT {COLS} FROM vps WHERE next_attempt_ms <= ?1 AND host_id IS NOT NULL AND (
+/// The VPS that differ from what they should be, most overdue first. Its
+/// condition is the partial index `vps_work` (migrations/0005), word for
+/// word, so that SQLite reads only these rows.
+pub const WORK_ITEMS_SQL: &str = "SELECT id FROM vps
+         WHERE next_attempt_ms <= ?1 AND host_id IS NOT NULL AND (
              state IN ('SCHEDULED', 'PROVISIONING', 'DELETING')
              OR (state IN ('RUNNING', 'STOPPED') AND (
                     applied_generation < generation
                     OR observed_power = 'absent'
                     OR (desired_power = 'stopped' AND observed_power = 'running')))
              OR (state = 'ERROR' AND cleanup_pending = 1))
-         ORDER BY next_attempt_ms, seq LIMIT 500"
-    );
-    let mut q = c.prepare_cached(&sql)?;
-    let rows = q.query_map([now_ms], from_row)?;
+         ORDER BY next_attempt_ms, seq LIMIT 500";
+
+/// What the dispatcher must do, leaving out the VPS it is already busy with
+/// (so a pass costs little while a long queue is being worked through).
+pub fn work_items(
+    c: &Connection,
+    now_ms: i64,
+    busy: &std::collections::HashSet<VpsId>,
+) -> Result<Vec<(Work, VpsRecord)>, ApiError> {
+    let ids: Vec<String> = {
+        let mut q = c.prepare_cached(WORK_ITEMS_SQL)?;
+        q.query_map([now_ms], |r| r.get(0))?
+            .collect::<Result<_, _>>()?
+    };
     let mut out = Vec::new();
-    for r in rows {
-        let v = r?;
+    for id in ids {
+        let Ok(id) = VpsId::parse(&id) else { continue };
+        if busy.contains(&id) {
+            continue;
+        }
+        let v = get_any(c, &id)?;
         let w = match v.state {
             VpsState::Deleting => Work::Delete,
             VpsState::Error => Work::Cleanup,
@@ -831,27 +852,49 @@ pub fn work_items(c: &Connection, now_ms: i64) -> Result<Vec<(Work, VpsRecord)>,
     Ok(out)
 }
 
-/// SCHEDULED -> PROVISIONING, just before the first ensure is sent.
-pub fn begin_provisioning(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> {
-    c.execute(
-        "UPDATE vps SET state = 'PROVISIONING', updated_at_ms = ?2
-         WHERE id = ?1 AND state = 'SCHEDULED'",
-        params![id.to_string(), now_ms],
-    )?;
+/// SCHEDULED -> PROVISIONING, just before the first ensure is sent; one
+/// transaction for every VPS a reconcile pass is about to build.
+pub fn begin_provisioning(c: &mut Connection, ids: &[VpsId], now_ms: i64) -> Result<(), ApiError> {
+    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    {
+        let mut q = tx.prepare_cached(
+            "UPDATE vps SET state = 'PROVISIONING', updated_at_ms = ?2
+             WHERE id = ?1 AND state = 'SCHEDULED'",
+        )?;
+        for id in ids {
+            q.execute(params![id.to_string(), now_ms])?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 
-/// Records a successful ensure, unless the VPS changed meanwhile.
-pub fn ensure_succeeded(
-    c: &mut Connection,
-    id: &VpsId,
-    sent_generation: u64,
-    status: &VmStatus,
-    now_ms: i64,
-) -> Result<(), ApiError> {
+/// What an agent answered to an ensure sent with `generation`.
+#[derive(Debug, Clone)]
+pub struct Ensured {
+    pub id: VpsId,
+    pub generation: u64,
+    pub status: VmStatus,
+}
+
+/// Records successful ensures, each unless its VPS changed meanwhile; one
+/// transaction for a whole burst of answers.
+pub fn ensure_succeeded(c: &mut Connection, done: &[Ensured], now_ms: i64) -> Result<(), ApiError> {
     let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-    let v = get_any(&tx, id)?;
-    if v.generation != sent_generation
+    for e in done {
+        match record_ensured(&tx, e, now_ms) {
+            Ok(()) => {}
+            Err(ApiError::Store(err)) => return Err(ApiError::Store(err)),
+            Err(err) => tracing::warn!(vps_id = %e.id, error = %err, "ensure answer not recorded"),
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+fn record_ensured(c: &Connection, e: &Ensured, now_ms: i64) -> Result<(), ApiError> {
+    let v = get_any(c, &e.id)?;
+    if v.generation != e.generation
         || !matches!(
             v.state,
             VpsState::Provisioning | VpsState::Running | VpsState::Stopped
@@ -859,25 +902,24 @@ pub fn ensure_succeeded(
     {
         return Ok(());
     }
-    let power = PowerState::try_from(status.power).unwrap_or(PowerState::Unspecified);
+    let power = PowerState::try_from(e.status.power).unwrap_or(PowerState::Unspecified);
     let next = if power == PowerState::Running {
         VpsState::Running
     } else {
         VpsState::Stopped
     };
     transition(&v, next, "record")?;
-    tx.execute(
+    c.prepare_cached(
         "UPDATE vps SET state = ?2, applied_generation = ?3, observed_power = ?4, attempts = 0,
              next_attempt_ms = 0, state_reason = '', updated_at_ms = ?5 WHERE id = ?1",
-        params![
-            id.to_string(),
-            next.as_str(),
-            sent_generation as i64,
-            hosts::power_name(power),
-            now_ms
-        ],
-    )?;
-    tx.commit()?;
+    )?
+    .execute(params![
+        e.id.to_string(),
+        next.as_str(),
+        e.generation as i64,
+        hosts::power_name(power),
+        now_ms
+    ])?;
     Ok(())
 }
 
@@ -897,11 +939,15 @@ pub fn call_failed(
     let timed_out = building && now_ms - v.created_at_ms > build_timeout_ms;
     if (transient && !timed_out) || v.state == VpsState::Deleting || v.state == VpsState::Error {
         let backoff = 500i64 << v.attempts.min(7);
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE vps SET attempts = attempts + 1, next_attempt_ms = ?2, state_reason = ?3
              WHERE id = ?1",
-            params![id.to_string(), now_ms + backoff.min(60_000), message],
-        )?;
+        )?
+        .execute(params![
+            id.to_string(),
+            now_ms + backoff.min(60_000),
+            message
+        ])?;
     } else {
         let reason = if timed_out {
             format!(
@@ -912,11 +958,11 @@ pub fn call_failed(
             message.to_owned()
         };
         transition(&v, VpsState::Error, "fail")?;
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE vps SET state = 'ERROR', state_reason = ?2, cleanup_pending = ?3,
                  attempts = 0, next_attempt_ms = 0, updated_at_ms = ?4 WHERE id = ?1",
-            params![id.to_string(), reason, building, now_ms],
-        )?;
+        )?
+        .execute(params![id.to_string(), reason, building, now_ms])?;
     }
     tx.commit()?;
     Ok(())
@@ -924,20 +970,20 @@ pub fn call_failed(
 
 /// The agent confirmed the VM is gone: the VPS is deleted and its claim released.
 pub fn deleted(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE vps SET state = 'DELETED', observed_power = 'absent', updated_at_ms = ?2
          WHERE id = ?1 AND state = 'DELETING'",
-        params![id.to_string(), now_ms],
-    )?;
+    )?
+    .execute(params![id.to_string(), now_ms])?;
     Ok(())
 }
 
 /// A failed VPS's leftovers are gone: release its claim on the host.
 pub fn cleaned_up(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> {
-    c.execute(
+    c.prepare_cached(
         "UPDATE vps SET cleanup_pending = 0, host_id = NULL, observed_power = 'absent',
              updated_at_ms = ?2 WHERE id = ?1 AND state = 'ERROR'",
-        params![id.to_string(), now_ms],
-    )?;
+    )?
+    .execute(params![id.to_string(), now_ms])?;
     Ok(())
 }

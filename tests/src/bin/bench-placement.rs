@@ -19,7 +19,6 @@ use betang_proto::v1::{
     registry_service_client::RegistryServiceClient,
 };
 use betang_tests::{Clients, application, make_people};
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::{Request, Response, Status};
 
 /// An agent that owns nothing and agrees to everything, so that the
@@ -112,7 +111,9 @@ async fn main() -> anyhow::Result<()> {
     tokio::spawn(
         tonic::transport::Server::builder()
             .add_service(AgentServiceServer::new(NullAgent))
-            .serve_with_incoming(TcpListenerStream::new(null)),
+            .serve_with_incoming(
+                tonic::transport::server::TcpIncoming::from(null).with_nodelay(Some(true)),
+            ),
     );
 
     let now = betang_controller::now_ms();

@@ -1,0 +1,131 @@
+//! The scheduler's view of every host, kept in memory beside the store's one
+//! connection so that placing a VPS reads no host rows at all.
+//!
+//! It never decides alone: it is a cache of the hosts tables, refreshed host
+//! by host from the rows that temporary triggers mark as changed (whatever
+//! statement changed them), thrown away when another connection has written
+//! to the file (`PRAGMA data_version`), and the host it picks is checked
+//! again against its rows inside the claiming transaction.
+
+use std::collections::HashMap;
+
+use rusqlite::Connection;
+
+use super::hosts;
+use crate::{error::ApiError, ids::HostId, scheduler::HostView};
+
+/// Created on every connection: a temporary table of changed host ids, and
+/// triggers that fill it. Temporary objects live only in this connection, and
+/// rows written by a transaction that rolls back go with it.
+pub const DIRTY_TRACKING: &str = "
+CREATE TEMP TABLE dirty_hosts (host_id TEXT PRIMARY KEY) WITHOUT ROWID;
+CREATE TEMP TRIGGER dirty_host_new AFTER INSERT ON main.hosts BEGIN
+    INSERT OR IGNORE INTO dirty_hosts VALUES (NEW.id);
+END;
+CREATE TEMP TRIGGER dirty_host_changed AFTER UPDATE OF vcpus, memory_mib, disk_gib, zone,
+    labels, weight, cordoned, last_heartbeat_ms ON main.hosts BEGIN
+    INSERT OR IGNORE INTO dirty_hosts VALUES (NEW.id);
+END;
+CREATE TEMP TRIGGER dirty_host_allocation AFTER UPDATE ON main.host_allocation BEGIN
+    INSERT OR IGNORE INTO dirty_hosts VALUES (NEW.host_id);
+END;
+CREATE TEMP TRIGGER dirty_host_image_added AFTER INSERT ON main.host_images BEGIN
+    INSERT OR IGNORE INTO dirty_hosts VALUES (NEW.host_id);
+END;
+CREATE TEMP TRIGGER dirty_host_image_removed AFTER DELETE ON main.host_images BEGIN
+    INSERT OR IGNORE INTO dirty_hosts VALUES (OLD.host_id);
+END;
+";
+
+#[derive(Default)]
+pub struct HostIndex {
+    views: Vec<HostView>,
+    heartbeats: Vec<i64>,
+    pos: HashMap<HostId, usize>,
+    loaded: bool,
+    /// `PRAGMA data_version` when last in step with the file.
+    data_version: i64,
+}
+
+fn data_version(c: &Connection) -> Result<i64, ApiError> {
+    Ok(c.query_row("PRAGMA data_version", [], |r| r.get(0))?)
+}
+
+impl HostIndex {
+    /// Every host, with `up` judged against `now_ms`; loaded from `c` first
+    /// if the index is empty or another connection has written meanwhile.
+    pub fn hosts(
+        &mut self,
+        c: &Connection,
+        now_ms: i64,
+        down_after_ms: i64,
+    ) -> Result<&[HostView], ApiError> {
+        if !self.loaded || data_version(c)? != self.data_version {
+            self.reload(c)?;
+        }
+        for (v, hb) in self.views.iter_mut().zip(&self.heartbeats) {
+            v.up = now_ms - hb <= down_after_ms;
+        }
+        Ok(&self.views)
+    }
+
+    pub fn reload(&mut self, c: &Connection) -> Result<(), ApiError> {
+        let rows = hosts::read_views(c, None)?;
+        self.views.clear();
+        self.heartbeats.clear();
+        self.pos.clear();
+        for (v, hb) in rows {
+            self.pos.insert(v.id.clone(), self.views.len());
+            self.views.push(v);
+            self.heartbeats.push(hb);
+        }
+        c.execute("DELETE FROM temp.dirty_hosts", [])?;
+        self.data_version = data_version(c)?;
+        self.loaded = true;
+        Ok(())
+    }
+
+    /// Forget everything; the next placement loads the hosts again.
+    pub fn invalidate(&mut self) {
+        self.loaded = false;
+    }
+
+    /// Brings the hosts changed since the last call up to date. Run after
+    /// every unit of work on the connection, outside any transaction.
+    pub fn sync(&mut self, c: &Connection) -> Result<(), ApiError> {
+        let dirty: Vec<String> = {
+            let mut q = c.prepare_cached("SELECT host_id FROM temp.dirty_hosts")?;
+            q.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+        };
+        if dirty.is_empty() || !self.loaded {
+            if !dirty.is_empty() {
+                c.execute("DELETE FROM temp.dirty_hosts", [])?;
+            }
+            return Ok(());
+        }
+        c.execute("DELETE FROM temp.dirty_hosts", [])?;
+        for id in dirty {
+            let Ok(id) = HostId::parse(&id) else {
+                continue;
+            };
+            match hosts::read_views(c, Some(&id))?.pop() {
+                Some((v, hb)) => match self.pos.get(&id) {
+                    Some(&i) => {
+                        self.views[i] = v;
+                        self.heartbeats[i] = hb;
+                    }
+                    // A new host: placement breaks ties by host id, so keep the order.
+                    None => {
+                        self.reload(c)?;
+                        return Ok(());
+                    }
+                },
+                None => {
+                    self.reload(c)?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,285 @@
+//! The store's bookkeeping: the totals its triggers keep, the in-memory host
+//! index, and claims made by two controllers sharing one file.
+
+use betang_proto::v1::{Application, HostCapacity, HostInfoResponse, Image, VpsSpec};
+
+use super::*;
+use crate::{
+    auth::Caller,
+    ids::HostId,
+    scheduler::{Policy, Ratios},
+    store::{
+        hosts, identity,
+        vps::{self, NewVps, Placement},
+    },
+};
+
+const NOW: i64 = 1_000_000;
+
+fn register(s: &Store, id: &str, vcpus: u32) {
+    let info = HostInfoResponse {
+        host_id: id.into(),
+        hostname: id.into(),
+        capacity: Some(HostCapacity {
+            vcpus,
+            memory_mib: u64::from(vcpus) * 1024,
+            disk_gib: 1000,
+        }),
+        images: vec![Image {
+            name: "tiny".into(),
+            min_disk_gib: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.run_sync(|c| hosts::register(c, &info, "http://127.0.0.1:1", NOW))
+        .unwrap();
+}
+
+/// The data center's own institution, as bootstrapping makes it.
+fn institution(s: &Store) -> String {
+    let (admin, _) = s
+        .run_sync(|c| identity::bootstrap_admin(c, "dc", "Data center", "admin", NOW))
+        .unwrap();
+    let room = betang_proto::v1::Quota {
+        vcpus: 1000,
+        memory_mib: 1 << 30,
+        disk_gib: 1 << 30,
+        vps_count: 1000,
+    };
+    s.run_sync(|c| identity::set_quota(c, &Caller::system(), &admin.institution_id, &room, NOW))
+        .unwrap();
+    admin.institution_id
+}
+
+fn placement() -> Placement {
+    Placement {
+        ratios: Ratios {
+            cpu: 1.0,
+            memory: 1.0,
+            disk: 1.0,
+        },
+        policy: Policy::default(),
+        down_after_ms: 10_000,
+    }
+}
+
+fn new_vps(institution: &str, n: usize, vcpus: u32) -> NewVps {
+    NewVps {
+        request_id: format!("r-{n}"),
+        spec: VpsSpec {
+            name: format!("vps-{n}"),
+            vcpus,
+            memory_mib: u64::from(vcpus) * 1024,
+            disk_gib: 10,
+            image: "tiny".into(),
+            ..Default::default()
+        },
+        application: Application {
+            name: "App".into(),
+            responsible_name: "Siti".into(),
+            ..Default::default()
+        },
+        institution_id: institution.into(),
+        pin: None,
+        placement: Default::default(),
+    }
+}
+
+/// Every host's totals and the institution's usage, as kept and as summed.
+fn assert_totals_agree(s: &Store, institution: &str) {
+    s.run_sync(|c| {
+        let mut q = c.prepare(
+            "SELECT h.id, a.vcpus, a.memory_mib, a.disk_gib, a.vps_count,
+                    (SELECT COALESCE(SUM(vcpus), 0) FROM vps WHERE host_id = h.id AND state <> 'DELETED'),
+                    (SELECT COALESCE(SUM(memory_mib), 0) FROM vps WHERE host_id = h.id AND state <> 'DELETED'),
+                    (SELECT COALESCE(SUM(disk_gib), 0) FROM vps WHERE host_id = h.id AND state <> 'DELETED'),
+                    (SELECT COUNT(*) FROM vps WHERE host_id = h.id AND state <> 'DELETED')
+             FROM hosts h JOIN host_allocation a ON a.host_id = h.id",
+        )?;
+        let rows: Vec<(String, [i64; 8])> = q
+            .query_map([], |r| {
+                Ok((
+                    r.get(0)?,
+                    [
+                        r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?,
+                        r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?,
+                    ],
+                ))
+            })?
+            .collect::<Result<_, _>>()?;
+        assert!(!rows.is_empty());
+        for (h, v) in rows {
+            assert_eq!(v[..4], v[4..], "host {h}: kept totals differ from the sums");
+        }
+        assert_eq!(
+            identity::used(c, institution)?,
+            identity::used_by_sum(c, institution)?
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn totals_follow_every_change_of_a_vps() {
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    register(&s, "b", 8);
+    let inst = institution(&s);
+    let op = Caller::system();
+    let p = placement();
+    let mut ids = Vec::new();
+    for n in 0..6 {
+        let v = s
+            .run_sync(|c| vps::create(c, &op, &new_vps(&inst, n, 2), &p, NOW))
+            .unwrap();
+        ids.push(v.id);
+    }
+    assert_totals_agree(&s, &inst);
+    let used = s.run_sync(|c| identity::used(c, &inst)).unwrap();
+    assert_eq!((used.vcpus, used.vps_count), (12, 6));
+
+    // Deleted: DELETING still holds, DELETED releases.
+    s.run_sync(|c| vps::mark_deleting(c, &op, &ids[0], NOW))
+        .unwrap();
+    assert_totals_agree(&s, &inst);
+    s.run_sync(|c| vps::deleted(c, &ids[0], NOW)).unwrap();
+    assert_totals_agree(&s, &inst);
+    // A failed build: ERROR holds the quota, the cleanup releases the host.
+    s.run_sync(|c| vps::call_failed(c, &ids[1], false, "refused", NOW, 1))
+        .unwrap();
+    assert_totals_agree(&s, &inst);
+    s.run_sync(|c| vps::cleaned_up(c, &ids[1], NOW)).unwrap();
+    assert_totals_agree(&s, &inst);
+    // Resized while stopped.
+    s.run_sync(|c| {
+        c.execute(
+            "UPDATE vps SET state = 'STOPPED' WHERE id = ?1",
+            [ids[2].to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let bigger = vps::Approval {
+        vcpus: 3,
+        memory_mib: 0,
+        disk_gib: 20,
+        pin: None,
+    };
+    s.run_sync(|c| vps::resize(c, &op, &ids[2], &bigger, &p, NOW))
+        .unwrap();
+    assert_totals_agree(&s, &inst);
+    let used = s.run_sync(|c| identity::used(c, &inst)).unwrap();
+    assert_eq!((used.vcpus, used.vps_count), (2 * 3 + 3 + 2, 5));
+}
+
+#[test]
+fn the_host_index_follows_the_rows() {
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let (op, p) = (Caller::system(), placement());
+    s.run_sync(|c| vps::create(c, &op, &new_vps(&inst, 0, 2), &p, NOW))
+        .unwrap();
+    let same = |s: &Store| {
+        s.run_sync(|db| {
+            let fresh = hosts::views(&db.conn, NOW, 10_000)?;
+            let Db { conn, hosts } = db;
+            let kept = hosts.hosts(conn, NOW, 10_000)?;
+            assert_eq!(fresh.len(), kept.len());
+            for (f, k) in fresh.iter().zip(kept) {
+                assert_eq!(
+                    (
+                        &f.id,
+                        f.allocated,
+                        f.capacity,
+                        f.schedulable,
+                        &f.images,
+                        f.weight
+                    ),
+                    (
+                        &k.id,
+                        k.allocated,
+                        k.capacity,
+                        k.schedulable,
+                        &k.images,
+                        k.weight
+                    )
+                );
+            }
+            Ok(fresh)
+        })
+        .unwrap()
+    };
+    same(&s);
+    // Changes the index learns of through the triggers, each in its own unit of work.
+    register(&s, "b", 16);
+    s.run_sync(|c| vps::create(c, &op, &new_vps(&inst, 1, 2), &p, NOW))
+        .unwrap();
+    let a = HostId::parse("a").unwrap();
+    s.run_sync(|c| hosts::update(c, &op, &a, hosts::HostChange::Cordon(true), NOW))
+        .unwrap();
+    s.run_sync(|c| hosts::update(c, &op, &a, hosts::HostChange::Weight(2.5), NOW))
+        .unwrap();
+    let views = same(&s);
+    assert_eq!(views.len(), 2);
+    assert!(!views[0].schedulable);
+    assert_eq!(
+        views[1].allocated.vcpus, 2,
+        "the second VPS went to the empty host b"
+    );
+}
+
+#[test]
+fn two_controllers_on_one_file_never_double_book() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("betang.db");
+    let first = Store::open(&path).unwrap();
+    // Room for exactly 10 VPS of 2 vCPUs over three hosts.
+    register(&first, "a", 4);
+    register(&first, "b", 6);
+    register(&first, "c", 10);
+    let inst = institution(&first);
+    let second = Store::open(&path).unwrap();
+    let p = placement();
+    // Each store loads its index, then both place in turn: each one's
+    // index is stale after every claim the other makes.
+    let mut placed = 0;
+    for n in 0..30 {
+        let s = if n % 2 == 0 { &first } else { &second };
+        let r = s.run_sync(|c| vps::create(c, &Caller::system(), &new_vps(&inst, n, 2), &p, NOW));
+        match r {
+            Ok(_) => placed += 1,
+            Err(ApiError::NoHostFits(why)) => assert!(why.contains("3 lack vCPUs"), "{why}"),
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(placed, 10);
+    assert_totals_agree(&first, &inst);
+    let views = first.run_sync(|c| hosts::views(c, NOW, 10_000)).unwrap();
+    for v in views {
+        assert_eq!(
+            v.allocated.vcpus, v.capacity.vcpus,
+            "host {} is exactly full",
+            v.id
+        );
+    }
+}
+
+#[test]
+fn the_reconciler_reads_only_the_vps_that_need_work() {
+    let s = Store::open_in_memory().unwrap();
+    let plan: Vec<String> = s
+        .run_sync(|c| {
+            let sql = format!("EXPLAIN QUERY PLAN {}", vps::WORK_ITEMS_SQL);
+            let mut q = c.prepare(&sql)?;
+            let rows = q.query_map([0], |r| r.get::<_, String>(3))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .unwrap();
+    assert!(
+        plan.iter().any(|p| p.contains("USING INDEX vps_work")),
+        "{plan:?}"
+    );
+}
