@@ -94,7 +94,7 @@ fn peak_rss_mib() -> f64 {
 async fn main() -> anyhow::Result<()> {
     let hosts = arg("--hosts", 1000);
     let total = arg("--vps", 20_000);
-    let concurrency = arg("--concurrency", 64);
+    let concurrency = arg("--concurrency", 8);
     let dir = tempfile::tempdir()?;
     let mut cfg =
         betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
