@@ -179,20 +179,23 @@ const INSTITUTION_COLS: &str = "id, code, name, contact_name, contact_email, con
 const QUOTA_STATES: &str =
     "('SCHEDULED', 'PROVISIONING', 'RUNNING', 'STOPPED', 'DELETING', 'ERROR')";
 
+/// vCPUs, memory, disk and VPS count, in that order.
+fn usage_row(r: &Row<'_>) -> rusqlite::Result<Quota> {
+    Ok(Quota {
+        vcpus: r.get::<_, i64>(0)? as u32,
+        memory_mib: r.get::<_, i64>(1)? as u64,
+        disk_gib: r.get::<_, i64>(2)? as u64,
+        vps_count: r.get::<_, i64>(3)? as u32,
+    })
+}
+
 pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
     // Kept by triggers (migrations/0005_allocation_totals.sql) over QUOTA_STATES.
     Ok(c.prepare_cached(
         "SELECT vcpus, memory_mib, disk_gib, vps_count FROM institution_usage
              WHERE institution_id = ?1",
     )?
-    .query_row([institution_id], |r| {
-        Ok(Quota {
-            vcpus: r.get::<_, i64>(0)? as u32,
-            memory_mib: r.get::<_, i64>(1)? as u64,
-            disk_gib: r.get::<_, i64>(2)? as u64,
-            vps_count: r.get::<_, i64>(3)? as u32,
-        })
-    })
+    .query_row([institution_id], usage_row)
     .optional()?
     .unwrap_or_default())
 }
@@ -205,14 +208,7 @@ pub fn used_by_sum(c: &Connection, institution_id: &str) -> Result<Quota, ApiErr
                     COALESCE(SUM(disk_gib), 0), COUNT(*)
              FROM vps WHERE institution_id = ?1 AND state IN {QUOTA_STATES}"
     ))?
-    .query_row([institution_id], |r| {
-        Ok(Quota {
-            vcpus: r.get::<_, i64>(0)? as u32,
-            memory_mib: r.get::<_, i64>(1)? as u64,
-            disk_gib: r.get::<_, i64>(2)? as u64,
-            vps_count: r.get::<_, i64>(3)? as u32,
-        })
-    })?)
+    .query_row([institution_id], usage_row)?)
 }
 
 /// Refuses `add` when it would take the institution over any limit, naming
