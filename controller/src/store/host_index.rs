@@ -97,33 +97,27 @@ impl HostIndex {
             let mut q = c.prepare_cached("SELECT host_id FROM temp.dirty_hosts")?;
             q.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
         };
-        if dirty.is_empty() || !self.loaded {
-            if !dirty.is_empty() {
-                c.execute("DELETE FROM temp.dirty_hosts", [])?;
-            }
+        if dirty.is_empty() {
             return Ok(());
         }
-        c.execute("DELETE FROM temp.dirty_hosts", [])?;
+        c.prepare_cached("DELETE FROM temp.dirty_hosts")?
+            .execute([])?;
+        if !self.loaded {
+            return Ok(());
+        }
         for id in dirty {
             let Ok(id) = HostId::parse(&id) else {
                 continue;
             };
-            match hosts::read_views(c, Some(&id))?.pop() {
-                Some((v, hb)) => match self.pos.get(&id) {
-                    Some(&i) => {
-                        self.views[i] = v;
-                        self.heartbeats[i] = hb;
-                    }
-                    // A new host: placement breaks ties by host id, so keep the order.
-                    None => {
-                        self.reload(c)?;
-                        return Ok(());
-                    }
-                },
-                None => {
-                    self.reload(c)?;
-                    return Ok(());
+            let fresh = hosts::read_views(c, Some(&id))?.pop();
+            match (fresh, self.pos.get(&id)) {
+                (Some((v, hb)), Some(&i)) => {
+                    self.views[i] = v;
+                    self.heartbeats[i] = hb;
                 }
+                // A new host (placement breaks ties by host id, so the order
+                // matters) or one gone: read them all again.
+                _ => return self.reload(c),
             }
         }
         Ok(())
