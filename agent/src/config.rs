@@ -19,6 +19,11 @@ pub struct AgentConfig {
     pub controller_endpoint: String,
     #[serde(default = "default_libvirt_uri")]
     pub libvirt_uri: String,
+    /// `libvirt` (the default), or `simulated`: guests kept in memory and
+    /// disks as small text files, for scale runs of many hosts on one
+    /// machine. A simulated host needs `[capacity]`.
+    #[serde(default)]
+    pub hypervisor: HypervisorSetting,
     /// `kvm`, `qemu`, or `auto` (probe: use KVM only if a KVM guest really starts).
     #[serde(default)]
     pub domain_type: DomainTypeSetting,
@@ -56,6 +61,14 @@ pub enum DomainTypeSetting {
     Auto,
     Kvm,
     Qemu,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum HypervisorSetting {
+    #[default]
+    Libvirt,
+    Simulated,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
@@ -134,6 +147,10 @@ impl AgentConfig {
             );
         }
         anyhow::ensure!(
+            self.hypervisor != HypervisorSetting::Simulated || self.capacity.is_some(),
+            "capacity: a simulated host has no hardware to measure; set [capacity]"
+        );
+        anyhow::ensure!(
             self.heartbeat_interval_ms >= 100,
             "heartbeat_interval_ms: must be at least 100"
         );
@@ -197,6 +214,18 @@ vm_dir = "/var/lib/betang/vms"
         ))
         .unwrap_err();
         assert!(e.to_string().starts_with("network.source:"), "{e}");
+    }
+
+    #[test]
+    fn simulated_host_needs_a_capacity() {
+        let sim = format!("{MINIMAL}\nhypervisor = \"simulated\"\n");
+        let e = AgentConfig::from_toml(&sim).unwrap_err();
+        assert!(e.to_string().starts_with("capacity:"), "{e}");
+        let c = AgentConfig::from_toml(&format!(
+            "{sim}\n[capacity]\nvcpus = 16\nmemory_mib = 65536\ndisk_gib = 1000\n"
+        ))
+        .unwrap();
+        assert_eq!(c.hypervisor, HypervisorSetting::Simulated);
     }
 
     #[test]

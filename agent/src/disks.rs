@@ -7,7 +7,10 @@ use std::path::Path;
 
 use serde::Deserialize;
 
-use crate::error::{AgentError, Result};
+use crate::{
+    error::{AgentError, Result},
+    seed::SeedContent,
+};
 
 pub const GIB: u64 = 1024 * 1024 * 1024;
 
@@ -50,12 +53,82 @@ fn run(cmd: &mut std::process::Command) -> Result<Vec<u8>> {
     Ok(out.stdout)
 }
 
-/// Inspects a base image and refuses anything but a self-contained qcow2.
-pub fn inspect_base(path: &Path) -> Result<ImageFacts> {
+/// What the agent does to disk files. `QemuImg` is the real one; the simulated
+/// hypervisor brings its own, so a scale run of many hosts writes a few bytes
+/// per VPS instead of running `qemu-img` and writing a seed volume.
+pub trait DiskTool: Send + Sync {
+    /// Inspects a base image and refuses anything but a self-contained qcow2.
+    fn inspect_base(&self, path: &Path) -> Result<ImageFacts>;
+    /// Creates `overlay` on top of `base` with `size_bytes` of virtual size.
+    fn create_overlay(&self, base: &Path, overlay: &Path, size_bytes: u64) -> Result<()>;
+    /// Grows a disk to `size_bytes` if it is smaller; never shrinks it.
+    fn grow(&self, path: &Path, size_bytes: u64) -> Result<()>;
+    /// True when `overlay` is backed by exactly `base`; decides whether a
+    /// leftover file from an interrupted ensure can be kept.
+    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool;
+    fn write_seed(&self, path: &Path, content: &SeedContent) -> Result<()>;
+    /// Makes an overlay copied from another host use `base`, this host's copy
+    /// of the same catalogue image. The data is not touched.
+    fn rebase(&self, overlay: &Path, base: &Path) -> Result<()>;
+}
+
+/// Disks as QEMU reads them: qcow2 files made with `qemu-img`, FAT seeds.
+pub struct QemuImg;
+
+impl DiskTool for QemuImg {
+    fn inspect_base(&self, path: &Path) -> Result<ImageFacts> {
+        inspect_base(path)
+    }
+    fn create_overlay(&self, base: &Path, overlay: &Path, size_bytes: u64) -> Result<()> {
+        create_overlay(base, overlay, size_bytes)
+    }
+    fn grow(&self, path: &Path, size_bytes: u64) -> Result<()> {
+        grow(path, size_bytes)
+    }
+    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool {
+        overlay_matches(base, overlay)
+    }
+    fn write_seed(&self, path: &Path, content: &SeedContent) -> Result<()> {
+        content.write_image(path)
+    }
+    fn rebase(&self, overlay: &Path, base: &Path) -> Result<()> {
+        rebase(overlay, base)
+    }
+}
+
+fn inspect_base(path: &Path) -> Result<ImageFacts> {
     let out = run(std::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2", "--"])
         .arg(path))?;
     check_info(&out, path)
+}
+
+/// An imported overlay must be a qcow2 without an external data file; its old
+/// backing path (another host's) is replaced without reading it (`-u`).
+fn rebase(overlay: &Path, base: &Path) -> Result<()> {
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2", "--"])
+        .arg(overlay))?;
+    let info: QemuImgInfo = serde_json::from_slice(&out)
+        .map_err(|e| AgentError::Disk(format!("qemu-img info {}: {e}", overlay.display())))?;
+    let data_file = info
+        .format_specific
+        .and_then(|f| f.data)
+        .and_then(|d| d.get("data-file").cloned());
+    let overlay_of_something =
+        info.backing_filename.is_some() || info.full_backing_filename.is_some();
+    if info.format != "qcow2" || data_file.is_some() || !overlay_of_something {
+        return Err(AgentError::Disk(format!(
+            "{} is not a plain qcow2 overlay; refused",
+            overlay.display()
+        )));
+    }
+    run(std::process::Command::new("qemu-img")
+        .args(["rebase", "-u", "-f", "qcow2", "-F", "qcow2", "-b"])
+        .arg(base)
+        .arg("--")
+        .arg(overlay))?;
+    Ok(())
 }
 
 fn check_info(json: &[u8], path: &Path) -> Result<ImageFacts> {
@@ -90,8 +163,7 @@ fn check_info(json: &[u8], path: &Path) -> Result<ImageFacts> {
     })
 }
 
-/// Creates `overlay` on top of `base` with `size_bytes` of virtual size.
-pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: u64) -> Result<()> {
+fn create_overlay(base: &Path, overlay: &Path, size_bytes: u64) -> Result<()> {
     run(std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b"])
         .arg(base)
@@ -101,8 +173,7 @@ pub fn create_overlay(base: &Path, overlay: &Path, size_bytes: u64) -> Result<()
     Ok(())
 }
 
-/// Grows a qcow2 disk to `size_bytes` if it is smaller; never shrinks it.
-pub fn grow(path: &Path, size_bytes: u64) -> Result<()> {
+fn grow(path: &Path, size_bytes: u64) -> Result<()> {
     let out = run(std::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2", "--"])
         .arg(path))?;
@@ -117,9 +188,7 @@ pub fn grow(path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-/// True when `overlay` is a qcow2 whose backing file is exactly `base`; used to
-/// decide whether a leftover file from an interrupted ensure can be kept.
-pub fn overlay_matches(base: &Path, overlay: &Path) -> bool {
+fn overlay_matches(base: &Path, overlay: &Path) -> bool {
     let Ok(out) = run(std::process::Command::new("qemu-img")
         .args(["info", "--output=json", "-f", "qcow2", "--"])
         .arg(overlay))
@@ -188,6 +257,18 @@ mod tests {
         // The overlay itself has a backing file, so it can never be a base.
         assert!(inspect_base(&overlay).is_err());
         assert!(!overlay_matches(&dir.path().join("other.qcow2"), &overlay));
+        // An overlay moved from another host is based on this host's image.
+        let other_base = dir.path().join("other.qcow2");
+        std::fs::copy(&base, &other_base).unwrap();
+        rebase(&overlay, &other_base).unwrap();
+        assert!(overlay_matches(&other_base, &overlay));
+        assert!(
+            rebase(&base, &other_base).is_err(),
+            "a base is not an overlay"
+        );
+        std::fs::write(dir.path().join("raw"), b"not qcow2").unwrap();
+        assert!(rebase(&dir.path().join("raw"), &base).is_err());
+        rebase(&overlay, &base).unwrap();
         // Growing works; asking for less changes nothing.
         grow(&overlay, 2 * GIB).unwrap();
         grow(&overlay, GIB).unwrap();

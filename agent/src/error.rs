@@ -13,6 +13,8 @@ pub enum AgentError {
     UnknownImage(String),
     #[error("no VM for VPS {0} on this host")]
     NoSuchVm(String),
+    #[error("VPS {vps_id}: {rule}")]
+    WrongState { vps_id: String, rule: &'static str },
     #[error("libvirt: {0}")]
     Libvirt(String),
     #[error("libvirt did not answer within {0:?}")]
@@ -55,7 +57,9 @@ impl From<AgentError> for tonic::Status {
             AgentError::InvalidName(_) | AgentError::InvalidArgument { .. } => {
                 tonic::Status::invalid_argument(msg)
             }
-            AgentError::UnknownImage(_) => tonic::Status::failed_precondition(msg),
+            AgentError::UnknownImage(_) | AgentError::WrongState { .. } => {
+                tonic::Status::failed_precondition(msg)
+            }
             AgentError::NoSuchVm(_) => tonic::Status::not_found(msg),
             AgentError::HypervisorTimeout(_) => tonic::Status::deadline_exceeded(msg),
             AgentError::Libvirt(_) => tonic::Status::unavailable(msg),

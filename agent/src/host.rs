@@ -11,6 +11,8 @@ pub struct HostReporter {
     hostname: String,
     capacity: Option<CapacityConfig>,
     sampler: HostSampler,
+    /// Unix milliseconds of the last heartbeat the controller accepted; 0 before.
+    last_heartbeat_ms: std::sync::atomic::AtomicI64,
 }
 
 impl HostReporter {
@@ -27,7 +29,21 @@ impl HostReporter {
             hostname: sysinfo::System::host_name().unwrap_or_default(),
             capacity,
             sampler: HostSampler::default(),
+            last_heartbeat_ms: Default::default(),
         }
+    }
+
+    pub fn heartbeat_accepted(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        self.last_heartbeat_ms
+            .store(now, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn last_heartbeat_ms(&self) -> i64 {
+        self.last_heartbeat_ms
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     pub fn host_id(&self) -> &str {

@@ -10,7 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
-    disks,
+    disks::{self, DiskTool},
     error::{AgentError, Result},
     names,
 };
@@ -61,7 +61,7 @@ pub struct Catalog {
 impl Catalog {
     /// Loads the catalogue. A bad entry is refused on its own and reported;
     /// it does not hide the good ones.
-    pub fn load(dir: &Path) -> Result<Catalog> {
+    pub fn load(dir: &Path, disks: &dyn DiskTool) -> Result<Catalog> {
         let manifest_path = dir.join(MANIFEST);
         let text = match std::fs::read_to_string(&manifest_path) {
             Ok(t) => t,
@@ -75,7 +75,7 @@ impl Catalog {
             })?;
         let mut catalog = Catalog::default();
         for entry in manifest.image {
-            match Self::entry(dir, entry) {
+            match Self::entry(dir, entry, disks) {
                 Ok(img) => {
                     catalog.images.insert(img.name.clone(), img);
                 }
@@ -85,11 +85,11 @@ impl Catalog {
         Ok(catalog)
     }
 
-    fn entry(dir: &Path, e: ManifestEntry) -> Result<CatalogImage> {
+    fn entry(dir: &Path, e: ManifestEntry, disks: &dyn DiskTool) -> Result<CatalogImage> {
         names::check_image_name(&e.name)?;
         names::check_file_name("file", &e.file)?;
         let path = dir.join(&e.file);
-        let facts = disks::inspect_base(&path)?;
+        let facts = disks.inspect_base(&path)?;
         Ok(CatalogImage {
             name: e.name,
             path,
@@ -150,7 +150,7 @@ file = "missing.qcow2"
 "#,
         )
         .unwrap();
-        let c = Catalog::load(dir.path()).unwrap();
+        let c = Catalog::load(dir.path(), &crate::disks::QemuImg).unwrap();
         let names: Vec<_> = c.images().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["debian-12"]);
         assert_eq!(c.get("debian-12").unwrap().min_disk_gib(), 1);
@@ -162,6 +162,12 @@ file = "missing.qcow2"
     #[test]
     fn no_manifest_is_an_empty_catalogue() {
         let dir = tempfile::tempdir().unwrap();
-        assert_eq!(Catalog::load(dir.path()).unwrap().images().count(), 0);
+        assert_eq!(
+            Catalog::load(dir.path(), &crate::disks::QemuImg)
+                .unwrap()
+                .images()
+                .count(),
+            0
+        );
     }
 }

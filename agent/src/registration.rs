@@ -64,7 +64,7 @@ impl Registration {
                 vms_listed,
             };
             match client.heartbeat(hb).await {
-                Ok(_) => {}
+                Ok(_) => self.host.heartbeat_accepted(),
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!("controller does not know this host; registering again");
                     registered = false;

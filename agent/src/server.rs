@@ -10,10 +10,12 @@ use tonic::transport::{Endpoint, Server};
 use tracing::{info, warn};
 
 use crate::{
-    config::{AgentConfig, DomainTypeSetting},
+    config::{AgentConfig, DomainTypeSetting, HypervisorSetting},
     domain_xml::DomainType,
     host::HostReporter,
-    hypervisor::{Blocking, Hypervisor, LibvirtHypervisor, probe_domain_type},
+    hypervisor::{
+        Blocking, Hypervisor, LibvirtHypervisor, NodeFacts, SimulatedHypervisor, probe_domain_type,
+    },
     registration::Registration,
     service::AgentApi,
     tls::Tls,
@@ -24,6 +26,7 @@ use crate::{
 pub struct RunningAgent {
     pub addr: SocketAddr,
     pub vms: Arc<VmManager>,
+    pub host: Arc<HostReporter>,
     tasks: Vec<JoinHandle<()>>,
 }
 
@@ -41,8 +44,22 @@ impl Drop for RunningAgent {
     }
 }
 
+/// A simulated host with the configured capacity as its hardware.
+pub fn simulated_for(cfg: &AgentConfig) -> anyhow::Result<SimulatedHypervisor> {
+    let c = cfg
+        .capacity
+        .context("capacity: a simulated host needs [capacity]")?;
+    Ok(SimulatedHypervisor::new(NodeFacts {
+        cpus: c.vcpus,
+        memory_kib: c.memory_mib.saturating_mul(1024),
+    }))
+}
+
 /// Resolves `auto` into the domain type that works on this host.
 pub async fn domain_type_for(cfg: &AgentConfig) -> DomainType {
+    if cfg.hypervisor == HypervisorSetting::Simulated {
+        return DomainType::Qemu;
+    }
     match cfg.domain_type {
         DomainTypeSetting::Kvm => DomainType::Kvm,
         DomainTypeSetting::Qemu => DomainType::Qemu,
@@ -58,6 +75,10 @@ pub async fn domain_type_for(cfg: &AgentConfig) -> DomainType {
 
 /// Starts the agent on an already bound listener (tests bind port 0).
 pub async fn start(cfg: AgentConfig, listener: TcpListener) -> anyhow::Result<RunningAgent> {
+    if cfg.hypervisor == HypervisorSetting::Simulated {
+        let hv = Arc::new(simulated_for(&cfg)?);
+        return start_with(cfg, listener, hv).await;
+    }
     let uri = cfg.libvirt_uri.clone();
     let hv: Arc<dyn Hypervisor> = Arc::new(
         tokio::task::spawn_blocking(move || LibvirtHypervisor::new(&uri))
@@ -141,6 +162,7 @@ pub async fn start_with(
         controller = controller.tls_config(t.client())?;
     }
     let controller = controller.connect_lazy();
+    let registration_host = host.clone();
     let registration = Registration {
         controller,
         advertise: cfg.advertise_endpoint.clone().unwrap_or_else(|| {
@@ -168,5 +190,10 @@ pub async fn start_with(
             }
         }
     }));
-    Ok(RunningAgent { addr, vms, tasks })
+    Ok(RunningAgent {
+        addr,
+        vms,
+        host: registration_host,
+        tasks,
+    })
 }

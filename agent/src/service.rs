@@ -3,18 +3,21 @@
 use std::{sync::Arc, time::Duration};
 
 use betang_proto::v1::{
-    DeleteVmRequest, DeleteVmResponse, EnsureVmRequest, HostInfoRequest, HostInfoResponse,
-    ListVmsRequest, ListVmsResponse, PowerState, RebootVmRequest, VmStatus,
-    agent_service_server::AgentService,
+    DeleteVmRequest, DeleteVmResponse, DiskChunk, EnsureVmRequest, ExportDiskRequest,
+    HostInfoRequest, HostInfoResponse, ImportDiskRequest, ImportDiskResponse, ListVmsRequest,
+    ListVmsResponse, PowerState, RebootVmRequest, VmStatus, agent_service_server::AgentService,
 };
+use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
 use tracing::instrument;
 
 use crate::{
     error::AgentError,
     host::HostReporter,
-    vms::{DEFAULT_STOP_TIMEOUT, EnsureArgs, VmManager},
+    vms::{DEFAULT_STOP_TIMEOUT, EnsureArgs, Incoming, VmManager},
 };
+
+type ChunkStream = std::pin::Pin<Box<dyn Stream<Item = Result<DiskChunk, Status>> + Send>>;
 
 pub struct AgentApi {
     pub vms: Arc<VmManager>,
@@ -23,6 +26,48 @@ pub struct AgentApi {
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
+    type ExportDiskStream = ChunkStream;
+
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().vps_id, host_id = %self.host.host_id()))]
+    async fn export_disk(
+        &self,
+        req: Request<ExportDiskRequest>,
+    ) -> Result<Response<ChunkStream>, Status> {
+        let (total_bytes, chunks) = self.vms.export_disk(&req.into_inner().vps_id).await?;
+        let header = DiskChunk {
+            data: Vec::new(),
+            total_bytes,
+        };
+        let data = chunks.map(|c| {
+            c.map(|data| DiskChunk {
+                data,
+                total_bytes: 0,
+            })
+            .map_err(Status::from)
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::once(async move { Ok(header) }).chain(data),
+        )))
+    }
+
+    #[instrument(skip_all, fields(host_id = %self.host.host_id()))]
+    async fn import_disk(
+        &self,
+        req: Request<tonic::Streaming<ImportDiskRequest>>,
+    ) -> Result<Response<ImportDiskResponse>, Status> {
+        let chunks = req.into_inner().map(|m| {
+            m.map(|m| Incoming {
+                vps_id: m.vps_id,
+                image: m.image,
+                data: m.data,
+                total_bytes: m.total_bytes,
+            })
+            .map_err(|s| AgentError::Internal(format!("disk stream: {}", s.message())))
+        });
+        let bytes = self.vms.import_disk(chunks).await?;
+        Ok(Response::new(ImportDiskResponse { bytes }))
+    }
+
     #[instrument(skip_all, fields(vps_id = %req.get_ref().vps_id, host_id = %self.host.host_id()))]
     async fn ensure_vm(&self, req: Request<EnsureVmRequest>) -> Result<Response<VmStatus>, Status> {
         let r = req.into_inner();

@@ -13,12 +13,14 @@ pub enum VpsState {
     Provisioning,
     Running,
     Stopped,
+    /// Its disk is on its way to another host.
+    Migrating,
     Deleting,
     Deleted,
     Error,
 }
 
-pub const ALL_STATES: [VpsState; 11] = [
+pub const ALL_STATES: [VpsState; 12] = [
     VpsState::PendingApproval,
     VpsState::Rejected,
     VpsState::Cancelled,
@@ -27,6 +29,7 @@ pub const ALL_STATES: [VpsState; 11] = [
     VpsState::Provisioning,
     VpsState::Running,
     VpsState::Stopped,
+    VpsState::Migrating,
     VpsState::Deleting,
     VpsState::Deleted,
     VpsState::Error,
@@ -43,6 +46,7 @@ impl VpsState {
             VpsState::Provisioning => "PROVISIONING",
             VpsState::Running => "RUNNING",
             VpsState::Stopped => "STOPPED",
+            VpsState::Migrating => "MIGRATING",
             VpsState::Deleting => "DELETING",
             VpsState::Deleted => "DELETED",
             VpsState::Error => "ERROR",
@@ -61,6 +65,9 @@ impl VpsState {
             // A request waiting for an operator is decided, not deleted.
             (PendingApproval, Scheduled | Rejected | Cancelled) => true,
             (PendingApproval, _) => false,
+            // A move ends (either way) before anything else happens to it.
+            (Migrating, Stopped | Error) => true,
+            (Migrating, _) => false,
             (_, Deleting) => !matches!(self, Deleting),
             (Deleting, Deleted | Error) => true,
             (Deleting, _) => false,
@@ -68,7 +75,7 @@ impl VpsState {
             (Scheduled, Provisioning | Error) => true,
             (Provisioning, Running | Stopped | Error) => true,
             (Running, Stopped | Error) => true,
-            (Stopped, Running | Error) => true,
+            (Stopped, Running | Migrating | Error) => true,
             // An ERROR VPS can be tried again; it goes back through provisioning.
             (Error, Provisioning) => true,
             (Pending, Deleted) => true,
@@ -98,6 +105,7 @@ impl VpsState {
             VpsState::Provisioning => P::Provisioning,
             VpsState::Running => P::Running,
             VpsState::Stopped => P::Stopped,
+            VpsState::Migrating => P::Migrating,
             VpsState::Deleting => P::Deleting,
             VpsState::Deleted => P::Deleted,
             VpsState::Error => P::Error,
@@ -157,7 +165,8 @@ mod tests {
             (Scheduled, &[Provisioning, Error, Deleting]),
             (Provisioning, &[Running, Stopped, Error, Deleting]),
             (Running, &[Stopped, Error, Deleting]),
-            (Stopped, &[Running, Error, Deleting]),
+            (Stopped, &[Running, Migrating, Error, Deleting]),
+            (Migrating, &[Stopped, Error]),
             (Deleting, &[Deleted, Error]),
             (Deleted, &[]),
             (Error, &[Provisioning, Deleting]),

@@ -74,6 +74,11 @@ pub async fn start(
 ) -> anyhow::Result<RunningController> {
     cfg.validate()?;
     let store = open_store(&cfg)?;
+    let now = crate::now_ms();
+    let undone = store.run_sync(|c| crate::store::moves::abandon_all(c, now))?;
+    if undone > 0 {
+        warn!(undone, "moves left unfinished by the last run were undone");
+    }
     let addr = listener.local_addr()?;
     let agent_addr = agent_listener.local_addr()?;
     let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;

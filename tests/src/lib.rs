@@ -11,7 +11,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use betang_agent::{
-    config::{AgentConfig, CapacityConfig, DomainTypeSetting, NetworkConfig},
+    config::{AgentConfig, CapacityConfig, DomainTypeSetting, HypervisorSetting, NetworkConfig},
     hypervisor::{Hypervisor, LibvirtHypervisor},
     server::RunningAgent,
 };
@@ -86,7 +86,10 @@ pub fn make_image_dir(dir: &Path, base_virtual_size: &str) -> anyhow::Result<()>
 
 pub struct TestHost {
     pub host_id: String,
-    pub hv: Arc<LibvirtHypervisor>,
+    pub hv: Arc<dyn Hypervisor>,
+    /// The same hypervisor when it is libvirt's test driver, for tests that
+    /// look at what only libvirt shows (such as a running domain's id).
+    pub libvirt: Option<Arc<LibvirtHypervisor>>,
     pub cfg: AgentConfig,
     pub agent: Option<RunningAgent>,
 }
@@ -289,6 +292,8 @@ pub struct ClusterOptions {
     pub heartbeat_ms: u64,
     pub down_after_ms: u64,
     pub quota: Quota,
+    /// Agents on the simulated hypervisor instead of libvirt's test driver.
+    pub simulated: bool,
 }
 
 impl Default for ClusterOptions {
@@ -310,6 +315,7 @@ impl Default for ClusterOptions {
                 disk_gib: 1 << 20,
                 vps_count: 10_000,
             },
+            simulated: false,
         }
     }
 }
@@ -375,6 +381,11 @@ impl Cluster {
                 advertise_endpoint: None,
                 controller_endpoint: agent_endpoint.clone(),
                 libvirt_uri: uri.clone(),
+                hypervisor: if opts.simulated {
+                    HypervisorSetting::Simulated
+                } else {
+                    HypervisorSetting::Libvirt
+                },
                 domain_type: DomainTypeSetting::Qemu,
                 image_dir: image_dir.clone(),
                 vm_dir: cluster.dir.path().join(format!("vms-{i}")),
@@ -387,10 +398,19 @@ impl Cluster {
                 zone: if i % 2 == 0 { "a".into() } else { "b".into() },
                 labels: [("rack".to_string(), format!("r{i}"))].into(),
             };
-            let hv = Arc::new(LibvirtHypervisor::new(&uri)?);
+            let libvirt = if opts.simulated {
+                None
+            } else {
+                Some(Arc::new(LibvirtHypervisor::new(&uri)?))
+            };
+            let hv: Arc<dyn Hypervisor> = match &libvirt {
+                Some(l) => l.clone(),
+                None => Arc::new(betang_agent::server::simulated_for(&cfg)?),
+            };
             cluster.hosts.push(TestHost {
                 host_id,
                 hv,
+                libvirt,
                 cfg,
                 agent: None,
             });
@@ -428,7 +448,7 @@ impl Cluster {
     pub async fn start_agent(&mut self, i: usize) -> anyhow::Result<()> {
         let h = &mut self.hosts[i];
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let hv: Arc<dyn Hypervisor> = h.hv.clone();
+        let hv = h.hv.clone();
         h.agent = Some(betang_agent::server::start_with(h.cfg.clone(), listener, hv).await?);
         Ok(())
     }

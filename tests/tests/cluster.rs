@@ -3,7 +3,6 @@
 use std::{collections::HashMap, time::Duration};
 
 use betang_agent::config::CapacityConfig;
-use betang_agent::hypervisor::Hypervisor;
 use betang_proto::v1::{
     CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, HostState, ListHostsRequest,
     ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest, StartVpsRequest,
@@ -405,7 +404,9 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
         .unwrap();
     let dom = format!("betang-{}", v.id);
     let before = cluster.hosts[i]
-        .hv
+        .libvirt
+        .as_ref()
+        .expect("a test-driver host")
         .conn()?
         .lookup_domain_by_name(&dom)?
         .id();
@@ -431,7 +432,9 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     cluster.wait_host_state(&host_id, HostState::Up).await?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = cluster.hosts[i]
-        .hv
+        .libvirt
+        .as_ref()
+        .expect("a test-driver host")
         .conn()?
         .lookup_domain_by_name(&dom)?
         .id();

@@ -152,6 +152,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         advertise_endpoint: None,
         controller_endpoint: format!("https://{}", controller.agent_addr),
         libvirt_uri: URI.into(),
+        hypervisor: betang_agent::config::HypervisorSetting::Libvirt,
         domain_type: DomainTypeSetting::Auto,
         image_dir,
         vm_dir: vm_dir.clone(),

@@ -205,6 +205,7 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
         advertise_endpoint: None,
         controller_endpoint: cluster.agent_endpoint.clone(),
         libvirt_uri: uri.clone(),
+        hypervisor: betang_agent::config::HypervisorSetting::Libvirt,
         domain_type: DomainTypeSetting::Qemu,
         image_dir,
         vm_dir: cluster.dir.path().join("vms"),

@@ -1,7 +1,10 @@
 use std::{sync::Arc, time::Duration};
 
 use super::Hypervisor;
-use crate::error::{AgentError, Result};
+use crate::{
+    disks::DiskTool,
+    error::{AgentError, Result},
+};
 
 /// Runs hypervisor calls on tokio's blocking pool with a deadline. A call that
 /// overruns keeps its blocking thread, but the caller gets an error at once and
@@ -15,6 +18,24 @@ pub struct Blocking {
 impl Blocking {
     pub fn new(hv: Arc<dyn Hypervisor>, deadline: Duration) -> Self {
         Blocking { hv, deadline }
+    }
+
+    /// Disk work on the blocking pool. It has no deadline: copying or
+    /// creating a file is bounded by its size, not by a guest that may hang.
+    pub async fn disks<T, F>(&self, f: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnOnce(&dyn DiskTool) -> Result<T> + Send + 'static,
+    {
+        let hv = self.hv.clone();
+        tokio::task::spawn_blocking(move || f(hv.disks()))
+            .await
+            .map_err(|e| AgentError::Internal(format!("disk task: {e}")))?
+    }
+
+    /// For synchronous callers that are already off the async runtime.
+    pub fn disk_tool(&self) -> &dyn DiskTool {
+        self.hv.disks()
     }
 
     pub async fn call<T, F>(&self, f: F) -> Result<T>

@@ -1,15 +1,22 @@
 //! The hypervisor behind a trait. `LibvirtHypervisor` is the real one; pointed
 //! at `test:///default` it is libvirt's own test driver, which the unit and
-//! integration tests use. Calls are blocking: `Blocking` runs them on tokio's
+//! integration tests use. `SimulatedHypervisor` keeps guests in memory, for
+//! scale runs of many hosts and for guests that misbehave on purpose. Calls are blocking: `Blocking` runs them on tokio's
 //! blocking pool with a deadline, so the async runtime never waits on libvirt.
 
 mod blocking;
 mod libvirt;
+mod simulated;
 
 pub use blocking::Blocking;
 pub use libvirt::{LibvirtHypervisor, probe_domain_type};
+pub use simulated::{SimulatedDisks, SimulatedHypervisor, simulated_overlay_size};
 
-use crate::{domain_xml::VpsMetadata, error::Result};
+use crate::{
+    disks::{DiskTool, QemuImg},
+    domain_xml::VpsMetadata,
+    error::Result,
+};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Power {
@@ -78,4 +85,8 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn set_autostart(&self, name: &str, on: bool) -> Result<()>;
     fn undefine(&self, name: &str) -> Result<()>;
     fn stats(&self, name: &str) -> Result<DomainStats>;
+    /// How this hypervisor's disks are made; real ones are qcow2 files.
+    fn disks(&self) -> &dyn DiskTool {
+        &QemuImg
+    }
 }

@@ -1,16 +1,21 @@
 use betang_proto::v1::{
-    CordonHostRequest, GetHostRequest, Host, ListHostsRequest, ListHostsResponse,
-    SetHostWeightRequest, UncordonHostRequest, host_service_server::HostService,
+    CordonHostRequest, DrainHostRequest, DrainHostResponse, DrainedVps, GetHostRequest, Host,
+    ListHostsRequest, ListHostsResponse, SetHostWeightRequest, UncordonHostRequest,
+    host_service_server::HostService,
 };
 use tonic::{Request, Response, Status};
 
 use super::Ctx;
 use crate::{
-    auth::Permission,
+    auth::{Permission, Scope},
     error::ApiError,
     ids::HostId,
-    now_ms,
-    store::hosts::{self, HostChange},
+    lifecycle::{DesiredPower, VpsState},
+    migration, now_ms,
+    store::{
+        hosts::{self, HostChange},
+        vps::{self, ListFilter},
+    },
 };
 
 pub struct HostApi {
@@ -65,6 +70,71 @@ impl HostService for HostApi {
     ) -> Result<Response<Host>, Status> {
         self.change(req.metadata(), &req.get_ref().id, HostChange::Cordon(false))
             .await
+    }
+
+    #[tracing::instrument(skip_all, fields(host_id = %req.get_ref().id))]
+    async fn drain_host(
+        &self,
+        req: Request<DrainHostRequest>,
+    ) -> Result<Response<DrainHostResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageHosts)?;
+        let r = req.into_inner();
+        let id = HostId::parse(&r.id).map_err(|_| ApiError::HostNotFound(r.id.clone()))?;
+        let (actor, host, now) = (caller.clone(), id.clone(), now_ms());
+        let on_host = self
+            .ctx
+            .store
+            .run(move |c| {
+                hosts::update(c, &actor, &host, HostChange::Cordon(true), now)?;
+                let filter = ListFilter {
+                    host_id: host.to_string(),
+                    after_seq: 0,
+                    limit: u32::MAX,
+                    include_deleted: false,
+                    institution_id: String::new(),
+                    state: None,
+                };
+                vps::list(c, &Scope::All, &filter)
+            })
+            .await?;
+        let mut drained = Vec::with_capacity(on_host.len());
+        // One at a time: a host's disks and link are shared by every copy.
+        for v in on_host {
+            let running = v.desired == DesiredPower::Running || v.state == VpsState::Running;
+            let asked = if running {
+                r.move_running
+            } else {
+                r.move_stopped && v.state == VpsState::Stopped
+            };
+            let mut item = DrainedVps {
+                vps_id: v.id.to_string(),
+                name: v.spec.name.clone(),
+                state: v.state.as_str().to_owned(),
+                outcome: "left".into(),
+                to_host: String::new(),
+            };
+            if asked {
+                match migration::move_vps(&self.ctx, &caller, v.id, running).await {
+                    Ok(moved) => {
+                        item.outcome = "moved".into();
+                        item.to_host = moved.host_id.map(|h| h.to_string()).unwrap_or_default();
+                    }
+                    Err(e) => item.outcome = e.to_string(),
+                }
+            }
+            drained.push(item);
+        }
+        let (down, now) = (self.ctx.down_after_ms(), now_ms());
+        let host = self
+            .ctx
+            .store
+            .run(move |c| hosts::get(c, &id, now, down))
+            .await?;
+        Ok(Response::new(DrainHostResponse {
+            host: Some(host),
+            vps: drained,
+        }))
     }
 
     async fn set_host_weight(

@@ -1,8 +1,8 @@
 use betang_proto::v1::{
     ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest,
-    ListImagesRequest, ListImagesResponse, ListVpsRequest, ListVpsResponse, RebootVmRequest,
-    RebootVpsRequest, RejectVpsRequest, ResizeVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
-    vps_service_server::VpsService,
+    ListImagesRequest, ListImagesResponse, ListVpsRequest, ListVpsResponse, MoveVpsRequest,
+    RebootVmRequest, RebootVpsRequest, RejectVpsRequest, ResizeVpsRequest, StartVpsRequest,
+    StopVpsRequest, Vps, vps_service_server::VpsService,
 };
 use tonic::{Request, Response, Status};
 use tracing::{Span, info, instrument};
@@ -105,6 +105,17 @@ fn pin(host_id: &str) -> Result<Option<HostId>, ApiError> {
 
 #[tonic::async_trait]
 impl VpsService for VpsApi {
+    #[instrument(skip_all, fields(vps_id = %req.get_ref().id, user))]
+    async fn move_vps(&self, req: Request<MoveVpsRequest>) -> Result<Response<Vps>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageHosts)?;
+        Span::current().record("user", caller.username.as_str());
+        let r = req.into_inner();
+        let id = VpsId::parse(&r.id)?;
+        let v = crate::migration::move_vps(&self.ctx, &caller, id, r.restart).await?;
+        Ok(Response::new(v.to_proto()))
+    }
+
     #[instrument(skip_all, fields(request_id = %req.get_ref().request_id, vps_id, user))]
     async fn create_vps(&self, req: Request<CreateVpsRequest>) -> Result<Response<Vps>, Status> {
         let caller = self.ctx.caller(&req).await?;

@@ -223,6 +223,13 @@ enum VpsCmd {
         #[arg(long, default_value_t = 0)]
         disk_gib: u64,
     },
+    /// Operators: move a stopped VPS to another host the scheduler picks.
+    Move {
+        id: String,
+        /// Also move a running VPS: it is stopped, moved and started again.
+        #[arg(long)]
+        restart: bool,
+    },
     /// Wait until a VPS reaches a state (RUNNING, STOPPED, DELETED, ...).
     Wait {
         id: String,
@@ -245,9 +252,15 @@ enum HostCmd {
     Uncordon {
         id: String,
     },
-    /// Cordon a host and list what is on it.
+    /// Cordon a host and list what is on it; move its VPS when asked.
     Drain {
         id: String,
+        /// Move its stopped VPS to other hosts.
+        #[arg(long)]
+        move_stopped: bool,
+        /// Also move its running VPS: each is stopped, moved and started again.
+        #[arg(long)]
+        move_running: bool,
     },
     /// Placement preference: 1 is neutral, higher attracts, 0 avoids.
     Weight {
@@ -781,22 +794,30 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(status_error)?;
             print_host(h.get_ref());
         }
-        Cmd::Host(HostCmd::Drain { id }) => {
-            c.hosts
-                .cordon_host(betang_proto::v1::CordonHostRequest { id: id.clone() })
-                .await
-                .map_err(status_error)?;
+        Cmd::Host(HostCmd::Drain {
+            id,
+            move_stopped,
+            move_running,
+        }) => {
+            let mut req = tonic::Request::new(betang_proto::v1::DrainHostRequest {
+                id: id.clone(),
+                move_stopped,
+                move_running,
+            });
+            // Each move copies a disk; a drain can take a while.
+            req.set_timeout(Duration::from_secs(24 * 3600));
+            let r = c.hosts.drain_host(req).await.map_err(status_error)?;
             println!("{id}: cordoned; on it:");
-            vps(
-                &mut c.vps,
-                VpsCmd::List {
-                    all: false,
-                    pending: false,
-                    institution: String::new(),
-                    host: id,
-                },
-            )
-            .await?;
+            println!(
+                "{:<36}  {:<20}  {:<12}  {:<20}  OUTCOME",
+                "ID", "NAME", "STATE", "TO HOST"
+            );
+            for v in &r.get_ref().vps {
+                println!(
+                    "{:<36}  {:<20}  {:<12}  {:<20}  {}",
+                    v.vps_id, v.name, v.state, v.to_host, v.outcome
+                );
+            }
         }
         Cmd::Host(HostCmd::Get { id }) => {
             let h = c
@@ -1257,6 +1278,12 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                 })
                 .await
                 .map_err(status_error)?;
+            print_vps(v.get_ref());
+        }
+        VpsCmd::Move { id, restart } => {
+            let mut req = tonic::Request::new(betang_proto::v1::MoveVpsRequest { id, restart });
+            req.set_timeout(Duration::from_secs(24 * 3600));
+            let v = c.move_vps(req).await.map_err(status_error)?;
             print_vps(v.get_ref());
         }
         VpsCmd::Cancel { id } => {

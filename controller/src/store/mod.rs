@@ -8,6 +8,7 @@ mod checkpoint;
 pub mod host_index;
 pub mod hosts;
 pub mod identity;
+pub mod moves;
 pub mod vps;
 
 use std::{

@@ -156,7 +156,7 @@ impl VpsRecord {
         }
     }
 
-    fn institution(&self) -> &str {
+    pub(super) fn institution(&self) -> &str {
         self.institution_id.as_deref().unwrap_or("")
     }
 }
@@ -221,13 +221,13 @@ fn no_such_image(name: &str) -> ApiError {
 /// host is then judged again from its rows in this transaction, so a stale
 /// index can cost a retry but never a double booking.
 #[allow(clippy::too_many_arguments)]
-fn place(
+pub(super) fn place(
     c: &Connection,
     index: &mut HostIndex,
     spec: &VpsSpec,
     wish: &PlacementRequest,
     institution: &str,
-    pin: Option<&HostId>,
+    target: Target<'_>,
     placement: &Placement,
     now_ms: i64,
 ) -> Result<HostId, ApiError> {
@@ -248,22 +248,55 @@ fn place(
         &placement.policy,
         placement.down_after_ms,
     );
-    let judge = |views: &[HostView]| scheduler::place(views, &demand, r, p);
-    if let Some(pin) = pin {
+    let judge = |views: &[HostView]| match target {
+        Target::Elsewhere(away) => {
+            let others: Vec<HostView> = views.iter().filter(|h| &h.id != away).cloned().collect();
+            scheduler::place(&others, &demand, r, p)
+        }
+        _ => scheduler::place(views, &demand, r, p),
+    };
+    if let Target::Pinned(pin) = target {
         let Some(view) = hosts::view(c, pin, now_ms, down)? else {
             return Err(ApiError::invalid("host_id", format!("no host {pin}")));
         };
         return judge(&[view]).map_err(ApiError::NoHostFits);
     }
     let chosen = judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)?;
-    let confirmed = hosts::view(c, &chosen, now_ms, down)?
-        .is_some_and(|v| judge(std::slice::from_ref(&v)).is_ok());
-    if confirmed {
+    if confirm(c, &chosen, &judge, placement, now_ms)? {
         return Ok(chosen);
     }
     tracing::warn!(host_id = %chosen, "host index was out of step with the store; reloading it");
     index.reload(c)?;
     judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)
+}
+
+/// Where `place` may put a VPS.
+#[derive(Clone, Copy)]
+pub(super) enum Target<'a> {
+    Anywhere,
+    /// Only on this host (an operator's choice).
+    Pinned(&'a HostId),
+    /// Anywhere but this host (a VPS moving off it).
+    Elsewhere(&'a HostId),
+}
+
+impl<'a> Target<'a> {
+    fn pinned(pin: Option<&'a HostId>) -> Self {
+        pin.map_or(Target::Anywhere, Target::Pinned)
+    }
+}
+
+/// The chosen host judged again from its own rows, inside the transaction
+/// that will claim it.
+fn confirm(
+    c: &Connection,
+    chosen: &HostId,
+    judge: &dyn Fn(&[HostView]) -> Result<HostId, String>,
+    placement: &Placement,
+    now_ms: i64,
+) -> Result<bool, ApiError> {
+    Ok(hosts::view(c, chosen, now_ms, placement.down_after_ms)?
+        .is_some_and(|v| judge(std::slice::from_ref(&v)).is_ok()))
 }
 
 fn need(spec: &VpsSpec) -> Resources {
@@ -345,7 +378,7 @@ pub fn create(
             &n.spec,
             &n.placement,
             &institution,
-            n.pin.as_ref(),
+            Target::pinned(n.pin.as_ref()),
             placement,
             now_ms,
         )?;
@@ -478,7 +511,7 @@ pub fn approve(
         &spec,
         &v.placement,
         v.institution(),
-        pin.as_ref(),
+        Target::pinned(pin.as_ref()),
         placement,
         now_ms,
     )?;
@@ -690,7 +723,11 @@ pub fn list(c: &Connection, scope: &Scope, f: &ListFilter) -> Result<Vec<VpsReco
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-fn transition(v: &VpsRecord, next: VpsState, action: &'static str) -> Result<(), ApiError> {
+pub(super) fn transition(
+    v: &VpsRecord,
+    next: VpsState,
+    action: &'static str,
+) -> Result<(), ApiError> {
     if v.state != next && !v.state.can_become(next) {
         return Err(ApiError::WrongState {
             id: v.id.to_string(),

@@ -1,66 +1,26 @@
-//! Placement benchmark: the real controller (in this process, its gRPC API on
-//! loopback) with N registered hosts of mixed sizes that heartbeat like agents
-//! and answer EnsureVm at once, and M VPS created through the gRPC API.
-//! Prints figures, then one line of JSON.
+//! Placement benchmark: the real controller binary in its own process, 1,000
+//! real agents on the simulated hypervisor in this one (mixed sizes,
+//! heartbeating every 2 s over the registry API), and 20,000 VPS created
+//! through the gRPC API. Prints figures, then one line of JSON.
 //!
-//! `cargo run --release -p betang-tests --bin bench-placement -- --hosts 1000 --vps 20000`
+//! `bash deploy/bench-placement.sh --hosts 1000 --vps 20000 --concurrency 8`
 
 use std::{
+    path::Path,
+    process::Stdio,
     sync::Arc,
     time::{Duration, Instant},
 };
 
+use anyhow::Context;
+use betang_agent::{
+    config::{AgentConfig, CapacityConfig, DomainTypeSetting, HypervisorSetting, NetworkConfig},
+    server::RunningAgent,
+};
 use betang_proto::v1::{
-    DeleteVmRequest, DeleteVmResponse, EnsureVmRequest, GetHostRequest, HeartbeatRequest,
-    HostCapacity, HostInfoRequest, HostInfoResponse, HostState, Image, ListHostsRequest,
-    ListVmsRequest, ListVmsResponse, ListVpsRequest, PowerState, Quota, RebootVmRequest,
-    RegisterHostRequest, VmStatus,
-    agent_service_server::{AgentService, AgentServiceServer},
-    registry_service_client::RegistryServiceClient,
+    GetHostRequest, HostState, ListHostsRequest, ListVpsRequest, Quota, VpsState,
 };
 use betang_tests::{Clients, application, make_people};
-use tonic::{Request, Response, Status};
-
-/// An agent that owns nothing and agrees to everything, so that the
-/// controller's dispatch costs nothing measurable.
-struct NullAgent;
-
-#[tonic::async_trait]
-impl AgentService for NullAgent {
-    async fn ensure_vm(&self, r: Request<EnsureVmRequest>) -> Result<Response<VmStatus>, Status> {
-        let r = r.into_inner();
-        Ok(Response::new(VmStatus {
-            vps_id: r.vps_id,
-            power: r.desired_power,
-            generation: r.generation,
-            ..Default::default()
-        }))
-    }
-    async fn delete_vm(
-        &self,
-        _: Request<DeleteVmRequest>,
-    ) -> Result<Response<DeleteVmResponse>, Status> {
-        Ok(Response::new(DeleteVmResponse {}))
-    }
-    async fn reboot_vm(&self, _: Request<RebootVmRequest>) -> Result<Response<VmStatus>, Status> {
-        Ok(Response::new(VmStatus {
-            power: PowerState::Running as i32,
-            ..Default::default()
-        }))
-    }
-    async fn list_vms(
-        &self,
-        _: Request<ListVmsRequest>,
-    ) -> Result<Response<ListVmsResponse>, Status> {
-        Ok(Response::new(ListVmsResponse { vms: vec![] }))
-    }
-    async fn host_info(
-        &self,
-        _: Request<HostInfoRequest>,
-    ) -> Result<Response<HostInfoResponse>, Status> {
-        Err(Status::unimplemented("not needed"))
-    }
-}
 
 fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();
@@ -79,8 +39,9 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
     sorted[i].as_secs_f64() * 1000.0
 }
 
-fn peak_rss_mib() -> f64 {
-    std::fs::read_to_string("/proc/self/status")
+/// Peak resident memory of a process, from /proc.
+fn peak_rss_mib(pid: &str) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|s| {
             s.lines()
@@ -90,100 +51,178 @@ fn peak_rss_mib() -> f64 {
         .map_or(0.0, |kib| kib / 1024.0)
 }
 
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+/// The controller binary next to this one (both built by the bench script).
+fn controller_binary() -> anyhow::Result<std::path::PathBuf> {
+    let me = std::env::current_exe()?;
+    let bin = me
+        .parent()
+        .context("no directory")?
+        .join("betang-controller");
+    anyhow::ensure!(
+        bin.exists(),
+        "{} is missing; run deploy/bench-placement.sh",
+        bin.display()
+    );
+    Ok(bin)
+}
+
+struct Controller {
+    child: tokio::process::Child,
+    pid: String,
+    endpoint: String,
+    registry: String,
+    admin_token: String,
+}
+
+async fn start_controller(dir: &Path) -> anyhow::Result<Controller> {
+    let (api, registry) = (free_port()?, free_port()?);
+    let config = dir.join("controller.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = \"127.0.0.1:{api}\"\nagent_listen = \"127.0.0.1:{registry}\"\n\
+             data_dir = \"{}\"\nhost_down_after_ms = 10000\nheartbeat_interval_ms = 2000\n\
+             reconcile_interval_ms = 1000\n",
+            dir.join("data").display()
+        ),
+    )?;
+    let bin = controller_binary()?;
+    let out = tokio::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("bootstrap-admin")
+        .env("RUST_LOG", "error")
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bootstrap-admin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let admin_token = String::from_utf8(out.stdout)?.trim().to_owned();
+    let child = tokio::process::Command::new(&bin)
+        .arg("--config")
+        .arg(&config)
+        .arg("serve")
+        .env("RUST_LOG", "error")
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()?;
+    let pid = child.id().context("controller exited")?.to_string();
+    let endpoint = format!("http://127.0.0.1:{api}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while tokio::net::TcpStream::connect(("127.0.0.1", api))
+        .await
+        .is_err()
+    {
+        anyhow::ensure!(Instant::now() < deadline, "controller did not start");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(Controller {
+        child,
+        pid,
+        endpoint,
+        registry: format!("http://127.0.0.1:{registry}"),
+        admin_token,
+    })
+}
+
+/// One simulated host: the real agent on the simulated hypervisor.
+async fn start_agent(
+    dir: &Path,
+    registry: &str,
+    image_dir: &Path,
+    i: usize,
+) -> anyhow::Result<RunningAgent> {
+    let vcpus = [16u32, 32, 64][i % 3];
+    let cfg = AgentConfig {
+        host_id: format!("sim-{i:04}"),
+        listen: "127.0.0.1:0".parse()?,
+        advertise_endpoint: None,
+        controller_endpoint: registry.to_owned(),
+        libvirt_uri: String::new(),
+        hypervisor: HypervisorSetting::Simulated,
+        domain_type: DomainTypeSetting::Qemu,
+        image_dir: image_dir.to_owned(),
+        vm_dir: dir.join(format!("vms-{i:04}")),
+        heartbeat_interval_ms: 2000,
+        reconcile_interval_seconds: 60,
+        libvirt_call_timeout_seconds: 10,
+        capacity: Some(CapacityConfig {
+            vcpus,
+            memory_mib: u64::from(vcpus) * 4096,
+            disk_gib: 4000,
+        }),
+        network: NetworkConfig::None,
+        zone: String::new(),
+        labels: Default::default(),
+        tls: None,
+    };
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    betang_agent::server::start(cfg, listener).await
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let hosts = arg("--hosts", 1000);
     let total = arg("--vps", 20_000);
     let concurrency = arg("--concurrency", 8);
     let dir = tempfile::tempdir()?;
-    let mut cfg =
-        betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
-    cfg.reconcile_interval_ms = 1000;
-    cfg.host_down_after_ms = 10_000;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let controller = betang_controller::server::start(cfg, listener, agent_listener).await?;
-    let endpoint = format!("http://{}", controller.addr);
-    let registry_endpoint = format!("http://{}", controller.agent_addr);
+    let controller = start_controller(dir.path()).await?;
+    let endpoint = controller.endpoint.clone();
 
-    let null = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let null_endpoint = format!("http://{}", null.local_addr()?);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(AgentServiceServer::new(NullAgent))
-            .serve_with_incoming(
-                tonic::transport::server::TcpIncoming::from(null).with_nodelay(Some(true)),
-            ),
-    );
-
-    let now = betang_controller::now_ms();
-    let (_, admin) = controller.store.run_sync(|c| {
-        betang_controller::store::identity::bootstrap_admin(c, "dc", "Data center", "admin", now)
-    })?;
+    let image_dir = dir.path().join("images");
+    std::fs::create_dir_all(&image_dir)?;
+    std::fs::write(image_dir.join("tiny.img"), "simulated base image\n")?;
+    std::fs::write(
+        image_dir.join("catalog.toml"),
+        "[[image]]\nname = \"tiny\"\nfile = \"tiny.img\"\nos = \"none\"\n",
+    )?;
+    let t = Instant::now();
+    let mut agents = Vec::with_capacity(hosts);
+    let mut capacity_vcpus = 0u64;
+    for i in 0..hosts {
+        capacity_vcpus += u64::from([16u32, 32, 64][i % 3]);
+        agents.push(start_agent(dir.path(), &controller.registry, &image_dir, i).await?);
+    }
     let quota = Quota {
         vcpus: u32::MAX,
         memory_mib: u64::MAX >> 8,
         disk_gib: u64::MAX >> 8,
         vps_count: u32::MAX,
     };
-    let people = make_people(&endpoint, &admin, "bench", quota).await?;
-
-    // Hosts of mixed sizes: 16, 32 and 64 vCPUs with 4 GiB per vCPU.
-    let mut registry = RegistryServiceClient::new(
-        tonic::transport::Endpoint::from_shared(registry_endpoint)?
-            .connect()
-            .await?,
-    );
-    let ids: Vec<String> = (0..hosts).map(|i| format!("sim-{i:04}")).collect();
-    let mut capacity_vcpus = 0u64;
-    for (i, id) in ids.iter().enumerate() {
-        let vcpus = [16u32, 32, 64][i % 3];
-        capacity_vcpus += u64::from(vcpus);
-        registry
-            .register_host(RegisterHostRequest {
-                info: Some(HostInfoResponse {
-                    host_id: id.clone(),
-                    hostname: id.clone(),
-                    capacity: Some(HostCapacity {
-                        vcpus,
-                        memory_mib: u64::from(vcpus) * 4096,
-                        disk_gib: 4000,
-                    }),
-                    images: vec![Image {
-                        name: "tiny".into(),
-                        min_disk_gib: 1,
-                        ..Default::default()
-                    }],
-                    domain_type: "qemu".into(),
-                    ..Default::default()
-                }),
-                agent_endpoint: null_endpoint.clone(),
-            })
-            .await?;
-    }
-    // Heartbeats every 2 s, like agents; a silenced host stops sending them.
-    let silenced: Arc<std::sync::Mutex<std::collections::HashSet<String>>> = Arc::default();
-    let last_beat: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>> =
-        Arc::default();
-    let (beat_ids, mut beat) = (ids.clone(), registry.clone());
-    let (quiet, last) = (silenced.clone(), last_beat.clone());
-    tokio::spawn(async move {
-        loop {
-            for id in &beat_ids {
-                if quiet.lock().unwrap().contains(id) {
-                    continue;
-                }
-                let _ = beat
-                    .heartbeat(HeartbeatRequest {
-                        host_id: id.clone(),
-                        ..Default::default()
-                    })
-                    .await;
-                last.lock().unwrap().insert(id.clone(), Instant::now());
-            }
-            tokio::time::sleep(Duration::from_secs(2)).await;
+    let people = make_people(&endpoint, &controller.admin_token, "bench", quota).await?;
+    let op = Clients::connect(&endpoint, Some(&people.operator)).await?;
+    loop {
+        let listed = op.hosts.clone().list_hosts(ListHostsRequest {}).await?;
+        let up = listed
+            .get_ref()
+            .hosts
+            .iter()
+            .filter(|h| h.state == HostState::Up as i32)
+            .count();
+        if up == hosts {
+            break;
         }
-    });
+        anyhow::ensure!(
+            t.elapsed() < Duration::from_secs(300),
+            "only {up} of {hosts} hosts came up"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let hosts_up_after = t.elapsed();
 
     let op = Clients::connect(&endpoint, Some(&people.operator)).await?;
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
@@ -287,9 +326,25 @@ async fn main() -> anyhow::Result<()> {
         })
         .count();
 
-    // A host goes silent: time from its last heartbeat to DOWN.
-    let silent = ids[0].clone();
-    silenced.lock().unwrap().insert(silent.clone());
+    // The agents build every placed VPS; how long until all run.
+    let running = loop {
+        let running = count_in_state(&op, VpsState::Running).await?;
+        if running >= total - failed || started.elapsed() > Duration::from_secs(600) {
+            break running;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let all_running_after = started.elapsed();
+    let mut domains = 0;
+    for a in &agents {
+        domains += a.vms.list().await.map_or(0, |l| l.len());
+    }
+
+    // A host goes silent: time from its last accepted heartbeat to DOWN.
+    let mut silent_agent = agents.swap_remove(0);
+    let silent = silent_agent.host.host_id().to_owned();
+    silent_agent.shutdown();
+    let last_beat = silent_agent.host.last_heartbeat_ms();
     let down_after = loop {
         let h = op
             .hosts
@@ -298,21 +353,28 @@ async fn main() -> anyhow::Result<()> {
             .await?
             .into_inner();
         if h.state == HostState::Down as i32 {
-            let last = last_beat.lock().unwrap().get(&silent).copied();
-            break last.map_or(Duration::ZERO, |t| t.elapsed());
+            break Duration::from_millis((now_ms() - last_beat).max(0) as u64);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
 
+    let controller_rss = peak_rss_mib(&controller.pid);
+    let bench_rss = peak_rss_mib("self");
     let placed = total - failed;
     let rate = placed as f64 / placing.as_secs_f64();
     println!(
-        "hosts {hosts} ({capacity_vcpus} vCPUs), VPS requested {total}, placed {placed}, refused {failed}"
+        "hosts {hosts} ({capacity_vcpus} vCPUs; real agents on the simulated hypervisor, all up after {:.1} s)",
+        hosts_up_after.as_secs_f64()
     );
+    println!("VPS requested {total}, placed {placed}, refused {failed}");
     println!(
         "placements/s {rate:.0}; latency p50 {:.2} ms, p99 {:.2} ms (concurrency {concurrency})",
         pct(&lat, 0.5),
         pct(&lat, 0.99)
+    );
+    println!(
+        "running on their agents: {running} after {:.1} s; domains on the agents: {domains}",
+        all_running_after.as_secs_f64()
     );
     println!(
         "ListVps 500-row page p50 {:.2} ms, p99 {:.2} ms; all {listed} VPS in {:.3} s",
@@ -321,16 +383,24 @@ async fn main() -> anyhow::Result<()> {
         full_list.as_secs_f64()
     );
     println!(
-        "hosts over their ratio: {over}; silent host DOWN after {:.2} s; peak RSS of this process {:.0} MiB",
-        down_after.as_secs_f64(),
-        peak_rss_mib()
+        "hosts over their ratio: {over}; silent host DOWN {:.2} s after its last heartbeat",
+        down_after.as_secs_f64()
     );
+    println!(
+        "peak RSS: controller {controller_rss:.0} MiB; this process ({} agents and the load) {bench_rss:.0} MiB",
+        hosts
+    );
+    drop(agents);
+    let mut child = controller.child;
+    child.kill().await.ok();
     println!(
         "{}",
         serde_json::json!({
             "hosts": hosts,
             "vps_requested": total,
             "vps_placed": placed,
+            "vps_running": running,
+            "all_running_s": all_running_after.as_secs_f64(),
             "placements_per_s": (rate * 10.0).round() / 10.0,
             "placement_p50_ms": pct(&lat, 0.5),
             "placement_p99_ms": pct(&lat, 0.99),
@@ -340,8 +410,31 @@ async fn main() -> anyhow::Result<()> {
             "listed": listed,
             "hosts_over_ratio": over,
             "silent_to_down_s": down_after.as_secs_f64(),
-            "peak_rss_mib": peak_rss_mib(),
+            "controller_peak_rss_mib": controller_rss,
+            "agents_and_load_peak_rss_mib": bench_rss,
         })
     );
     Ok(())
+}
+
+async fn count_in_state(op: &Clients, state: VpsState) -> anyhow::Result<usize> {
+    let (mut token, mut n) = (String::new(), 0usize);
+    loop {
+        let p = op
+            .vps
+            .clone()
+            .list_vps(ListVpsRequest {
+                page_size: 1000,
+                page_token: token.clone(),
+                state: state as i32,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        n += p.vps.len();
+        if p.next_page_token.is_empty() {
+            return Ok(n);
+        }
+        token = p.next_page_token;
+    }
 }

@@ -13,6 +13,10 @@ use std::{
 use betang_proto::v1::{PowerState, VmStatus, VpsSpec};
 use tracing::{info, instrument, warn};
 
+mod transfer;
+
+pub use transfer::{CHUNK_BYTES, Incoming};
+
 use crate::{
     config::NetworkConfig,
     disks,
@@ -85,7 +89,7 @@ impl VmManager {
     }
 
     pub fn reload_catalog(&self) -> Result<Arc<Catalog>> {
-        let c = Arc::new(Catalog::load(&self.image_dir)?);
+        let c = Arc::new(Catalog::load(&self.image_dir, self.hv.disk_tool())?);
         for r in &c.refused {
             warn!(entry = %r, "image refused");
         }
@@ -225,18 +229,18 @@ impl VmManager {
         let root = dir.join("root.qcow2");
         let seed = dir.join("seed.img");
         let (b, r) = (base.to_path_buf(), root.clone());
-        tokio::task::spawn_blocking(move || {
-            // A disk left by an interrupted call is kept only if it is ours.
-            if r.exists() && !disks::overlay_matches(&b, &r) {
-                std::fs::remove_file(&r).map_err(|e| AgentError::io(&r, e))?;
-            }
-            if !r.exists() {
-                disks::create_overlay(&b, &r, disk_bytes)?;
-            }
-            Ok::<_, AgentError>(())
-        })
-        .await
-        .map_err(|e| AgentError::Internal(e.to_string()))??;
+        self.hv
+            .disks(move |disks| {
+                // A disk left by an interrupted call is kept only if it is ours.
+                if r.exists() && !disks.overlay_matches(&b, &r) {
+                    std::fs::remove_file(&r).map_err(|e| AgentError::io(&r, e))?;
+                }
+                if !r.exists() {
+                    disks.create_overlay(&b, &r, disk_bytes)?;
+                }
+                Ok(())
+            })
+            .await?;
         let content = SeedContent {
             instance_id: args.vps_id.clone(),
             hostname: args.spec.name.clone(),
@@ -244,9 +248,9 @@ impl VmManager {
             user_data: args.spec.user_data.clone(),
         };
         let s = seed.clone();
-        tokio::task::spawn_blocking(move || content.write_image(&s))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        self.hv
+            .disks(move |disks| disks.write_seed(&s, &content))
+            .await?;
         let xml = self.domain_xml(args, name, meta, dir)?;
         let (n, running) = (name.to_owned(), desired == PowerState::Running);
         self.hv
@@ -311,9 +315,7 @@ impl VmManager {
         }
         let root = dir.join("root.qcow2");
         let want = args.spec.disk_gib.saturating_mul(disks::GIB);
-        tokio::task::spawn_blocking(move || disks::grow(&root, want))
-            .await
-            .map_err(|e| AgentError::Internal(e.to_string()))??;
+        self.hv.disks(move |disks| disks.grow(&root, want)).await?;
         Ok(())
     }
 

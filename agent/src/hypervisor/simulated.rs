@@ -1,0 +1,449 @@
+//! A hypervisor that keeps its domains in memory, for scale runs of many hosts
+//! on one machine and for tests that need a guest to misbehave on purpose.
+//! It reads the same domain XML the agent gives libvirt, so a define that
+//! libvirt would parse differently shows up here too. Disks are small text
+//! files that record what `qemu-img` would have made.
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    path::Path,
+    sync::{Mutex, MutexGuard},
+    time::{Duration, Instant},
+};
+
+use serde::Deserialize;
+
+use super::{DomainState, DomainStats, Hypervisor, NodeFacts, Power};
+use crate::{
+    disks::{DiskTool, GIB, ImageFacts},
+    domain_xml::VpsMetadata,
+    error::{AgentError, Result},
+    names,
+    seed::SeedContent,
+};
+
+/// The share of each vCPU a simulated guest keeps busy, so CPU seconds rise
+/// the way a lightly loaded guest's do.
+const BUSY_SHARE: f64 = 0.25;
+
+pub struct SimulatedHypervisor {
+    node: NodeFacts,
+    domains: Mutex<BTreeMap<String, SimDomain>>,
+    /// Domains whose calls block until released, like a guest stuck in I/O.
+    hung: Mutex<HashSet<String>>,
+}
+
+#[derive(Debug, Clone)]
+struct SimDomain {
+    metadata: Option<VpsMetadata>,
+    autostart: bool,
+    vcpus: u32,
+    memory_kib: u64,
+    /// CPU time of earlier runs.
+    cpu_ns: u64,
+    running_since: Option<Instant>,
+    io_ops: u64,
+}
+
+impl SimDomain {
+    fn cpu_time_ns(&self) -> u64 {
+        let now = self.running_since.map_or(0, |t| {
+            (t.elapsed().as_secs_f64() * f64::from(self.vcpus) * BUSY_SHARE * 1e9) as u64
+        });
+        self.cpu_ns + now
+    }
+
+    fn power(&self) -> Power {
+        if self.running_since.is_some() {
+            Power::Running
+        } else {
+            Power::Stopped
+        }
+    }
+
+    fn stop(&mut self) {
+        self.cpu_ns = self.cpu_time_ns();
+        self.running_since = None;
+    }
+}
+
+#[derive(Deserialize)]
+struct DefinedDomain {
+    name: String,
+    vcpu: u32,
+    memory: Amount,
+    #[serde(default)]
+    metadata: Option<DefinedMetadata>,
+}
+
+#[derive(Deserialize)]
+struct Amount {
+    #[serde(rename = "@unit", default)]
+    unit: Option<String>,
+    #[serde(rename = "$text")]
+    value: u64,
+}
+
+#[derive(Deserialize)]
+struct DefinedMetadata {
+    #[serde(rename = "vps", default)]
+    vps: Option<VpsMetadata>,
+}
+
+fn kib(a: &Amount) -> Result<u64> {
+    let per = match a.unit.as_deref().unwrap_or("KiB") {
+        "b" | "bytes" => return Ok(a.value / 1024),
+        "KiB" | "k" => 1,
+        "MiB" | "M" => 1024,
+        "GiB" | "G" => 1024 * 1024,
+        other => return Err(AgentError::Xml(format!("memory unit {other:?} unknown"))),
+    };
+    Ok(a.value.saturating_mul(per))
+}
+
+impl SimulatedHypervisor {
+    pub fn new(node: NodeFacts) -> Self {
+        SimulatedHypervisor {
+            node,
+            domains: Mutex::default(),
+            hung: Mutex::default(),
+        }
+    }
+
+    /// Makes every later call about `name` block until `release` is called.
+    pub fn hang(&self, name: &str) {
+        lock(&self.hung).insert(name.to_owned());
+    }
+
+    pub fn release(&self, name: &str) {
+        lock(&self.hung).remove(name);
+    }
+
+    fn wait_while_hung(&self, name: &str) {
+        while lock(&self.hung).contains(name) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn with<T>(&self, name: &str, f: impl FnOnce(&mut SimDomain) -> T) -> Result<T> {
+        self.wait_while_hung(name);
+        let mut doms = lock(&self.domains);
+        let d = doms
+            .get_mut(name)
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
+        Ok(f(d))
+    }
+
+    fn describe(name: &str, d: &SimDomain) -> DomainState {
+        DomainState {
+            name: name.to_owned(),
+            metadata: d.metadata.clone(),
+            power: d.power(),
+            autostart: d.autostart,
+            vcpus: d.vcpus,
+            memory_kib: d.memory_kib,
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Hypervisor for SimulatedHypervisor {
+    fn node(&self) -> Result<NodeFacts> {
+        Ok(self.node)
+    }
+
+    fn list_owned(&self) -> Result<Vec<DomainState>> {
+        let hung = lock(&self.hung).clone();
+        let doms = lock(&self.domains);
+        Ok(doms
+            .iter()
+            .filter(|(n, _)| names::vps_id_of_domain(n).is_some() && !hung.contains(*n))
+            .map(|(n, d)| Self::describe(n, d))
+            .collect())
+    }
+
+    fn lookup(&self, name: &str) -> Result<Option<DomainState>> {
+        self.wait_while_hung(name);
+        Ok(lock(&self.domains)
+            .get(name)
+            .map(|d| Self::describe(name, d)))
+    }
+
+    fn define(&self, xml: &str) -> Result<()> {
+        let parsed: DefinedDomain =
+            quick_xml::de::from_str(xml).map_err(|e| AgentError::Xml(e.to_string()))?;
+        let memory_kib = kib(&parsed.memory)?;
+        let metadata = parsed.metadata.and_then(|m| m.vps);
+        let mut doms = lock(&self.domains);
+        let d = doms.entry(parsed.name).or_insert_with(|| SimDomain {
+            metadata: None,
+            autostart: false,
+            vcpus: 0,
+            memory_kib: 0,
+            cpu_ns: 0,
+            running_since: None,
+            io_ops: 0,
+        });
+        d.metadata = metadata;
+        d.vcpus = parsed.vcpu;
+        d.memory_kib = memory_kib;
+        Ok(())
+    }
+
+    fn set_metadata(&self, name: &str, meta: &VpsMetadata) -> Result<()> {
+        self.with(name, |d| d.metadata = Some(meta.clone()))
+    }
+
+    fn start(&self, name: &str) -> Result<()> {
+        self.with(name, |d| {
+            if d.running_since.is_none() {
+                d.running_since = Some(Instant::now());
+            }
+        })
+    }
+
+    /// The simulated guest honours the power button at once.
+    fn shutdown(&self, name: &str) -> Result<()> {
+        self.with(name, SimDomain::stop)
+    }
+
+    fn destroy(&self, name: &str) -> Result<()> {
+        self.with(name, SimDomain::stop)
+    }
+
+    fn reboot(&self, name: &str, _force: bool) -> Result<()> {
+        self.with(name, |d| {
+            if d.running_since.is_some() {
+                d.stop();
+                d.running_since = Some(Instant::now());
+            }
+        })
+    }
+
+    fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
+        self.with(name, |d| d.autostart = on)
+    }
+
+    fn undefine(&self, name: &str) -> Result<()> {
+        self.wait_while_hung(name);
+        lock(&self.domains).remove(name);
+        Ok(())
+    }
+
+    fn stats(&self, name: &str) -> Result<DomainStats> {
+        self.with(name, |d| {
+            let cpu = d.cpu_time_ns();
+            let running = d.running_since.is_some();
+            if running {
+                d.io_ops += 1;
+            }
+            // Counters that grow with the guest's CPU time, like a busy guest's.
+            let work = cpu / 1_000;
+            DomainStats {
+                cpu_time_ns: cpu,
+                vcpus: d.vcpus,
+                memory_max_kib: d.memory_kib,
+                memory_used_kib: if running { d.memory_kib / 2 } else { 0 },
+                memory_rss_kib: if running { d.memory_kib / 2 } else { 0 },
+                disk_read_bytes: work * 4,
+                disk_write_bytes: work * 2,
+                net_rx_bytes: work * 3,
+                net_tx_bytes: work,
+            }
+        })
+    }
+
+    fn disks(&self) -> &dyn DiskTool {
+        &SimulatedDisks
+    }
+}
+
+/// Disk files of a simulated host: a line of text each instead of a qcow2, so
+/// thousands of guests cost kilobytes.
+pub struct SimulatedDisks;
+
+const OVERLAY_MAGIC: &str = "betang-simulated-overlay";
+
+fn io<T>(path: &Path, r: std::io::Result<T>) -> Result<T> {
+    r.map_err(|e| AgentError::io(path, e))
+}
+
+impl DiskTool for SimulatedDisks {
+    /// A simulated base image is any file; it counts as a 1 GiB disk.
+    fn inspect_base(&self, path: &Path) -> Result<ImageFacts> {
+        let meta = io(path, std::fs::metadata(path))?;
+        Ok(ImageFacts {
+            virtual_size: GIB,
+            actual_size: meta.len(),
+        })
+    }
+
+    fn create_overlay(&self, base: &Path, overlay: &Path, size_bytes: u64) -> Result<()> {
+        let text = format!("{OVERLAY_MAGIC}\n{}\n{size_bytes}\n", base.display());
+        io(overlay, std::fs::write(overlay, text))
+    }
+
+    fn grow(&self, path: &Path, size_bytes: u64) -> Result<()> {
+        let text = io(path, std::fs::read_to_string(path))?;
+        let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+        let current = lines.get(2).and_then(|s| s.parse::<u64>().ok());
+        match current {
+            Some(c) if lines[0] == OVERLAY_MAGIC => {
+                if c < size_bytes {
+                    lines[2] = size_bytes.to_string();
+                    io(path, std::fs::write(path, lines.join("\n") + "\n"))?;
+                }
+                Ok(())
+            }
+            _ => Err(AgentError::Disk(format!(
+                "{} is not a simulated overlay",
+                path.display()
+            ))),
+        }
+    }
+
+    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool {
+        std::fs::read_to_string(overlay).is_ok_and(|t| {
+            let mut l = t.lines();
+            l.next() == Some(OVERLAY_MAGIC) && l.next().map(Path::new) == Some(base)
+        })
+    }
+
+    fn rebase(&self, overlay: &Path, base: &Path) -> Result<()> {
+        let text = io(overlay, std::fs::read_to_string(overlay))?;
+        let mut lines: Vec<&str> = text.lines().collect();
+        if lines.len() < 3 || lines[0] != OVERLAY_MAGIC {
+            return Err(AgentError::Disk(format!(
+                "{} is not a simulated overlay",
+                overlay.display()
+            )));
+        }
+        let base = base.display().to_string();
+        lines[1] = &base;
+        io(overlay, std::fs::write(overlay, lines.join("\n") + "\n"))
+    }
+
+    fn write_seed(&self, path: &Path, content: &SeedContent) -> Result<()> {
+        io(
+            path,
+            std::fs::write(path, content.meta_data() + &content.user_data()),
+        )
+    }
+}
+
+/// The virtual size a simulated overlay records, for tests.
+pub fn simulated_overlay_size(path: &Path) -> Option<u64> {
+    std::fs::read_to_string(path)
+        .ok()?
+        .lines()
+        .nth(2)?
+        .parse()
+        .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain_xml::{DomainSpec, DomainType};
+
+    fn spec(name: &str) -> DomainSpec {
+        DomainSpec {
+            domain_type: DomainType::Qemu,
+            name: name.into(),
+            uuid: "6f1c1c7e-0000-4000-8000-000000000001".into(),
+            title: "web <&> \"one\"".into(),
+            metadata: VpsMetadata {
+                vps_id: "6f1c1c7e-0000-4000-8000-000000000001".into(),
+                generation: 3,
+                name: "web".into(),
+            },
+            vcpus: 2,
+            memory_mib: 1024,
+            root_disk: "/v/root.qcow2".into(),
+            seed_disk: "/v/seed.img".into(),
+            serial_log: "/v/console.log".into(),
+            network: crate::config::NetworkConfig::None,
+        }
+    }
+
+    fn sim() -> SimulatedHypervisor {
+        SimulatedHypervisor::new(NodeFacts {
+            cpus: 16,
+            memory_kib: 64 << 20,
+        })
+    }
+
+    #[test]
+    fn define_reads_the_agents_own_xml() {
+        let hv = sim();
+        let name = names::domain_name("6f1c1c7e-0000-4000-8000-000000000001");
+        let s = spec(&name);
+        hv.define(&s.to_xml().unwrap()).unwrap();
+        let d = hv.lookup(&name).unwrap().unwrap();
+        assert_eq!(d.vcpus, 2);
+        assert_eq!(d.memory_kib, 1024 * 1024);
+        assert_eq!(d.metadata, Some(s.metadata.clone()));
+        assert_eq!(d.power, Power::Stopped);
+        assert_eq!(hv.list_owned().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn power_and_cpu_time_follow_the_calls() {
+        let hv = sim();
+        let name = names::domain_name("6f1c1c7e-0000-4000-8000-000000000001");
+        hv.define(&spec(&name).to_xml().unwrap()).unwrap();
+        hv.start(&name).unwrap();
+        assert_eq!(hv.lookup(&name).unwrap().unwrap().power, Power::Running);
+        std::thread::sleep(Duration::from_millis(30));
+        let a = hv.stats(&name).unwrap().cpu_time_ns;
+        std::thread::sleep(Duration::from_millis(30));
+        let b = hv.stats(&name).unwrap().cpu_time_ns;
+        assert!(b > a && a > 0, "{a} then {b}");
+        hv.shutdown(&name).unwrap();
+        let stopped = hv.stats(&name).unwrap().cpu_time_ns;
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(hv.stats(&name).unwrap().cpu_time_ns, stopped);
+        hv.undefine(&name).unwrap();
+        assert!(hv.lookup(&name).unwrap().is_none());
+        assert!(matches!(hv.start(&name), Err(AgentError::NoSuchVm(_))));
+    }
+
+    #[test]
+    fn a_hung_domain_blocks_until_released() {
+        let hv = std::sync::Arc::new(sim());
+        let name = names::domain_name("6f1c1c7e-0000-4000-8000-000000000001");
+        hv.define(&spec(&name).to_xml().unwrap()).unwrap();
+        hv.hang(&name);
+        let (h2, n2) = (hv.clone(), name.clone());
+        let t = std::thread::spawn(move || h2.stats(&n2).is_ok());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!t.is_finished(), "stats on a hung domain must block");
+        hv.release(&name);
+        assert!(t.join().unwrap());
+    }
+
+    #[test]
+    fn simulated_disks_record_base_and_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (base, root) = (dir.path().join("base"), dir.path().join("root"));
+        std::fs::write(&base, "x").unwrap();
+        let d = SimulatedDisks;
+        assert_eq!(d.inspect_base(&base).unwrap().virtual_size, GIB);
+        d.create_overlay(&base, &root, 2 * GIB).unwrap();
+        assert!(d.overlay_matches(&base, &root));
+        assert!(!d.overlay_matches(&dir.path().join("other"), &root));
+        d.grow(&root, GIB).unwrap();
+        assert_eq!(simulated_overlay_size(&root), Some(2 * GIB));
+        d.grow(&root, 5 * GIB).unwrap();
+        assert_eq!(simulated_overlay_size(&root), Some(5 * GIB));
+        assert!(d.grow(&base, GIB).is_err());
+        let other = dir.path().join("other");
+        d.rebase(&root, &other).unwrap();
+        assert!(d.overlay_matches(&other, &root));
+        assert_eq!(simulated_overlay_size(&root), Some(5 * GIB));
+        assert!(d.rebase(&base, &other).is_err());
+    }
+}

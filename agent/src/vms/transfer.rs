@@ -1,0 +1,162 @@
+//! Moving a VPS's root disk between hosts. The source sends its overlay while
+//! the VM is stopped; the target writes it beside its other VMs under a
+//! temporary name, bases it on its own copy of the catalogue image and only
+//! then gives it its real name, so a broken transfer never looks like a disk.
+
+use std::path::PathBuf;
+
+use futures::{Stream, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::{info, instrument};
+
+use super::VmManager;
+use crate::{
+    error::{AgentError, Result},
+    hypervisor::Power,
+    names,
+};
+
+/// Big enough to keep the link busy, small enough to stay well under gRPC's
+/// default 4 MiB message limit.
+pub const CHUNK_BYTES: usize = 1 << 20;
+
+pub struct Incoming {
+    pub vps_id: String,
+    pub image: String,
+    pub data: Vec<u8>,
+    pub total_bytes: u64,
+}
+
+impl VmManager {
+    /// The size and the contents of the root disk of a VPS whose VM is
+    /// stopped (or not defined here).
+    #[instrument(skip(self))]
+    pub async fn export_disk(
+        &self,
+        vps_id: &str,
+    ) -> Result<(u64, impl Stream<Item = Result<Vec<u8>>> + use<>)> {
+        names::check_vps_id(vps_id)?;
+        let name = names::domain_name(vps_id);
+        let state = self.hv.call(move |hv| hv.lookup(&name)).await?;
+        if state.is_some_and(|s| s.power != Power::Stopped) {
+            return Err(AgentError::WrongState {
+                vps_id: vps_id.to_owned(),
+                rule: "its VM must be stopped before its disk can be moved",
+            });
+        }
+        let path = self.dir_of(vps_id).join("root.qcow2");
+        let file = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => AgentError::NoSuchVm(vps_id.to_owned()),
+                _ => AgentError::io(&path, e),
+            })?;
+        let size = file
+            .metadata()
+            .await
+            .map_err(|e| AgentError::io(&path, e))?
+            .len();
+        let chunks = futures::stream::unfold(Some((file, path)), |state| async move {
+            let (mut file, path) = state?;
+            let mut buf = vec![0u8; CHUNK_BYTES];
+            match file.read(&mut buf).await {
+                Ok(0) => None,
+                Ok(n) => {
+                    buf.truncate(n);
+                    Some((Ok(buf), Some((file, path))))
+                }
+                Err(e) => Some((Err(AgentError::io(&path, e)), None)),
+            }
+        });
+        Ok((size, chunks))
+    }
+
+    /// Writes a disk sent by another host. Refused while this host has a VM
+    /// for the VPS, so a move can never overwrite a guest's disk.
+    #[instrument(skip_all)]
+    pub async fn import_disk(
+        &self,
+        mut chunks: impl Stream<Item = Result<Incoming>> + Unpin,
+    ) -> Result<u64> {
+        let first = chunks.next().await.ok_or(AgentError::InvalidArgument {
+            field: "vps_id",
+            rule: "the first message must name the VPS and its image".into(),
+        })??;
+        let vps_id = first.vps_id.clone();
+        names::check_vps_id(&vps_id)?;
+        let lock = self.lock_for(&vps_id);
+        let _guard = lock.lock().await;
+        let image = self
+            .catalog()
+            .get(&first.image)
+            .cloned()
+            .ok_or_else(|| AgentError::UnknownImage(first.image.clone()))?;
+        let name = names::domain_name(&vps_id);
+        if self.hv.call(move |hv| hv.lookup(&name)).await?.is_some() {
+            return Err(AgentError::WrongState {
+                vps_id,
+                rule: "this host already has a VM for it",
+            });
+        }
+        let dir = self.dir_of(&vps_id);
+        let created_dir = !dir.exists();
+        std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
+        let part = dir.join("root.qcow2.part");
+        let result = match receive(&part, first.data, &mut chunks).await {
+            Ok(n) if n == first.total_bytes => Ok(n),
+            Ok(n) => Err(AgentError::InvalidArgument {
+                field: "total_bytes",
+                rule: format!("{n} bytes arrived, {} were announced", first.total_bytes),
+            }),
+            Err(e) => Err(e),
+        };
+        let result = match result {
+            Ok(bytes) => {
+                let (p, base) = (part.clone(), image.path.clone());
+                self.hv
+                    .disks(move |d| d.rebase(&p, &base))
+                    .await
+                    .map(|()| bytes)
+            }
+            Err(e) => Err(e),
+        };
+        let root = dir.join("root.qcow2");
+        let result = result.and_then(|bytes| {
+            std::fs::rename(&part, &root).map_err(|e| AgentError::io(&root, e))?;
+            Ok(bytes)
+        });
+        match &result {
+            Ok(bytes) => info!(%vps_id, bytes, "disk imported"),
+            Err(_) => {
+                let _ = std::fs::remove_file(&part);
+                if created_dir {
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+        result
+    }
+}
+
+async fn receive(
+    part: &PathBuf,
+    first: Vec<u8>,
+    rest: &mut (impl Stream<Item = Result<Incoming>> + Unpin),
+) -> Result<u64> {
+    let mut file = tokio::fs::File::create(part)
+        .await
+        .map_err(|e| AgentError::io(part, e))?;
+    let mut bytes = first.len() as u64;
+    file.write_all(&first)
+        .await
+        .map_err(|e| AgentError::io(part, e))?;
+    while let Some(chunk) = rest.next().await {
+        let chunk = chunk?;
+        bytes += chunk.data.len() as u64;
+        file.write_all(&chunk.data)
+            .await
+            .map_err(|e| AgentError::io(part, e))?;
+    }
+    file.sync_all().await.map_err(|e| AgentError::io(part, e))?;
+    Ok(bytes)
+}

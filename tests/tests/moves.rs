@@ -1,0 +1,340 @@
+//! Moving VPS between hosts: draining a host, a move with nowhere to go, and
+//! many simulated agents filled and drained.
+
+use std::{path::PathBuf, process::Command, time::Duration};
+
+use betang_agent::{config::CapacityConfig, hypervisor::Power};
+use betang_proto::v1::{
+    DrainHostRequest, GetVpsRequest, ListAuditRequest, MoveVpsRequest, StartVpsRequest,
+    StopVpsRequest, UncordonHostRequest, VpsState,
+};
+use betang_tests::{Cluster, ClusterOptions, eventually, state_of, wait_state};
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(30);
+
+fn root_disk(cluster: &Cluster, host: usize, vps_id: &str) -> PathBuf {
+    cluster.hosts[host]
+        .cfg
+        .vm_dir
+        .join(vps_id)
+        .join("root.qcow2")
+}
+
+fn qemu_io(disk: &PathBuf, cmd: &str) -> anyhow::Result<String> {
+    let out = Command::new("qemu-io")
+        .args(["-f", "qcow2", "-c", cmd])
+        .arg(disk)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "qemu-io {cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Waits until `host`'s hypervisor holds the VPS's domain in `power`.
+async fn wait_domain(
+    cluster: &Cluster,
+    host: usize,
+    vps_id: &str,
+    power: Power,
+) -> anyhow::Result<()> {
+    let hv = cluster.hosts[host].hv.clone();
+    let dom = format!("betang-{vps_id}");
+    eventually(T, &format!("{dom} {power:?} on host {host}"), || {
+        let (hv, dom) = (hv.clone(), dom.clone());
+        async move { (hv.lookup(&dom).ok()??.power == power).then_some(()) }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn drain_moves_stopped_vps_and_running_ones_only_when_asked() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let mut c = op.vps.clone();
+    let (h0, h1) = (
+        cluster.hosts[0].host_id.clone(),
+        cluster.hosts[1].host_id.clone(),
+    );
+    let mut ids = Vec::new();
+    for name in ["cold", "warm"] {
+        let mut req = cluster.create(cluster.spec(name));
+        req.host_id = h0.clone();
+        let v = c.create_vps(req).await?.into_inner();
+        wait_state(&c, &v.id, VpsState::Running, T).await?;
+        ids.push(v.id);
+    }
+    let (cold, warm) = (ids[0].clone(), ids[1].clone());
+    c.stop_vps(StopVpsRequest {
+        id: cold.clone(),
+        timeout_seconds: 1,
+        force: false,
+    })
+    .await?;
+    wait_state(&c, &cold, VpsState::Stopped, T).await?;
+    // Something the guest wrote, to find again on the other host.
+    qemu_io(&root_disk(&cluster, 0, &cold), "write -P 0xab 1M 64k")?;
+
+    // Only operators move VPS, and a running one only with a restart.
+    let member = cluster.clients(&cluster.people.member_a).await?;
+    let err = member
+        .vps
+        .clone()
+        .move_vps(MoveVpsRequest {
+            id: cold.clone(),
+            restart: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    let err = c
+        .move_vps(MoveVpsRequest {
+            id: warm.clone(),
+            restart: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
+    assert!(err.message().contains("restart"), "{}", err.message());
+
+    // Drain, moving the stopped VPS only.
+    let r = op
+        .hosts
+        .clone()
+        .drain_host(DrainHostRequest {
+            id: h0.clone(),
+            move_stopped: true,
+            move_running: false,
+        })
+        .await?
+        .into_inner();
+    assert!(r.host.unwrap().cordoned);
+    let outcome = |id: &str| {
+        r.vps
+            .iter()
+            .find(|v| v.vps_id == id)
+            .map(|v| (v.outcome.clone(), v.to_host.clone()))
+    };
+    assert_eq!(outcome(&cold), Some(("moved".into(), h1.clone())));
+    assert_eq!(outcome(&warm), Some(("left".into(), String::new())));
+    let v = c
+        .get_vps(GetVpsRequest { id: cold.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(v.host_id, h1);
+    wait_domain(&cluster, 1, &cold, Power::Stopped).await?;
+    assert!(
+        !cluster.hosts[0].cfg.vm_dir.join(&cold).exists(),
+        "the old copy's files stay on the source"
+    );
+    assert_eq!(cluster.domains(0), vec![format!("betang-{warm}")]);
+    // The data came along, and the disk is based on the target's image.
+    let read = qemu_io(&root_disk(&cluster, 1, &cold), "read -P 0xab 1M 64k")?;
+    assert!(read.contains("read 65536/65536"), "{read}");
+    let info = Command::new("qemu-img")
+        .args(["info", "--output=json", "-f", "qcow2"])
+        .arg(root_disk(&cluster, 1, &cold))
+        .output()?;
+    let info: serde_json::Value = serde_json::from_slice(&info.stdout)?;
+    let image = cluster.hosts[1].cfg.image_dir.join("tiny.qcow2");
+    assert_eq!(info["backing-filename"].as_str(), image.to_str(), "{info}");
+    // The warm VPS was not touched.
+    wait_state(&c, &warm, VpsState::Running, T).await?;
+
+    // Now the running one too: stopped, moved, started again.
+    let r = op
+        .hosts
+        .clone()
+        .drain_host(DrainHostRequest {
+            id: h0.clone(),
+            move_stopped: true,
+            move_running: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.vps.len(), 1);
+    assert_eq!(r.vps[0].outcome, "moved");
+    let v = wait_state(&c, &warm, VpsState::Running, T).await?;
+    assert_eq!(v.host_id, h1);
+    wait_domain(&cluster, 1, &warm, Power::Running).await?;
+    assert!(cluster.domains(0).is_empty());
+
+    // The moved cold VPS boots from its new host.
+    c.start_vps(StartVpsRequest { id: cold.clone() }).await?;
+    wait_state(&c, &cold, VpsState::Running, T).await?;
+    wait_domain(&cluster, 1, &cold, Power::Running).await?;
+
+    let audit = op
+        .audit
+        .clone()
+        .list_audit(ListAuditRequest {
+            target: cold.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let moves: Vec<_> = audit
+        .records
+        .iter()
+        .filter(|r| r.action == "vps.move")
+        .map(|r| r.result.clone())
+        .collect();
+    assert_eq!(
+        moves,
+        [
+            format!("MIGRATING from {h0} to {h1}"),
+            format!("moved from {h0} to {h1}")
+        ]
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_with_nowhere_to_go_leaves_the_vps_in_place() -> anyhow::Result<()> {
+    use betang_proto::v1::CordonHostRequest;
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let mut c = op.vps.clone();
+    let (h0, h1) = (
+        cluster.hosts[0].host_id.clone(),
+        cluster.hosts[1].host_id.clone(),
+    );
+    let mut req = cluster.create(cluster.spec("stay"));
+    req.host_id = h0.clone();
+    let id = c.create_vps(req).await?.into_inner().id;
+    wait_state(&c, &id, VpsState::Running, T).await?;
+    c.stop_vps(StopVpsRequest {
+        id: id.clone(),
+        timeout_seconds: 1,
+        force: true,
+    })
+    .await?;
+    wait_state(&c, &id, VpsState::Stopped, T).await?;
+    op.hosts
+        .clone()
+        .cordon_host(CordonHostRequest { id: h1.clone() })
+        .await?;
+    let err = c
+        .move_vps(MoveVpsRequest {
+            id: id.clone(),
+            restart: false,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    assert!(err.message().ends_with(": 1 cordoned"), "{}", err.message());
+    let v = c
+        .get_vps(GetVpsRequest { id: id.clone() })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (state_of(&v), v.host_id.as_str()),
+        (VpsState::Stopped, h0.as_str())
+    );
+    assert!(root_disk(&cluster, 0, &id).exists());
+    wait_domain(&cluster, 0, &id, Power::Stopped).await?;
+    // A VPS that never stopped cannot be moved as it is either.
+    op.hosts
+        .clone()
+        .uncordon_host(UncordonHostRequest { id: h1.clone() })
+        .await?;
+    let v = c
+        .move_vps(MoveVpsRequest {
+            id: id.clone(),
+            restart: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(v.host_id, h1);
+    // Moving again and again is fine: back to where it started.
+    let v = c
+        .move_vps(MoveVpsRequest {
+            id: id.clone(),
+            restart: false,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(v.host_id, h0);
+    wait_domain(&cluster, 0, &id, Power::Stopped).await?;
+    eventually(T, "nothing left on the middle host", || {
+        let empty = cluster.domains(1).is_empty();
+        async move { empty.then_some(()) }
+    })
+    .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_simulated_agents_hold_what_the_controller_places() -> anyhow::Result<()> {
+    let hosts = 12;
+    let cluster = Cluster::start(ClusterOptions {
+        hosts: vec![
+            CapacityConfig {
+                vcpus: 4,
+                memory_mib: 8192,
+                disk_gib: 200,
+            };
+            hosts
+        ],
+        simulated: true,
+        ..ClusterOptions::default()
+    })
+    .await?;
+    let c = cluster.vps_client().await?;
+    let creates: Vec<_> = (0..36)
+        .map(|i| {
+            let mut c = c.clone();
+            let req = cluster.create(cluster.spec(&format!("s{i}")));
+            tokio::spawn(async move { c.create_vps(req).await.map(|r| r.into_inner()) })
+        })
+        .collect();
+    let mut placed = Vec::new();
+    for t in creates {
+        placed.push(t.await??);
+    }
+    for v in &placed {
+        wait_state(&c, &v.id, VpsState::Running, T).await?;
+    }
+    // Each simulated host holds exactly the VPS the controller put on it.
+    for (i, h) in cluster.hosts.iter().enumerate() {
+        let mut want: Vec<String> = placed
+            .iter()
+            .filter(|v| v.host_id == h.host_id)
+            .map(|v| format!("betang-{}", v.id))
+            .collect();
+        want.sort();
+        let mut have = cluster.domains(i);
+        have.sort();
+        assert_eq!(have, want, "host {}", h.host_id);
+        assert_eq!(want.len(), 3, "spread puts three on each of the hosts");
+    }
+    // Draining one moves its running guests to the others through the
+    // simulated disks, and starts them again there.
+    let r = cluster
+        .host_client()
+        .await?
+        .drain_host(DrainHostRequest {
+            id: cluster.hosts[0].host_id.clone(),
+            move_stopped: true,
+            move_running: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(r.vps.len(), 3);
+    for d in &r.vps {
+        assert_eq!(d.outcome, "moved", "{d:?}");
+        let v = wait_state(&c, &d.vps_id, VpsState::Running, T).await?;
+        let i = cluster
+            .hosts
+            .iter()
+            .position(|h| h.host_id == v.host_id)
+            .unwrap();
+        assert_ne!(i, 0);
+        wait_domain(&cluster, i, &d.vps_id, Power::Running).await?;
+    }
+    assert!(cluster.domains(0).is_empty());
+    Ok(())
+}
