@@ -37,6 +37,11 @@ pub struct ControllerConfig {
     /// A VPS still being built after this long goes to ERROR.
     #[serde(default = "default_build_timeout_s")]
     pub build_timeout_seconds: u64,
+    /// How often a VPS's usage from the heartbeats is written to the store.
+    /// Heartbeats come every 2 s; writing each one for 20,000 VPS would be
+    /// 10,000 row writes a second.
+    #[serde(default = "default_usage_interval_ms")]
+    pub usage_interval_ms: u64,
 }
 
 fn default_listen() -> SocketAddr {
@@ -70,6 +75,9 @@ fn default_reconcile_ms() -> u64 {
 }
 fn default_build_timeout_s() -> u64 {
     600
+}
+fn default_usage_interval_ms() -> u64 {
+    30_000
 }
 
 impl ControllerConfig {
@@ -110,6 +118,7 @@ impl ControllerConfig {
             heartbeat_interval_ms: default_heartbeat_ms(),
             reconcile_interval_ms: default_reconcile_ms(),
             build_timeout_seconds: default_build_timeout_s(),
+            usage_interval_ms: default_usage_interval_ms(),
         }
     }
 }

@@ -333,6 +333,7 @@ impl Cluster {
         controller_cfg.host_down_after_ms = opts.down_after_ms;
         controller_cfg.heartbeat_interval_ms = opts.heartbeat_ms as u32;
         controller_cfg.reconcile_interval_ms = 200;
+        controller_cfg.usage_interval_ms = 0;
         controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

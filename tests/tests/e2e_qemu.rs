@@ -129,6 +129,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
     let pki = make_pki(&dir.path().join("pki"), std::slice::from_ref(&host_id))?;
     let mut ccfg =
         betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
+    ccfg.usage_interval_ms = 0;
     ccfg.reconcile_interval_ms = 500;
     ccfg.tls = Some(controller_tls(&pki));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

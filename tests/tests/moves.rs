@@ -34,6 +34,21 @@ fn qemu_io(disk: &PathBuf, cmd: &str) -> anyhow::Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+async fn move_vps(
+    cluster: &Cluster,
+    token: &str,
+    id: &str,
+    restart: bool,
+) -> Result<betang_proto::v1::Vps, tonic::Status> {
+    let mut c = cluster.clients(token).await.expect("clients").vps;
+    c.move_vps(MoveVpsRequest {
+        id: id.to_owned(),
+        restart,
+    })
+    .await
+    .map(|r| r.into_inner())
+}
+
 /// Waits until `host`'s hypervisor holds the VPS's domain in `power`.
 async fn wait_domain(
     cluster: &Cluster,
@@ -79,22 +94,11 @@ async fn drain_moves_stopped_vps_and_running_ones_only_when_asked() -> anyhow::R
     qemu_io(&root_disk(&cluster, 0, &cold), "write -P 0xab 1M 64k")?;
 
     // Only operators move VPS, and a running one only with a restart.
-    let member = cluster.clients(&cluster.people.member_a).await?;
-    let err = member
-        .vps
-        .clone()
-        .move_vps(MoveVpsRequest {
-            id: cold.clone(),
-            restart: false,
-        })
-        .await
-        .unwrap_err();
+    let member = &cluster.people.member_a;
+    let err = move_vps(&cluster, member, &cold, false).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied);
-    let err = c
-        .move_vps(MoveVpsRequest {
-            id: warm.clone(),
-            restart: false,
-        })
+    let operator = &cluster.people.operator;
+    let err = move_vps(&cluster, operator, &warm, false)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::FailedPrecondition, "{}", err.message());
@@ -217,13 +221,8 @@ async fn a_move_with_nowhere_to_go_leaves_the_vps_in_place() -> anyhow::Result<(
         .clone()
         .cordon_host(CordonHostRequest { id: h1.clone() })
         .await?;
-    let err = c
-        .move_vps(MoveVpsRequest {
-            id: id.clone(),
-            restart: false,
-        })
-        .await
-        .unwrap_err();
+    let operator = &cluster.people.operator;
+    let err = move_vps(&cluster, operator, &id, false).await.unwrap_err();
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.message().ends_with(": 1 cordoned"), "{}", err.message());
     let v = c
@@ -236,27 +235,14 @@ async fn a_move_with_nowhere_to_go_leaves_the_vps_in_place() -> anyhow::Result<(
     );
     assert!(root_disk(&cluster, 0, &id).exists());
     wait_domain(&cluster, 0, &id, Power::Stopped).await?;
-    // A VPS that never stopped cannot be moved as it is either.
+    // With room again it moves, and back to where it started.
     op.hosts
         .clone()
         .uncordon_host(UncordonHostRequest { id: h1.clone() })
         .await?;
-    let v = c
-        .move_vps(MoveVpsRequest {
-            id: id.clone(),
-            restart: false,
-        })
-        .await?
-        .into_inner();
+    let v = move_vps(&cluster, operator, &id, false).await?;
     assert_eq!(v.host_id, h1);
-    // Moving again and again is fine: back to where it started.
-    let v = c
-        .move_vps(MoveVpsRequest {
-            id: id.clone(),
-            restart: false,
-        })
-        .await?
-        .into_inner();
+    let v = move_vps(&cluster, operator, &id, false).await?;
     assert_eq!(v.host_id, h0);
     wait_domain(&cluster, 0, &id, Power::Stopped).await?;
     eventually(T, "nothing left on the middle host", || {

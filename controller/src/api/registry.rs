@@ -94,10 +94,20 @@ impl RegistryService for RegistryApi {
         let r = req.into_inner();
         let host = HostId::parse(&r.host_id)?;
         self.check_peer(&host, &peer)?;
-        let now = now_ms();
+        let (now, usage_every) = (now_ms(), self.ctx.cfg.usage_interval_ms as i64);
         self.ctx
             .store
-            .run(move |c| hosts::heartbeat(c, &host, r.usage.as_ref(), &r.vms, r.vms_listed, now))
+            .run(move |c| {
+                hosts::heartbeat(
+                    c,
+                    &host,
+                    r.usage.as_ref(),
+                    &r.vms,
+                    r.vms_listed,
+                    usage_every,
+                    now,
+                )
+            })
             .await?;
         Ok(Response::new(HeartbeatResponse {}))
     }

@@ -97,16 +97,21 @@ struct VpsOnHost {
     state: VpsState,
     desired: DesiredPower,
     generation: u64,
+    observed: String,
+    usage_at_ms: i64,
 }
 
 /// Applies a heartbeat: host usage, and each VM's usage and power. A report
 /// older than the VPS's generation changes no state.
+/// Only what changed is written: a VM's usage once per `usage_every_ms`, its
+/// power when it differs from what is recorded.
 pub fn heartbeat(
     c: &mut Connection,
     host_id: &HostId,
     usage: Option<&HostUsage>,
     vms: &[VmStatus],
     vms_listed: bool,
+    usage_every_ms: i64,
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
@@ -123,7 +128,7 @@ pub fn heartbeat(
     let mut placed: HashMap<String, VpsOnHost> = HashMap::new();
     {
         let mut q = tx.prepare_cached(
-            "SELECT id, state, desired_power, generation FROM vps
+            "SELECT id, state, desired_power, generation, observed_power, usage_at_ms FROM vps
              WHERE host_id = ?1 AND state <> 'DELETED'",
         )?;
         let rows = q.query_map([host_id.as_str()], |r| {
@@ -132,10 +137,12 @@ pub fn heartbeat(
                 r.get::<_, String>(1)?,
                 r.get::<_, String>(2)?,
                 r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
             ))
         })?;
         for row in rows {
-            let (id, state, desired, generation) = row?;
+            let (id, state, desired, generation, observed, usage_at_ms) = row?;
             let (Some(state), Some(desired)) =
                 (VpsState::parse(&state), DesiredPower::parse(&desired))
             else {
@@ -148,6 +155,8 @@ pub fn heartbeat(
                     state,
                     desired,
                     generation: generation as u64,
+                    observed,
+                    usage_at_ms,
                 },
             );
         }
@@ -158,7 +167,11 @@ pub fn heartbeat(
             continue;
         };
         seen.insert(v.id.clone());
-        if let Some(u) = &vm.usage {
+        if let Some(u) = vm
+            .usage
+            .as_ref()
+            .filter(|u| u.sampled_at_ms - v.usage_at_ms >= usage_every_ms)
+        {
             tx.prepare_cached(
                 "UPDATE vps SET cpu_rate = ?2, cpu_time_ns = ?3, mem_max_bytes = ?4,
                      mem_used_bytes = ?5, disk_read_bytes = ?6, disk_write_bytes = ?7,
@@ -202,6 +215,9 @@ pub fn heartbeat(
                 } else {
                     VpsState::Stopped
                 };
+                if state == v.state && observed == v.observed {
+                    continue;
+                }
                 tx.prepare_cached(
                     "UPDATE vps SET observed_power = ?2,
                          state = ?3,
@@ -214,7 +230,10 @@ pub fn heartbeat(
     }
     if vms_listed {
         for v in placed.values() {
-            if !seen.contains(&v.id) && matches!(v.state, VpsState::Running | VpsState::Stopped) {
+            if !seen.contains(&v.id)
+                && v.observed != "absent"
+                && matches!(v.state, VpsState::Running | VpsState::Stopped)
+            {
                 tx.prepare_cached("UPDATE vps SET observed_power = 'absent' WHERE id = ?1")?
                     .execute([&v.id])?;
             }

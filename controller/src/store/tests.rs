@@ -283,3 +283,76 @@ fn the_reconciler_reads_only_the_vps_that_need_work() {
         "{plan:?}"
     );
 }
+
+#[test]
+fn heartbeats_write_only_what_changed() {
+    use betang_proto::v1::{PowerState, VmStatus, VmUsage};
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let v = s
+        .run_sync(|c| {
+            vps::create(
+                c,
+                &Caller::system(),
+                &new_vps(&inst, 0, 1),
+                &placement(),
+                NOW,
+            )
+        })
+        .unwrap();
+    s.run_sync(|c| {
+        c.execute(
+            "UPDATE vps SET state = 'RUNNING', applied_generation = generation,
+                 observed_power = 'running' WHERE id = ?1",
+            [v.id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    s.run_sync(|c| {
+        c.execute_batch(
+            "CREATE TEMP TABLE vps_writes (n INTEGER);
+             CREATE TEMP TRIGGER count_vps_writes AFTER UPDATE ON vps
+             BEGIN INSERT INTO vps_writes VALUES (1); END;",
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let host = HostId::parse("a").unwrap();
+    let beat = |at: i64, cpu: u64| {
+        let vm = VmStatus {
+            vps_id: v.id.to_string(),
+            power: PowerState::Running as i32,
+            generation: v.generation,
+            usage: Some(VmUsage {
+                cpu_time_ns: cpu,
+                sampled_at_ms: at,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        s.run_sync(|c| {
+            c.execute("DELETE FROM temp.vps_writes", [])?;
+            hosts::heartbeat(c, &host, None, &[vm], true, 30_000, at)?;
+            Ok(
+                c.query_row("SELECT count(*) FROM temp.vps_writes", [], |r| {
+                    r.get::<_, i64>(0)
+                })?,
+            )
+        })
+        .unwrap()
+    };
+    let cpu_of = || {
+        s.run_sync(|c| vps::get_any(c, &v.id))
+            .unwrap()
+            .usage
+            .cpu_time_ns
+    };
+    assert_eq!(beat(NOW, 100), 1, "the first usage is written");
+    assert_eq!(cpu_of(), 100);
+    assert_eq!(beat(NOW + 2_000, 200), 0, "nothing changed worth a write");
+    assert_eq!(cpu_of(), 100);
+    assert_eq!(beat(NOW + 30_000, 300), 1, "usage again after the interval");
+    assert_eq!(cpu_of(), 300);
+}

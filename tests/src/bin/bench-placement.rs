@@ -290,24 +290,7 @@ async fn main() -> anyhow::Result<()> {
     }
     page_times.sort();
     let t = Instant::now();
-    let (mut token, mut listed) = (String::new(), 0usize);
-    loop {
-        let p = op
-            .vps
-            .clone()
-            .list_vps(ListVpsRequest {
-                page_size: 1000,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        listed += p.vps.len();
-        if p.next_page_token.is_empty() {
-            break;
-        }
-        token = p.next_page_token;
-    }
+    let listed = count_in_state(&op, VpsState::Unspecified).await?;
     let full_list = t.elapsed();
 
     // No host over its ratio (4 for vCPUs, 1 for memory and disk).
@@ -417,6 +400,7 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pages through every VPS in `state` (all of them for `Unspecified`).
 async fn count_in_state(op: &Clients, state: VpsState) -> anyhow::Result<usize> {
     let (mut token, mut n) = (String::new(), 0usize);
     loop {
