@@ -20,19 +20,17 @@ use crate::{
     now_ms,
     store::{
         hosts, moves,
-        vps::{self, Placement, VpsRecord},
+        vps::{self, VpsRecord},
     },
 };
 
 /// How long a guest may take to stop after the stop timeout it was given.
 const STOP_GRACE: Duration = Duration::from_secs(30);
 
-fn placement(ctx: &Ctx) -> Placement {
-    Placement {
-        ratios: ctx.cfg.overcommit,
-        policy: ctx.cfg.placement,
-        down_after_ms: ctx.down_after_ms(),
-    }
+/// Whether a VPS is, or is about to be, running: such a VPS moves only with
+/// a restart.
+pub fn wants_to_run(v: &VpsRecord) -> bool {
+    v.desired == DesiredPower::Running || v.state == VpsState::Running
 }
 
 /// Moves one VPS; answers with where it ended up.
@@ -48,7 +46,7 @@ pub async fn move_vps(
     if let Some(h) = &v.host_id {
         span.record("host_id", h.as_str());
     }
-    let running = v.desired == DesiredPower::Running || v.state == VpsState::Running;
+    let running = wants_to_run(&v);
     if running {
         if !restart {
             return Err(ApiError::WrongState {
@@ -106,7 +104,7 @@ async fn wait_stopped(ctx: &Ctx, id: VpsId, within: Duration) -> Result<(), ApiE
 }
 
 async fn cold_move(ctx: &Ctx, caller: &Caller, id: VpsId) -> Result<VpsRecord, ApiError> {
-    let (actor, place, now) = (caller.clone(), placement(ctx), now_ms());
+    let (actor, place, now) = (caller.clone(), ctx.placement(), now_ms());
     let (v, target) = ctx
         .store
         .run(move |c| moves::begin(c, &actor, &id, &place, now))
@@ -121,7 +119,8 @@ async fn cold_move(ctx: &Ctx, caller: &Caller, id: VpsId) -> Result<VpsRecord, A
     // has to be removed by us when the claim cannot follow it.
     let result = match copy_disk(ctx, &v, &source, &target).await {
         Ok(bytes) => {
-            let (actor, place, t, now) = (caller.clone(), placement(ctx), target.clone(), now_ms());
+            let (actor, place, t, now) =
+                (caller.clone(), ctx.placement(), target.clone(), now_ms());
             let done = ctx
                 .store
                 .run(move |c| moves::finish(c, &actor, &id, &t, &place, now))

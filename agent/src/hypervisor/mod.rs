@@ -10,7 +10,7 @@ mod simulated;
 
 pub use blocking::Blocking;
 pub use libvirt::{LibvirtHypervisor, probe_domain_type};
-pub use simulated::{SimulatedDisks, SimulatedHypervisor, simulated_overlay_size};
+pub use simulated::{SimulatedDisks, SimulatedHypervisor};
 
 use crate::{
     disks::{DiskTool, QemuImg},

@@ -42,7 +42,6 @@ struct SimDomain {
     /// CPU time of earlier runs.
     cpu_ns: u64,
     running_since: Option<Instant>,
-    io_ops: u64,
 }
 
 impl SimDomain {
@@ -185,7 +184,6 @@ impl Hypervisor for SimulatedHypervisor {
             memory_kib: 0,
             cpu_ns: 0,
             running_since: None,
-            io_ops: 0,
         });
         d.metadata = metadata;
         d.vcpus = parsed.vcpu;
@@ -237,9 +235,6 @@ impl Hypervisor for SimulatedHypervisor {
         self.with(name, |d| {
             let cpu = d.cpu_time_ns();
             let running = d.running_since.is_some();
-            if running {
-                d.io_ops += 1;
-            }
             // Counters that grow with the guest's CPU time, like a busy guest's.
             let work = cpu / 1_000;
             DomainStats {
@@ -334,8 +329,9 @@ impl DiskTool for SimulatedDisks {
     }
 }
 
-/// The virtual size a simulated overlay records, for tests.
-pub fn simulated_overlay_size(path: &Path) -> Option<u64> {
+/// The virtual size a simulated overlay records.
+#[cfg(test)]
+fn simulated_overlay_size(path: &Path) -> Option<u64> {
     std::fs::read_to_string(path)
         .ok()?
         .lines()

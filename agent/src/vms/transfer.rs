@@ -3,7 +3,7 @@
 //! temporary name, bases it on its own copy of the catalogue image and only
 //! then gives it its real name, so a broken transfer never looks like a disk.
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -139,7 +139,7 @@ impl VmManager {
 }
 
 async fn receive(
-    part: &PathBuf,
+    part: &Path,
     first: Vec<u8>,
     rest: &mut (impl Stream<Item = Result<Incoming>> + Unpin),
 ) -> Result<u64> {

@@ -10,7 +10,7 @@ use crate::{
     auth::{Permission, Scope},
     error::ApiError,
     ids::HostId,
-    lifecycle::{DesiredPower, VpsState},
+    lifecycle::VpsState,
     migration, now_ms,
     store::{
         hosts::{self, HostChange},
@@ -101,7 +101,7 @@ impl HostService for HostApi {
         let mut drained = Vec::with_capacity(on_host.len());
         // One at a time: a host's disks and link are shared by every copy.
         for v in on_host {
-            let running = v.desired == DesiredPower::Running || v.state == VpsState::Running;
+            let running = migration::wants_to_run(&v);
             let asked = if running {
                 r.move_running
             } else {

@@ -35,6 +35,15 @@ impl Ctx {
         self.cfg.host_down_after_ms as i64
     }
 
+    /// The scheduler's settings, as every placement and move uses them.
+    pub fn placement(&self) -> crate::store::vps::Placement {
+        crate::store::vps::Placement {
+            ratios: self.cfg.overcommit,
+            policy: self.cfg.placement,
+            down_after_ms: self.down_after_ms(),
+        }
+    }
+
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(60)
     }

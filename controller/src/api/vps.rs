@@ -25,14 +25,6 @@ pub struct VpsApi {
 const MAX_STOP_TIMEOUT_S: u32 = 3600;
 
 impl VpsApi {
-    fn placement(&self) -> vps::Placement {
-        vps::Placement {
-            ratios: self.ctx.cfg.overcommit,
-            policy: self.ctx.cfg.placement,
-            down_after_ms: self.ctx.down_after_ms(),
-        }
-    }
-
     async fn set_power(
         &self,
         caller: Caller,
@@ -144,7 +136,7 @@ impl VpsService for VpsApi {
             pin: pin(&r.host_id)?,
             placement,
         };
-        let placement = self.placement();
+        let placement = self.ctx.placement();
         let now = now_ms();
         let v = self
             .ctx
@@ -337,7 +329,7 @@ impl VpsService for VpsApi {
             disk_gib: r.disk_gib,
             pin: pin(&r.host_id)?,
         };
-        let placement = self.placement();
+        let placement = self.ctx.placement();
         let now = now_ms();
         let v = self
             .ctx
@@ -379,7 +371,7 @@ impl VpsService for VpsApi {
             disk_gib: r.disk_gib,
             pin: None,
         };
-        let placement = self.placement();
+        let placement = self.ctx.placement();
         let now = now_ms();
         let v = self
             .ctx
