@@ -18,7 +18,7 @@ use crate::{
     config::ControllerConfig,
     error::ApiError,
     now_ms,
-    store::{Store, identity as ids},
+    store::Store,
 };
 
 /// What every service needs.
@@ -51,10 +51,7 @@ impl Ctx {
     /// The caller behind the request's bearer token.
     pub async fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let secret = auth::bearer(req.metadata())?;
-        let now = now_ms();
-        self.store
-            .run(move |c| ids::caller_for_secret(c, &secret, now))
-            .await
+        self.store.caller(&secret, now_ms()).await
     }
 }
 

@@ -85,7 +85,15 @@ pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, A
 
 /// The caller behind a token secret, if the token is known, unexpired and not revoked.
 pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Caller, ApiError> {
-    let hash = auth::hash_secret(secret);
+    caller_for_hash(c, &auth::hash_secret(secret), now_ms).map(|(caller, _)| caller)
+}
+
+/// The caller and when their token expires (0: never).
+pub fn caller_for_hash(
+    c: &Connection,
+    hash: &str,
+    now_ms: i64,
+) -> Result<(Caller, i64), ApiError> {
     let row = c
         .prepare_cached(
             "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms
@@ -107,12 +115,13 @@ pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Ca
     if revoked != 0 || (expires != 0 && expires <= now_ms) {
         return Err(denied());
     }
-    Ok(Caller {
+    let caller = Caller {
         user_id,
         username,
         institution_id,
         role: Role::parse(&role).ok_or_else(denied)?,
-    })
+    };
+    Ok((caller, expires))
 }
 
 fn check_text(field: &'static str, v: &str, max: usize, required: bool) -> Result<(), ApiError> {

@@ -4,6 +4,7 @@
 //! Beside the connection, under the same mutex, the scheduler's in-memory
 //! view of the hosts (`host_index`).
 
+mod caller_cache;
 mod checkpoint;
 pub mod host_index;
 pub mod hosts;
@@ -20,7 +21,10 @@ use std::{
 use rusqlite::Connection;
 use rusqlite_migration::{M, Migrations};
 
-use crate::error::{ApiError, StoreError};
+use crate::{
+    auth::Caller,
+    error::{ApiError, StoreError},
+};
 
 const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0001_initial.sql")),
@@ -66,6 +70,7 @@ impl Db {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Mutex<Db>>,
+    callers: caller_cache::CallerCache,
 }
 
 impl Store {
@@ -97,11 +102,14 @@ impl Store {
         conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         conn.execute_batch(host_index::DIRTY_TRACKING)?;
+        let callers = caller_cache::CallerCache::default();
+        callers.track(&conn)?;
         Ok(Store {
             db: Arc::new(Mutex::new(Db {
                 conn,
                 hosts: host_index::HostIndex::default(),
             })),
+            callers,
         })
     }
 
@@ -115,6 +123,22 @@ impl Store {
         tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(|p| p.into_inner()).work(f))
             .await
             .map_err(|e| ApiError::Store(StoreError::Task(e.to_string())))?
+    }
+
+    /// The caller behind a token's secret; from the cache when the token and
+    /// its user are unchanged since it was last read.
+    pub async fn caller(&self, secret: &str, now_ms: i64) -> Result<Caller, ApiError> {
+        let hash = crate::auth::hash_secret(secret);
+        if let Some(caller) = self.callers.get(&hash, now_ms) {
+            return Ok(caller);
+        }
+        let seen = self.callers.generation();
+        let key = hash.clone();
+        let (caller, expires) = self
+            .run(move |c| identity::caller_for_hash(c, &key, now_ms))
+            .await?;
+        self.callers.insert(hash, caller.clone(), expires, seen);
+        Ok(caller)
     }
 
     /// The same, for code that is already on a blocking thread (and tests).

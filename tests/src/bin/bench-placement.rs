@@ -40,6 +40,19 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 }
 
 /// Peak resident memory of a process, from /proc.
+/// User plus system CPU seconds a process has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .map(|x| x.parse().unwrap_or(0.0))
+        .collect();
+    let ticks = f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0);
+    ticks / 100.0
+}
+
 fn peak_rss_mib(pid: &str) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -228,6 +241,7 @@ async fn main() -> anyhow::Result<()> {
     let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let cpu_before = (cpu_seconds(&controller.pid), cpu_seconds("self"));
     let started = Instant::now();
     let workers: Vec<_> = (0..concurrency)
         .map(|_| {
@@ -271,6 +285,10 @@ async fn main() -> anyhow::Result<()> {
         w.await?;
     }
     let placing = started.elapsed();
+    let cpu_ms_per_placement = (
+        (cpu_seconds(&controller.pid) - cpu_before.0) * 1000.0 / total as f64,
+        (cpu_seconds("self") - cpu_before.1) * 1000.0 / total as f64,
+    );
     let mut lat = latencies.lock().unwrap().clone();
     lat.sort();
     let failed = failures.load(std::sync::atomic::Ordering::Relaxed);
@@ -356,6 +374,10 @@ async fn main() -> anyhow::Result<()> {
         pct(&lat, 0.99)
     );
     println!(
+        "CPU per placement while placing: controller {:.3} ms, agents and load {:.3} ms",
+        cpu_ms_per_placement.0, cpu_ms_per_placement.1
+    );
+    println!(
         "running on their agents: {running} after {:.1} s; domains on the agents: {domains}",
         all_running_after.as_secs_f64()
     );
@@ -387,6 +409,8 @@ async fn main() -> anyhow::Result<()> {
             "placements_per_s": (rate * 10.0).round() / 10.0,
             "placement_p50_ms": pct(&lat, 0.5),
             "placement_p99_ms": pct(&lat, 0.99),
+            "controller_cpu_ms_per_placement": cpu_ms_per_placement.0,
+            "agents_and_load_cpu_ms_per_placement": cpu_ms_per_placement.1,
             "list_page_500_p50_ms": pct(&page_times, 0.5),
             "list_page_500_p99_ms": pct(&page_times, 0.99),
             "list_all_s": full_list.as_secs_f64(),

@@ -1,0 +1,116 @@
+//! Callers already authenticated, so a request does not queue for the store
+//! only to read its own token. Every write to the tables a caller is built
+//! from (users, tokens, institutions) bumps `generation` through a trigger on
+//! the store's one connection, which empties the cache at the next lookup:
+//! a revoked token or a changed role takes effect with the very next request.
+
+use std::{
+    collections::HashMap,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use rusqlite::{Connection, functions::FunctionFlags};
+
+use crate::auth::Caller;
+
+/// Far more tokens than a data center's people and robots hold at once; a
+/// flood of made-up tokens cannot grow the cache past it.
+const MAX_ENTRIES: usize = 10_000;
+
+pub const IDENTITY_TRACKING: &str = "
+CREATE TEMP TRIGGER identity_user_changed AFTER UPDATE ON main.users BEGIN
+    SELECT betang_identity_changed();
+END;
+CREATE TEMP TRIGGER identity_user_removed AFTER DELETE ON main.users BEGIN
+    SELECT betang_identity_changed();
+END;
+CREATE TEMP TRIGGER identity_token_changed AFTER UPDATE ON main.tokens BEGIN
+    SELECT betang_identity_changed();
+END;
+CREATE TEMP TRIGGER identity_token_removed AFTER DELETE ON main.tokens BEGIN
+    SELECT betang_identity_changed();
+END;
+CREATE TEMP TRIGGER identity_institution_changed AFTER UPDATE ON main.institutions BEGIN
+    SELECT betang_identity_changed();
+END;
+CREATE TEMP TRIGGER identity_institution_removed AFTER DELETE ON main.institutions BEGIN
+    SELECT betang_identity_changed();
+END;
+";
+
+struct Entry {
+    caller: Caller,
+    /// 0: never.
+    expires_at_ms: i64,
+}
+
+#[derive(Default)]
+struct Cached {
+    generation: u64,
+    entries: HashMap<String, Entry>,
+}
+
+#[derive(Clone, Default)]
+pub struct CallerCache {
+    generation: Arc<AtomicU64>,
+    cached: Arc<Mutex<Cached>>,
+}
+
+impl CallerCache {
+    /// Registers the function the triggers call, then the triggers.
+    pub fn track(&self, conn: &Connection) -> rusqlite::Result<()> {
+        let generation = self.generation.clone();
+        conn.create_scalar_function(
+            "betang_identity_changed",
+            0,
+            FunctionFlags::SQLITE_UTF8,
+            move |_| {
+                generation.fetch_add(1, Ordering::SeqCst);
+                Ok(0i64)
+            },
+        )?;
+        conn.execute_batch(IDENTITY_TRACKING)
+    }
+
+    /// Read before a lookup in the store; `insert` is given it back, so a
+    /// change that lands during the lookup keeps the answer out of the cache.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::SeqCst)
+    }
+
+    pub fn get(&self, secret_hash: &str, now_ms: i64) -> Option<Caller> {
+        let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        let current = self.generation();
+        if c.generation != current {
+            c.entries.clear();
+            c.generation = current;
+            return None;
+        }
+        let e = c.entries.get(secret_hash)?;
+        if e.expires_at_ms != 0 && e.expires_at_ms <= now_ms {
+            return None;
+        }
+        Some(e.caller.clone())
+    }
+
+    pub fn insert(&self, secret_hash: String, caller: Caller, expires_at_ms: i64, seen: u64) {
+        let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if seen != self.generation() {
+            return;
+        }
+        if c.generation != seen || c.entries.len() >= MAX_ENTRIES {
+            c.generation = seen;
+            c.entries.clear();
+        }
+        c.entries.insert(
+            secret_hash,
+            Entry {
+                caller,
+                expires_at_ms,
+            },
+        );
+    }
+}
