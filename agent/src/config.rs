@@ -52,6 +52,15 @@ pub struct AgentConfig {
     /// Mutual TLS with the controller; leave out only for a throw-away setup.
     #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
+    /// Where Prometheus scrapes `GET /metrics`; no endpoint when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// How often the background collector reads every VM's counters.
+    #[serde(default = "default_stats_interval_ms")]
+    pub stats_interval_ms: u64,
+    /// A pass that takes longer counts as failed; the snapshot keeps its last values.
+    #[serde(default = "default_stats_deadline_ms")]
+    pub stats_deadline_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -103,6 +112,12 @@ fn default_heartbeat_ms() -> u64 {
 }
 fn default_reconcile_s() -> u64 {
     30
+}
+fn default_stats_interval_ms() -> u64 {
+    5000
+}
+fn default_stats_deadline_ms() -> u64 {
+    10_000
 }
 fn default_libvirt_timeout_s() -> u64 {
     30

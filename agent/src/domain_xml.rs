@@ -37,6 +37,13 @@ pub struct VpsMetadata {
     pub generation: u64,
     #[serde(rename = "@name")]
     pub name: String,
+    /// The owning institution's id; absent on domains made before it was kept.
+    #[serde(
+        rename = "@institution",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub institution: String,
 }
 
 impl VpsMetadata {
@@ -103,6 +110,8 @@ struct MetadataVps<'a> {
     generation: u64,
     #[serde(rename = "@name")]
     name: &'a str,
+    #[serde(rename = "@institution", skip_serializing_if = "str::is_empty")]
+    institution: &'a str,
 }
 
 #[derive(Serialize)]
@@ -303,6 +312,7 @@ impl DomainSpec {
                     id: &self.metadata.vps_id,
                     generation: self.metadata.generation,
                     name: &self.metadata.name,
+                    institution: &self.metadata.institution,
                 },
             },
             memory: Sized {
@@ -406,6 +416,7 @@ mod tests {
                 vps_id: "0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
                 generation: 7,
                 name: title.into(),
+                institution: String::new(),
             },
             vcpus: 2,
             memory_mib: 128,
@@ -472,6 +483,7 @@ mod tests {
             vps_id: "0192c3a4-5b6c-7d8e-9f00-112233445566".into(),
             generation: 42,
             name: "a<b&\"c".into(),
+            institution: "dinas-<kominfo>&\"".into(),
         };
         let xml = m.to_xml().unwrap();
         assert_eq!(VpsMetadata::from_xml(&xml).unwrap(), m);

@@ -50,8 +50,12 @@ impl HostReporter {
         &self.host_id
     }
 
+    /// The collector's last host figures; sampled now only before its first pass.
     pub fn usage(&self, vms: &VmManager) -> betang_proto::v1::HostUsage {
-        self.sampler.sample(vms.vm_dir())
+        vms.stats
+            .snapshot()
+            .host
+            .unwrap_or_else(|| self.sampler.sample(vms.vm_dir()))
     }
 
     pub async fn info(&self, vms: &VmManager) -> Result<HostInfoResponse> {

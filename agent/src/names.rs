@@ -21,6 +21,23 @@ fn err(field: &'static str, rule: impl Into<String>) -> NameError {
     }
 }
 
+/// An institution id as the controller makes them: short, printable, no
+/// markup. Empty is allowed (an older controller does not send it).
+pub fn check_institution_id(id: &str) -> Result<String, NameError> {
+    let ok = id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.');
+    if ok {
+        Ok(id.to_owned())
+    } else {
+        Err(err(
+            "institution_id",
+            "must be at most 64 letters, digits, '-', '_' or '.'",
+        ))
+    }
+}
+
 /// A VPS id is a UUID in its canonical lower-case hyphenated form.
 pub fn check_vps_id(id: &str) -> Result<(), NameError> {
     let ok = id.len() == 36

@@ -16,6 +16,7 @@ use crate::{
     hypervisor::{
         Blocking, Hypervisor, LibvirtHypervisor, NodeFacts, SimulatedHypervisor, probe_domain_type,
     },
+    metrics::{self, AgentMetrics, Collector},
     registration::Registration,
     service::AgentApi,
     tls::Tls,
@@ -25,6 +26,8 @@ use crate::{
 /// A running agent. Dropping it stops its tasks.
 pub struct RunningAgent {
     pub addr: SocketAddr,
+    /// Where `/metrics` is served, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub vms: Arc<VmManager>,
     pub host: Arc<HostReporter>,
     tasks: Vec<JoinHandle<()>>,
@@ -99,7 +102,10 @@ pub async fn start_with(
     let addr = listener.local_addr()?;
     let domain_type = domain_type_for(&cfg).await;
     info!(host_id = %cfg.host_id, uri = %cfg.libvirt_uri, domain_type = domain_type.as_str(), %addr, "agent starting");
-    let blocking = Blocking::new(hv, Duration::from_secs(cfg.libvirt_call_timeout_seconds));
+    let blocking = Blocking::new(
+        hv.clone(),
+        Duration::from_secs(cfg.libvirt_call_timeout_seconds),
+    );
     let vms = Arc::new(VmManager::new(
         blocking,
         cfg.image_dir.clone(),
@@ -108,6 +114,17 @@ pub async fn start_with(
         cfg.network.clone(),
     )?);
     let adopted = vms.reconcile().await?;
+    let sampler = Arc::new(crate::usage::HostSampler::default());
+    let collector = Collector::new(
+        hv,
+        vms.stats.clone(),
+        sampler,
+        cfg.vm_dir.clone(),
+        Duration::from_millis(cfg.stats_interval_ms.max(100)),
+        Duration::from_millis(cfg.stats_deadline_ms.max(100)),
+    );
+    // The first snapshot before anyone asks, so the first heartbeat has usage.
+    collector.pass_once().await;
     info!(adopted, "adopted existing guests");
     let host = Arc::new(HostReporter::new(
         cfg.host_id.clone(),
@@ -148,11 +165,29 @@ pub async fn start_with(
         .serve_with_incoming(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         );
-    let mut tasks = vec![tokio::spawn(async move {
-        if let Err(e) = server.await {
-            warn!(error = %e, "agent gRPC server stopped");
-        }
-    })];
+    let mut tasks = vec![
+        tokio::spawn(async move {
+            if let Err(e) = server.await {
+                warn!(error = %e, "agent gRPC server stopped");
+            }
+        }),
+        tokio::spawn(collector.run()),
+    ];
+    let mut metrics_addr = None;
+    if let Some(at) = cfg.metrics_listen {
+        let listener = betang_exposition::bind("metrics_listen", at).await?;
+        metrics_addr = Some(listener.local_addr()?);
+        let registry = metrics::registry_for(AgentMetrics {
+            cache: vms.stats.clone(),
+            host_id: cfg.host_id.clone(),
+        });
+        info!(addr = %listener.local_addr()?, "serving /metrics");
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, registry).await {
+                warn!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
 
     let mut controller = Endpoint::from_shared(cfg.controller_endpoint.clone())
         .context("controller_endpoint")?
@@ -192,6 +227,7 @@ pub async fn start_with(
     }));
     Ok(RunningAgent {
         addr,
+        metrics_addr,
         vms,
         host: registration_host,
         tasks,

@@ -14,6 +14,7 @@ use tracing::instrument;
 use crate::{
     error::AgentError,
     host::HostReporter,
+    names,
     vms::{DEFAULT_STOP_TIMEOUT, EnsureArgs, Incoming, VmManager},
 };
 
@@ -89,6 +90,8 @@ impl AgentService for AgentApi {
                 generation: r.generation,
                 stop_timeout,
                 force_stop: r.force_stop,
+                institution_id: names::check_institution_id(&r.institution_id)
+                    .map_err(AgentError::from)?,
             })
             .await?;
         Ok(Response::new(status))

@@ -30,7 +30,7 @@ impl CpuRates {
         self.usage_at(vps_id, s, Instant::now())
     }
 
-    fn usage_at(&self, vps_id: &str, s: &DomainStats, at: Instant) -> VmUsage {
+    pub fn usage_at(&self, vps_id: &str, s: &DomainStats, at: Instant) -> VmUsage {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let rate = match last.get(vps_id) {
             Some((t, prev)) if s.cpu_time_ns >= *prev && at > *t => {
@@ -50,6 +50,15 @@ impl CpuRates {
             net_rx_bytes: s.net_rx_bytes,
             net_tx_bytes: s.net_tx_bytes,
             sampled_at_ms: now_ms(),
+            memory_current_bytes: s.memory_current_kib * 1024,
+            disk_read_requests: s.disk_read_requests,
+            disk_write_requests: s.disk_write_requests,
+            net_rx_packets: s.net_rx_packets,
+            net_tx_packets: s.net_tx_packets,
+            net_rx_errors: s.net_rx_errors,
+            net_tx_errors: s.net_tx_errors,
+            net_rx_drops: s.net_rx_drops,
+            net_tx_drops: s.net_tx_drops,
         }
     }
 
@@ -65,6 +74,16 @@ impl CpuRates {
 /// the `System` is kept between samples.
 pub struct HostSampler {
     sys: Mutex<sysinfo::System>,
+}
+
+impl HostSampler {
+    pub fn cpus(&self) -> usize {
+        self.sys
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .cpus()
+            .len()
+    }
 }
 
 impl Default for HostSampler {

@@ -42,6 +42,9 @@ pub struct ControllerConfig {
     /// 10,000 row writes a second.
     #[serde(default = "default_usage_interval_ms")]
     pub usage_interval_ms: u64,
+    /// Where Prometheus scrapes `GET /metrics`; no endpoint when absent.
+    #[serde(default)]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -119,6 +122,7 @@ impl ControllerConfig {
             reconcile_interval_ms: default_reconcile_ms(),
             build_timeout_seconds: default_build_timeout_s(),
             usage_interval_ms: default_usage_interval_ms(),
+            metrics_listen: None,
         }
     }
 }

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;
+pub mod metrics;
 pub mod migration;
 pub mod pki;
 pub mod reconciler;

@@ -204,6 +204,7 @@ impl Reconciler {
             generation: v.generation,
             stop_timeout_seconds: v.stop_timeout_s,
             force_stop: v.force_stop,
+            institution_id: v.institution_id.clone().unwrap_or_default(),
         });
         let stop_wait = match v.stop_timeout_s {
             0 => 60,

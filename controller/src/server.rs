@@ -19,6 +19,7 @@ use crate::{
         vps::VpsApi,
     },
     config::ControllerConfig,
+    metrics::{ControllerMetrics, RpcLayer},
     reconciler::Reconciler,
     store::Store,
     tls::Tls,
@@ -27,6 +28,8 @@ use crate::{
 pub struct RunningController {
     pub addr: SocketAddr,
     pub agent_addr: SocketAddr,
+    /// Where `/metrics` is served, when `metrics_listen` is set.
+    pub metrics_addr: Option<SocketAddr>,
     pub store: Store,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -103,6 +106,12 @@ pub async fn start(
         Duration::from_millis(cfg.host_down_after_ms),
     ));
 
+    let metrics = Arc::new(ControllerMetrics::new(
+        store.clone(),
+        cfg.overcommit,
+        cfg.placement,
+        cfg.host_down_after_ms as i64,
+    ));
     let (reporter, health, reflection) = health_and_reflection()?;
     reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
     let mut user = Server::builder();
@@ -110,6 +119,7 @@ pub async fn start(
         user = user.tls_config(t.user_server())?;
     }
     let user_server = user
+        .layer(RpcLayer(metrics.rpc.clone()))
         .add_service(health)
         .add_service(reflection)
         .add_service(VpsServiceServer::new(VpsApi { ctx: ctx.clone() }))
@@ -129,6 +139,7 @@ pub async fn start(
         agent = agent.tls_config(t.agent_server())?;
     }
     let agent_server = agent
+        .layer(RpcLayer(metrics.rpc.clone()))
         .add_service(agent_health)
         .add_service(agent_reflection)
         .add_service(RegistryServiceServer::new(RegistryApi {
@@ -139,7 +150,23 @@ pub async fn start(
             tonic::transport::server::TcpIncoming::from(agent_listener).with_nodelay(Some(true)),
         );
 
-    let tasks = vec![
+    let mut metrics_addr = None;
+    let mut tasks = Vec::new();
+    if let Some(at) = cfg.metrics_listen {
+        let listener = betang_exposition::bind("metrics_listen", at).await?;
+        metrics_addr = Some(listener.local_addr()?);
+        info!(addr = %listener.local_addr()?, "serving /metrics");
+        let render: betang_exposition::Render = Arc::new(move || {
+            let m = metrics.clone();
+            Box::pin(async move { m.render().await })
+        });
+        tasks.push(tokio::spawn(async move {
+            if let Err(e) = betang_exposition::serve(listener, render).await {
+                warn!(error = %e, "metrics endpoint stopped");
+            }
+        }));
+    }
+    tasks.extend([
         tokio::spawn(async move {
             if let Err(e) = user_server.await {
                 warn!(error = %e, "user API server stopped");
@@ -151,10 +178,11 @@ pub async fn start(
             }
         }),
         tokio::spawn(reconciler.run()),
-    ];
+    ]);
     Ok(RunningController {
         addr,
         agent_addr,
+        metrics_addr,
         store,
         tasks,
     })

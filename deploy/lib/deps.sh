@@ -5,10 +5,12 @@ set -euo pipefail
 # Build: protoc for the gRPC code, libvirt-dev and pkg-config for the virt crate.
 # Run: libvirtd with the QEMU driver, QEMU itself, qemu-img.
 # Test guest: dosfstools, mtools, syslinux and cpio build the offline image.
+# Monitoring tests: prometheus (the server, and promtool to check metrics,
+# rules and the scrape configuration).
 BETANG_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils protobuf-compiler pkg-config gcc
-  dosfstools mtools syslinux syslinux-common cpio
+  dosfstools mtools syslinux syslinux-common cpio prometheus
 )
 
 missing_packages() {

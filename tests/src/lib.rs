@@ -334,6 +334,7 @@ impl Cluster {
         controller_cfg.heartbeat_interval_ms = opts.heartbeat_ms as u32;
         controller_cfg.reconcile_interval_ms = 200;
         controller_cfg.usage_interval_ms = 0;
+        controller_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -377,6 +378,9 @@ impl Cluster {
             )?;
             let uri = format!("test://{}", node.display());
             let cfg = AgentConfig {
+                metrics_listen: Some("127.0.0.1:0".parse()?),
+                stats_interval_ms: opts.heartbeat_ms,
+                stats_deadline_ms: 5000,
                 host_id: host_id.clone(),
                 listen: "127.0.0.1:0".parse()?,
                 advertise_endpoint: None,
@@ -583,4 +587,66 @@ pub fn workspace_root() -> PathBuf {
         .parent()
         .expect("tests/ lives in the workspace")
         .to_path_buf()
+}
+
+/// `GET path` over plain HTTP/1.0 on loopback; the body, or an error naming
+/// the status when it is not 200.
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).await?;
+    let text = String::from_utf8(raw)?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .context("HTTP response without a header end")?;
+    if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
+        bail!("GET {path}: {}", head.lines().next().unwrap_or_default());
+    }
+    Ok(body.to_owned())
+}
+
+/// `promtool check metrics` on an exposition; its complaints, if any.
+pub fn promtool_check_metrics(exposition: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let mut child = std::process::Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("promtool (Debian package prometheus) is needed: run deploy/test.sh")?;
+    child
+        .stdin
+        .take()
+        .context("promtool stdin")?
+        .write_all(exposition.as_bytes())?;
+    let out = child.wait_with_output()?;
+    if !out.status.success() {
+        bail!(
+            "promtool check metrics failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}
+
+/// The value of the sample `name{…}` whose labels include every `label="value"` given.
+pub fn sample(exposition: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        let rest = l.strip_prefix(name)?;
+        if !(rest.starts_with('{') || rest.starts_with(' ')) {
+            return None;
+        }
+        if !labels
+            .iter()
+            .all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")))
+        {
+            return None;
+        }
+        rest.rsplit(' ').next()?.parse().ok()
+    })
 }

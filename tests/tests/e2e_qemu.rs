@@ -148,6 +148,9 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
     };
     let people = make_people(&endpoint, &admin, &prefix, quota).await?;
     let acfg = AgentConfig {
+        metrics_listen: Some("127.0.0.1:0".parse()?),
+        stats_interval_ms: 1000,
+        stats_deadline_ms: 10_000,
         host_id: host_id.clone(),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,

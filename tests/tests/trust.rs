@@ -200,6 +200,9 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
     let image_dir = cluster.dir.path().join("img");
     make_image_dir(&image_dir, "64M")?;
     let cfg = AgentConfig {
+        metrics_listen: None,
+        stats_interval_ms: 1000,
+        stats_deadline_ms: 10_000,
         host_id: "host-impostor".into(),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,

@@ -12,7 +12,7 @@ use virt::{
     sys,
 };
 
-use super::{DomainState, DomainStats, Hypervisor, NodeFacts, Power};
+use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
     domain_xml::{DomainType, METADATA_KEY, METADATA_URI, VpsMetadata},
     error::{AgentError, Result},
@@ -222,6 +222,7 @@ impl Hypervisor for LibvirtHypervisor {
             cpu_time_ns: info.cpu_time,
             vcpus: info.nr_virt_cpu,
             memory_max_kib: info.max_mem,
+            memory_current_kib: info.memory,
             ..DomainStats::default()
         };
         if !dom.is_active()? {
@@ -245,15 +246,27 @@ impl Hypervisor for LibvirtHypervisor {
             if let Ok(b) = dom.block_stats(disk) {
                 s.disk_read_bytes += b.rd_bytes.max(0) as u64;
                 s.disk_write_bytes += b.wr_bytes.max(0) as u64;
+                s.disk_read_requests += b.rd_req.max(0) as u64;
+                s.disk_write_requests += b.wr_req.max(0) as u64;
             }
         }
         for nic in &devices.nics {
             if let Ok(n) = dom.interface_stats(nic) {
                 s.net_rx_bytes += n.rx_bytes.max(0) as u64;
                 s.net_tx_bytes += n.tx_bytes.max(0) as u64;
+                s.net_rx_packets += n.rx_packets.max(0) as u64;
+                s.net_tx_packets += n.tx_packets.max(0) as u64;
+                s.net_rx_errors += n.rx_errs.max(0) as u64;
+                s.net_tx_errors += n.tx_errs.max(0) as u64;
+                s.net_rx_drops += n.rx_drop.max(0) as u64;
+                s.net_tx_drops += n.tx_drop.max(0) as u64;
             }
         }
         Ok(s)
+    }
+
+    fn bulk_stats(&self) -> Result<Vec<DomainSample>> {
+        Ok(super::bulk_stats::collect(&self.conn()?)?)
     }
 }
 
@@ -419,6 +432,7 @@ fn probe_once(
             vps_id: String::new(),
             generation: 0,
             name: "kvm-probe".into(),
+            institution: String::new(),
         },
         vcpus: 1,
         memory_mib: 32,

@@ -5,6 +5,7 @@
 //! blocking pool with a deadline, so the async runtime never waits on libvirt.
 
 mod blocking;
+mod bulk_stats;
 mod libvirt;
 mod simulated;
 
@@ -50,17 +51,37 @@ pub struct DomainState {
 }
 
 /// Counters of one domain; rates are computed by the caller from two samples.
+/// Disk and network counters are summed over the domain's devices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DomainStats {
     pub cpu_time_ns: u64,
     pub vcpus: u32,
     pub memory_max_kib: u64,
+    /// What the balloon currently gives the guest; 0 when not reported.
+    pub memory_current_kib: u64,
+    /// In use by the guest (available less unused), where the balloon reports it.
     pub memory_used_kib: u64,
     pub memory_rss_kib: u64,
     pub disk_read_bytes: u64,
     pub disk_write_bytes: u64,
+    pub disk_read_requests: u64,
+    pub disk_write_requests: u64,
     pub net_rx_bytes: u64,
     pub net_tx_bytes: u64,
+    pub net_rx_packets: u64,
+    pub net_tx_packets: u64,
+    pub net_rx_errors: u64,
+    pub net_tx_errors: u64,
+    pub net_rx_drops: u64,
+    pub net_tx_drops: u64,
+}
+
+/// One domain's counters from a collection pass.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DomainSample {
+    pub name: String,
+    pub power: Power,
+    pub stats: DomainStats,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -85,6 +106,9 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn set_autostart(&self, name: &str, on: bool) -> Result<()>;
     fn undefine(&self, name: &str) -> Result<()>;
     fn stats(&self, name: &str) -> Result<DomainStats>;
+    /// Counters of every owned domain in one pass. A domain busy with another
+    /// job (a hung guest, a migration) is left out rather than waited for.
+    fn bulk_stats(&self) -> Result<Vec<DomainSample>>;
     /// How this hypervisor's disks are made; real ones are qcow2 files.
     fn disks(&self) -> &dyn DiskTool {
         &QemuImg

@@ -13,7 +13,7 @@ use std::{
 
 use serde::Deserialize;
 
-use super::{DomainState, DomainStats, Hypervisor, NodeFacts, Power};
+use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
     disks::{DiskTool, GIB, ImageFacts},
     domain_xml::VpsMetadata,
@@ -155,11 +155,10 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn list_owned(&self) -> Result<Vec<DomainState>> {
-        let hung = lock(&self.hung).clone();
         let doms = lock(&self.domains);
         Ok(doms
             .iter()
-            .filter(|(n, _)| names::vps_id_of_domain(n).is_some() && !hung.contains(*n))
+            .filter(|(n, _)| names::vps_id_of_domain(n).is_some())
             .map(|(n, d)| Self::describe(n, d))
             .collect())
     }
@@ -232,27 +231,50 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn stats(&self, name: &str) -> Result<DomainStats> {
-        self.with(name, |d| {
-            let cpu = d.cpu_time_ns();
-            let running = d.running_since.is_some();
-            // Counters that grow with the guest's CPU time, like a busy guest's.
-            let work = cpu / 1_000;
-            DomainStats {
-                cpu_time_ns: cpu,
-                vcpus: d.vcpus,
-                memory_max_kib: d.memory_kib,
-                memory_used_kib: if running { d.memory_kib / 2 } else { 0 },
-                memory_rss_kib: if running { d.memory_kib / 2 } else { 0 },
-                disk_read_bytes: work * 4,
-                disk_write_bytes: work * 2,
-                net_rx_bytes: work * 3,
-                net_tx_bytes: work,
-            }
-        })
+        self.with(name, |d| simulated_stats(d))
+    }
+
+    /// Like libvirt's no-wait pass: a hung domain is left out, not waited for.
+    fn bulk_stats(&self) -> Result<Vec<DomainSample>> {
+        let hung = lock(&self.hung).clone();
+        Ok(lock(&self.domains)
+            .iter()
+            .filter(|(n, _)| names::vps_id_of_domain(n).is_some() && !hung.contains(*n))
+            .map(|(n, d)| DomainSample {
+                name: n.clone(),
+                power: Self::describe(n, d).power,
+                stats: simulated_stats(d),
+            })
+            .collect())
     }
 
     fn disks(&self) -> &dyn DiskTool {
         &SimulatedDisks
+    }
+}
+
+/// Counters that grow with the guest's CPU time, like a busy guest's.
+fn simulated_stats(d: &SimDomain) -> DomainStats {
+    let cpu = d.cpu_time_ns();
+    let running = d.running_since.is_some();
+    let work = cpu / 1_000;
+    let half = if running { d.memory_kib / 2 } else { 0 };
+    DomainStats {
+        cpu_time_ns: cpu,
+        vcpus: d.vcpus,
+        memory_max_kib: d.memory_kib,
+        memory_current_kib: if running { d.memory_kib } else { 0 },
+        memory_used_kib: half,
+        memory_rss_kib: half,
+        disk_read_bytes: work * 4,
+        disk_write_bytes: work * 2,
+        disk_read_requests: work / 64,
+        disk_write_requests: work / 128,
+        net_rx_bytes: work * 3,
+        net_tx_bytes: work,
+        net_rx_packets: work / 100,
+        net_tx_packets: work / 300,
+        ..DomainStats::default()
     }
 }
 
@@ -355,6 +377,7 @@ mod tests {
                 vps_id: "6f1c1c7e-0000-4000-8000-000000000001".into(),
                 generation: 3,
                 name: "web".into(),
+                institution: "dinas-a".into(),
             },
             vcpus: 2,
             memory_mib: 1024,

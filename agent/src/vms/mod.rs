@@ -39,6 +39,7 @@ pub struct EnsureArgs {
     pub generation: u64,
     pub stop_timeout: Duration,
     pub force_stop: bool,
+    pub institution_id: String,
 }
 
 pub struct VmManager {
@@ -51,6 +52,8 @@ pub struct VmManager {
     /// One ensure/delete at a time per VPS; different VPS proceed in parallel.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     pub rates: CpuRates,
+    /// The background collector's snapshot, which heartbeats report from.
+    pub stats: Arc<crate::metrics::StatsCache>,
 }
 
 impl VmManager {
@@ -71,6 +74,7 @@ impl VmManager {
             network,
             locks: Mutex::new(HashMap::new()),
             rates: CpuRates::default(),
+            stats: Arc::default(),
         };
         m.reload_catalog()?;
         Ok(m)
@@ -150,6 +154,7 @@ impl VmManager {
             vps_id: args.vps_id.clone(),
             generation: args.generation,
             name: args.spec.name.clone(),
+            institution: args.institution_id.clone(),
         };
         match existing {
             None => self.create(&args, &name, &meta, desired).await?,
@@ -434,15 +439,26 @@ impl VmManager {
         }
     }
 
-    /// Every VM this agent owns, with usage, measured concurrently so one slow
-    /// domain does not hold up the others.
+    /// Every VM this agent owns, with its usage from the collector's last
+    /// snapshot, so a heartbeat never waits on a slow domain.
     pub async fn list(&self) -> Result<Vec<VmStatus>> {
         let states = self.hv.call(|hv| hv.list_owned()).await?;
-        let futs = states.iter().filter_map(|s| {
-            let id = names::vps_id_of_domain(&s.name)?;
-            Some(self.status_of(id, s))
-        });
-        Ok(futures::future::join_all(futs).await)
+        let snapshot = self.stats.snapshot();
+        Ok(states
+            .iter()
+            .filter_map(|s| {
+                let id = names::vps_id_of_domain(&s.name)?;
+                Some(VmStatus {
+                    vps_id: id.to_owned(),
+                    power: s.power.to_proto() as i32,
+                    generation: s.metadata.as_ref().map_or(0, |m| m.generation),
+                    usage: snapshot.vm(&s.name).and_then(|v| v.usage),
+                    vcpus: s.vcpus,
+                    memory_mib: s.memory_kib / 1024,
+                    domain_name: s.name.clone(),
+                })
+            })
+            .collect())
     }
 
     /// Adopts the domains libvirt already has (after an agent restart, a

@@ -89,11 +89,7 @@ pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Ca
 }
 
 /// The caller and when their token expires (0: never).
-pub fn caller_for_hash(
-    c: &Connection,
-    hash: &str,
-    now_ms: i64,
-) -> Result<(Caller, i64), ApiError> {
+pub fn caller_for_hash(c: &Connection, hash: &str, now_ms: i64) -> Result<(Caller, i64), ApiError> {
     let row = c
         .prepare_cached(
             "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms

@@ -102,6 +102,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
             net_tx_bytes: r.get::<_, i64>(30)? as u64,
             sampled_at_ms: r.get(31)?,
             memory_rss_bytes: r.get::<_, i64>(32)? as u64,
+            // Packet and request counters go to Prometheus, not the store.
+            ..VmUsage::default()
         },
         institution_id: r.get(33)?,
         application: Application {

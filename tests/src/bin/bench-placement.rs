@@ -161,6 +161,9 @@ async fn start_agent(
 ) -> anyhow::Result<RunningAgent> {
     let vcpus = [16u32, 32, 64][i % 3];
     let cfg = AgentConfig {
+        metrics_listen: None,
+        stats_interval_ms: 5000,
+        stats_deadline_ms: 10_000,
         host_id: format!("sim-{i:04}"),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,

@@ -1,0 +1,131 @@
+//! What the agent's and the controller's `/metrics` share. `prometheus-client`
+//! writes OpenMetrics, which Prometheus asks for first; tools that ask for the
+//! classic text format (`curl`, `promtool check metrics`) get that instead, the
+//! same samples with `_total` on the counter families' own names.
+
+use std::{net::SocketAddr, sync::Arc};
+
+use axum::{
+    Router,
+    http::{HeaderMap, header},
+    response::IntoResponse,
+    routing::get,
+};
+use prometheus_client::{encoding::text::encode, registry::Registry};
+use tokio::net::TcpListener;
+
+pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+pub const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// A label value escaped for the exposition: `prometheus-client` writes label
+/// values verbatim, and a VPS name may hold `"`, `\` or a newline.
+pub fn escape(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+/// The registry in OpenMetrics.
+pub fn openmetrics(registry: &Registry) -> String {
+    let mut out = String::with_capacity(64 << 10);
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, registry);
+    out
+}
+
+/// OpenMetrics turned into the classic text format: counter families are
+/// named with their `_total`, and the `# UNIT` and `# EOF` lines go.
+pub fn classic_text(openmetrics: &str) -> String {
+    let counters: std::collections::HashSet<&str> = openmetrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .collect();
+    let mut out = String::with_capacity(openmetrics.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+            let rest = line.strip_prefix(prefix)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters
+                .contains(name)
+                .then(|| format!("{prefix}{name}_total {tail}"))
+        });
+        match renamed {
+            Some(l) => out.push_str(&l),
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn wants_openmetrics(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .any(|v| v.contains("application/openmetrics-text"))
+}
+
+/// Produces the exposition, in OpenMetrics, on every scrape.
+pub type Render =
+    Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
+
+/// Serves `GET /metrics` until the task is dropped.
+pub async fn serve(listener: TcpListener, render: Render) -> std::io::Result<()> {
+    let app = Router::new().route(
+        "/metrics",
+        get(move |headers: HeaderMap| {
+            let render = render.clone();
+            async move {
+                let body = render().await;
+                if wants_openmetrics(&headers) {
+                    ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
+                } else {
+                    (
+                        [(header::CONTENT_TYPE, PROMETHEUS_TEXT)],
+                        classic_text(&body),
+                    )
+                        .into_response()
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}
+
+pub async fn bind(field: &str, addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{field}: cannot bind {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn counters_get_their_total_in_the_classic_format() {
+        let om = "# HELP a_seconds CPU.\n# TYPE a_seconds counter\na_seconds_total{x=\"1\"} 2.0\n\
+                  # HELP b_bytes Memory.\n# TYPE b_bytes gauge\nb_bytes 3\n# EOF\n";
+        assert_eq!(
+            classic_text(om),
+            "# HELP a_seconds_total CPU.\n# TYPE a_seconds_total counter\n\
+             a_seconds_total{x=\"1\"} 2.0\n# HELP b_bytes Memory.\n# TYPE b_bytes gauge\nb_bytes 3\n"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped() {
+        assert_eq!(escape("a\"b\\c\nd<é>"), "a\\\"b\\\\c\\nd<é>");
+    }
+}
