@@ -28,6 +28,8 @@ use betang_proto::v1::{
 };
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
+pub mod prometheus;
+
 pub const IMAGE: &str = "tiny";
 
 pub fn init_tracing() {

@@ -20,7 +20,7 @@ use betang_proto::v1::{
 };
 use betang_tests::{
     Authed, Clients, agent_tls, application, controller_tls, eventually, init_tracing, make_people,
-    make_pki, test_prefix, wait_state, workspace_root,
+    make_pki, prometheus::Prometheus, test_prefix, wait_state, workspace_root,
 };
 use virt::{connect::Connect, domain::Domain};
 
@@ -131,6 +131,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
     ccfg.usage_interval_ms = 0;
     ccfg.reconcile_interval_ms = 500;
+    ccfg.metrics_listen = Some("127.0.0.1:0".parse()?);
     ccfg.tls = Some(controller_tls(&pki));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -267,6 +268,60 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         cpu(&c).await.filter(|t| *t > first)
     })
     .await?;
+
+    // A real Prometheus scrapes the agent and the controller and sees the
+    // guest's CPU seconds rise.
+    let prom = Prometheus::start(
+        dir.path(),
+        &[agent.metrics_addr.context("agent metrics")?],
+        controller.metrics_addr.context("controller metrics")?,
+    )
+    .await?;
+    let q = format!("betang_vm_cpu_seconds_total{{vps_id=\"{id}\",job=\"betang-agent\"}}");
+    let first = eventually(
+        Duration::from_secs(60),
+        "the guest's CPU seconds in Prometheus",
+        || prom.value(&q),
+    )
+    .await?;
+    eventually(
+        Duration::from_secs(60),
+        "CPU seconds rising in Prometheus",
+        || async { prom.value(&q).await.filter(|v| *v > first) },
+    )
+    .await?;
+    let labelled = prom.query(&q).await?;
+    assert_eq!(labelled[0]["metric"]["vps_name"], name.as_str());
+    assert_eq!(labelled[0]["metric"]["institution"], people.inst_a.as_str());
+    assert_eq!(
+        prom.value("betang_vps{state=\"RUNNING\",job=\"betang-controller\"}")
+            .await,
+        Some(1.0)
+    );
+    assert_eq!(
+        prom.value(&format!("betang_host_up{{host_id=\"{host_id}\"}}"))
+            .await,
+        Some(1.0)
+    );
+    // Prometheus accepts every expression Betang ships, and the alert rules
+    // load and evaluate without error.
+    for e in betang_tests::prometheus::shipped_expressions()? {
+        prom.query(&e)
+            .await
+            .with_context(|| format!("shipped expression {e:?}"))?;
+    }
+    let rules = eventually(
+        Duration::from_secs(30),
+        "the alert rules evaluated",
+        || async {
+            let data = prom.api("rules").await.ok()?;
+            let rules = data["groups"][0]["rules"].as_array()?.clone();
+            rules.iter().all(|r| r["health"] == "ok").then_some(rules)
+        },
+    )
+    .await?;
+    assert_eq!(rules.len(), 6);
+    drop(prom);
 
     // Graceful stop: the test guest powers off on the ACPI button.
     let t = std::time::Instant::now();

@@ -369,5 +369,58 @@ async fn controller_metrics_follow_requests_vps_hosts_and_institutions() -> anyh
         ),
         Some(0.0)
     );
+
+    // Every metric the shipped alerts and dashboard read is one the agent or
+    // the controller serves (histograms through their _bucket series).
+    let mut served = body.clone();
+    for h in &cluster.hosts {
+        let at = h.agent.as_ref().and_then(|a| a.metrics_addr);
+        let at = at.expect("agent metrics");
+        let b = eventually(
+            Duration::from_secs(10),
+            "the VPS in its agent's metrics",
+            || async {
+                let b = http_get(at, "/metrics").await.expect("scrape");
+                (h.host_id != v.host_id
+                    || sample(&b, "betang_vm_cpu_seconds_total", &[("vps_id", &v.id)]).is_some())
+                .then_some(b)
+            },
+        )
+        .await?;
+        served.push_str(&b);
+    }
+    let exprs = betang_tests::prometheus::shipped_expressions()?;
+    assert!(exprs.len() >= 20, "{exprs:?}");
+    for e in &exprs {
+        for name in betang_tests::prometheus::metric_names(e) {
+            assert!(
+                served.contains(&format!("\n{name}{{")) || served.contains(&format!("\n{name} ")),
+                "{name} (read by {e:?}) is not served"
+            );
+        }
+    }
     Ok(())
+}
+
+fn promtool(args: &[&str]) -> anyhow::Result<()> {
+    let dir = betang_tests::workspace_root().join("deploy/prometheus");
+    let out = std::process::Command::new("promtool")
+        .args(args)
+        .current_dir(&dir)
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "promtool {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+#[test]
+fn shipped_prometheus_files_pass_promtool() -> anyhow::Result<()> {
+    promtool(&["check", "config", "prometheus.yml"])?;
+    promtool(&["check", "rules", "betang-rules.yml"])?;
+    // The alert rules' own unit tests: each alert fires on what should raise it.
+    promtool(&["test", "rules", "betang-rules.test.yml"])
 }
