@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod migration;
 pub mod pki;
 pub mod reconciler;
+pub mod report;
 pub mod scheduler;
 pub mod server;
 pub mod store;

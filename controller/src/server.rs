@@ -21,9 +21,23 @@ use crate::{
     config::ControllerConfig,
     metrics::{ControllerMetrics, RpcLayer},
     reconciler::Reconciler,
-    store::Store,
+    store::{Store, history},
     tls::Tls,
 };
+
+/// Drops usage points past their keeping time, every ten minutes.
+async fn prune_history(store: Store) {
+    let mut every = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        every.tick().await;
+        let now = crate::now_ms();
+        match store.run(move |c| history::prune(c, now)).await {
+            Ok(n) if n > 0 => info!(points = n, "old usage points pruned"),
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "cannot prune usage points"),
+        }
+    }
+}
 
 pub struct RunningController {
     pub addr: SocketAddr,
@@ -178,6 +192,7 @@ pub async fn start(
             }
         }),
         tokio::spawn(reconciler.run()),
+        tokio::spawn(prune_history(store.clone())),
     ]);
     Ok(RunningController {
         addr,

@@ -21,6 +21,40 @@ const SSH_KEY_TYPES: &[&str] = &[
     "sk-ecdsa-sha2-nistp256@openssh.com",
 ];
 
+/// The longest look back `GetVps` serves: the 90 days hourly points are kept.
+pub const MAX_HISTORY_MINUTES: u32 = 90 * 24 * 60;
+/// The longest period a usage report covers.
+pub const MAX_REPORT_MS: i64 = 366 * 24 * 3_600_000;
+
+pub fn history_minutes(m: u32) -> Result<u32, ApiError> {
+    if m > MAX_HISTORY_MINUTES {
+        return Err(ApiError::invalid(
+            "history_minutes",
+            format!("must be at most {MAX_HISTORY_MINUTES} (90 days), got {m}"),
+        ));
+    }
+    Ok(m)
+}
+
+pub fn report_period(from_ms: i64, to_ms: i64) -> Result<(), ApiError> {
+    if from_ms < 0 {
+        return Err(ApiError::invalid(
+            "from_ms",
+            "must be a Unix time in milliseconds, not negative",
+        ));
+    }
+    if to_ms <= from_ms {
+        return Err(ApiError::invalid("to_ms", "must be after from_ms"));
+    }
+    if to_ms - from_ms > MAX_REPORT_MS {
+        return Err(ApiError::invalid(
+            "to_ms",
+            "the period may be at most 366 days long",
+        ));
+    }
+    Ok(())
+}
+
 pub fn request_id(id: &str) -> Result<(), ApiError> {
     let ok = !id.is_empty()
         && id.len() <= 128

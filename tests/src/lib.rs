@@ -568,7 +568,14 @@ pub async fn wait_state(
         let id = id.to_owned();
         let last = last.clone();
         async move {
-            let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
+            let v = c
+                .get_vps(GetVpsRequest {
+                    id,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
             *last.lock().unwrap() = Some(v.clone());
             (state_of(&v) == want).then_some(v)
         }

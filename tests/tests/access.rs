@@ -163,7 +163,13 @@ async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code
                 .await,
         );
     }
-    out.push(code(vps.get_vps(GetVpsRequest { id: f.vps.clone() }).await));
+    out.push(code(
+        vps.get_vps(GetVpsRequest {
+            id: f.vps.clone(),
+            ..Default::default()
+        })
+        .await,
+    ));
     out.push(code(vps.list_vps(ListVpsRequest::default()).await));
     out.push(code(
         vps.start_vps(StartVpsRequest { id: f.vps.clone() }).await,
@@ -458,6 +464,7 @@ async fn institutions_never_see_each_other() -> anyhow::Result<()> {
         .clone()
         .get_vps(GetVpsRequest {
             id: mine.id.clone(),
+            ..Default::default()
         })
         .await?
         .into_inner();

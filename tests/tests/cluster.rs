@@ -85,7 +85,14 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
         let mut c = c.clone();
         let id = id.clone();
         async move {
-            let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
+            let v = c
+                .get_vps(GetVpsRequest {
+                    id,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
             v.usage
                 .filter(|u| u.memory_max_bytes == 512 << 20 && u.cpu_time_ns > 0)
         }
@@ -303,7 +310,10 @@ async fn bad_input_names_the_field_and_creates_nothing() -> anyhow::Result<()> {
     // Ids that are not ids, and ids that do not exist, are both simply not found.
     for id in ["../../etc", "", &uuid::Uuid::new_v4().to_string()] {
         let err = c
-            .get_vps(GetVpsRequest { id: id.into() })
+            .get_vps(GetVpsRequest {
+                id: id.into(),
+                ..Default::default()
+            })
             .await
             .unwrap_err();
         assert_eq!(err.code(), Code::NotFound, "{id}");
@@ -420,7 +430,10 @@ async fn a_silent_host_goes_down_and_comes_back_without_losing_guests() -> anyho
     let other = c.create_vps(cluster.create(spec)).await?.into_inner();
     assert_ne!(other.host_id, host_id);
     let still = c
-        .get_vps(GetVpsRequest { id: v.id.clone() })
+        .get_vps(GetVpsRequest {
+            id: v.id.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     // Not deleted, not moved: shown as UNKNOWN while its host is silent.
@@ -516,7 +529,14 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
         let mut c = c.clone();
         let id = id.clone();
         async move {
-            let v = c.get_vps(GetVpsRequest { id }).await.ok()?.into_inner();
+            let v = c
+                .get_vps(GetVpsRequest {
+                    id,
+                    ..Default::default()
+                })
+                .await
+                .ok()?
+                .into_inner();
             v.host_id.is_empty().then_some(())
         }
     })

@@ -255,12 +255,15 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         let mut c = c.clone();
         let id = id.clone();
         async move {
-            c.get_vps(GetVpsRequest { id })
-                .await
-                .ok()?
-                .into_inner()
-                .usage
-                .map(|u| u.cpu_time_ns)
+            c.get_vps(GetVpsRequest {
+                id,
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .usage
+            .map(|u| u.cpu_time_ns)
         }
     };
     let first = eventually(Duration::from_secs(30), "usage", || cpu(&c)).await?;

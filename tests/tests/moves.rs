@@ -125,7 +125,10 @@ async fn drain_moves_stopped_vps_and_running_ones_only_when_asked() -> anyhow::R
     assert_eq!(outcome(&cold), Some(("moved".into(), h1.clone())));
     assert_eq!(outcome(&warm), Some(("left".into(), String::new())));
     let v = c
-        .get_vps(GetVpsRequest { id: cold.clone() })
+        .get_vps(GetVpsRequest {
+            id: cold.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert_eq!(v.host_id, h1);
@@ -226,7 +229,10 @@ async fn a_move_with_nowhere_to_go_leaves_the_vps_in_place() -> anyhow::Result<(
     assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
     assert!(err.message().ends_with(": 1 cordoned"), "{}", err.message());
     let v = c
-        .get_vps(GetVpsRequest { id: id.clone() })
+        .get_vps(GetVpsRequest {
+            id: id.clone(),
+            ..Default::default()
+        })
         .await?
         .into_inner();
     assert_eq!(

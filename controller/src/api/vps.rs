@@ -2,19 +2,19 @@ use betang_proto::v1::{
     ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest,
     ListImagesRequest, ListImagesResponse, ListVpsRequest, ListVpsResponse, MoveVpsRequest,
     RebootVmRequest, RebootVpsRequest, RejectVpsRequest, ResizeVpsRequest, StartVpsRequest,
-    StopVpsRequest, Vps, vps_service_server::VpsService,
+    StopVpsRequest, UsageReportRequest, UsageReportResponse, Vps, vps_service_server::VpsService,
 };
 use tonic::{Request, Response, Status};
 use tracing::{Span, info, instrument};
 
 use super::{Ctx, page_after, page_size};
 use crate::{
-    auth::{Caller, Permission},
+    auth::{Caller, Permission, Scope},
     error::ApiError,
     ids::{HostId, VpsId},
     lifecycle::{DesiredPower, VpsState},
     now_ms,
-    store::{hosts, identity, vps},
+    store::{history, hosts, identity, vps},
     validation,
 };
 
@@ -149,18 +149,72 @@ impl VpsService for VpsApi {
         Ok(Response::new(v.to_proto()))
     }
 
+    async fn get_usage_report(
+        &self,
+        req: Request<UsageReportRequest>,
+    ) -> Result<Response<UsageReportResponse>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::OwnVps)?;
+        let r = req.into_inner();
+        validation::report_period(r.from_ms, r.to_ms)?;
+        let institution = match (caller.scope(), r.institution_id.as_str()) {
+            (_, "") if caller.is_staff() => None,
+            (Scope::All, id) => Some(id.to_owned()),
+            (Scope::Institution(own), id) if id.is_empty() || id == own => Some(own),
+            // Another institution's figures do not exist for a member.
+            (Scope::Institution(_), id) => {
+                return Err(ApiError::NotFound {
+                    what: "institution",
+                    id: id.to_owned(),
+                }
+                .into());
+            }
+        };
+        let (from, to, now) = (r.from_ms, r.to_ms, now_ms());
+        let rows = self
+            .ctx
+            .store
+            .run(move |c| {
+                if let Some(id) = &institution {
+                    identity::get_institution(c, id)?;
+                }
+                history::report(c, from, to, institution.as_deref(), now)
+            })
+            .await?;
+        Ok(Response::new(UsageReportResponse {
+            from_ms: from,
+            to_ms: to,
+            institutions: rows,
+        }))
+    }
+
     async fn get_vps(&self, req: Request<GetVpsRequest>) -> Result<Response<Vps>, Status> {
         let caller = self.ctx.caller(&req).await?;
         caller.require(Permission::OwnVps)?;
         let id = VpsId::parse(&req.get_ref().id)?;
+        let minutes = validation::history_minutes(req.get_ref().history_minutes)?;
         let scope = caller.scope();
         let (now, down) = (now_ms(), self.ctx.down_after_ms());
-        let (v, down) = self
+        let (v, down, points) = self
             .ctx
             .store
-            .run(move |c| Ok((vps::get(c, &id, &scope)?, hosts::down_hosts(c, now, down)?)))
+            .run(move |c| {
+                let v = vps::get(c, &id, &scope)?;
+                let points = match minutes {
+                    0 => Vec::new(),
+                    m => history::points(
+                        c,
+                        &v.id.to_string(),
+                        now - i64::from(m) * 60_000,
+                        history::step_for(m),
+                    )?,
+                };
+                Ok((v, hosts::down_hosts(c, now, down)?, points))
+            })
             .await?;
-        Ok(Response::new(present(&v, &down)))
+        let mut p = present(&v, &down);
+        p.history = points;
+        Ok(Response::new(p))
     }
 
     async fn list_vps(

@@ -61,6 +61,9 @@ enum Cmd {
     /// The audit trail (operators).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Reports for billing and planning.
+    #[command(subcommand)]
+    Report(ReportCmd),
     /// The installation's certificates for mutual TLS (no controller needed).
     #[command(subcommand)]
     Pki(PkiCmd),
@@ -164,8 +167,14 @@ enum VpsCmd {
         #[arg(long, default_value = "")]
         host: String,
     },
-    /// Show one VPS with its usage.
-    Get { id: String },
+    /// Show one VPS with its usage and its recent use.
+    Get {
+        id: String,
+        /// Minutes of history to show: 1-minute points up to a day, hourly
+        /// beyond (up to 129600, 90 days); 0 for none.
+        #[arg(long, default_value_t = 60)]
+        history: u32,
+    },
     Start {
         id: String,
         #[arg(long)]
@@ -266,6 +275,23 @@ enum HostCmd {
     Weight {
         id: String,
         weight: f64,
+    },
+}
+
+#[derive(Subcommand)]
+enum ReportCmd {
+    /// vCPU-hours, GiB-hours and CPU-hours used per institution over a
+    /// period, as CSV on standard output.
+    Usage {
+        /// Start, inclusive: YYYY-MM-DD (UTC) or Unix milliseconds.
+        #[arg(long)]
+        from: String,
+        /// End, exclusive; at most 366 days after the start.
+        #[arg(long)]
+        to: String,
+        /// Only this institution (members always get their own).
+        #[arg(long, default_value = "")]
+        institution: String,
     },
 }
 
@@ -646,6 +672,47 @@ fn print_vps(v: &Vps) {
     }
 }
 
+fn print_history(points: &[betang_proto::v1::UsagePoint]) {
+    if points.is_empty() {
+        return;
+    }
+    let kib = |b: f64| b / 1024.0;
+    println!();
+    println!(
+        "{:<17}  {:>7}  {:>10}  {:>10}  {:>10}  {:>10}  {:>10}",
+        "UTC", "CPU %", "MEM MiB", "READ KiB/s", "WRITE KiB/s", "RX KiB/s", "TX KiB/s"
+    );
+    for p in points {
+        println!(
+            "{:<17}  {:>7.1}  {:>10}  {:>10.1}  {:>11.1}  {:>10.1}  {:>10.1}",
+            betang_controller::report::utc(p.at_ms),
+            p.cpu_rate * 100.0,
+            p.memory_used_bytes.max(p.memory_rss_bytes) >> 20,
+            kib(p.disk_read_bytes_per_second),
+            kib(p.disk_write_bytes_per_second),
+            kib(p.net_rx_bytes_per_second),
+            kib(p.net_tx_bytes_per_second)
+        );
+    }
+}
+
+/// `YYYY-MM-DD` (midnight UTC) or Unix milliseconds.
+fn parse_when(field: &str, v: &str) -> anyhow::Result<i64> {
+    if let Ok(ms) = v.parse::<i64>() {
+        return Ok(ms);
+    }
+    let bad = || anyhow::anyhow!("--{field}: {v:?} is neither YYYY-MM-DD nor Unix milliseconds");
+    let mut parts = v.split('-').map(|p| p.parse::<i32>().map_err(|_| bad()));
+    let (y, m, d) = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+        (Some(y), Some(m), Some(d), None) => (y?, m?, d?),
+        _ => return Err(bad()),
+    };
+    let month = time::Month::try_from(u8::try_from(m).map_err(|_| bad())?).map_err(|_| bad())?;
+    let date = time::Date::from_calendar_date(y, month, u8::try_from(d).map_err(|_| bad())?)
+        .map_err(|_| bad())?;
+    Ok(date.midnight().assume_utc().unix_timestamp() * 1000)
+}
+
 fn print_host(h: &Host) {
     let cap = h.capacity.unwrap_or_default();
     let alloc = h.allocated.unwrap_or_default();
@@ -697,7 +764,10 @@ async fn wait_for(
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
         let v = c
-            .get_vps(GetVpsRequest { id: id.to_owned() })
+            .get_vps(GetVpsRequest {
+                id: id.to_owned(),
+                history_minutes: 0,
+            })
             .await?
             .into_inner();
         let s = state_name(&v);
@@ -826,6 +896,22 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             print_host(h.get_ref());
+        }
+        Cmd::Report(ReportCmd::Usage {
+            from,
+            to,
+            institution,
+        }) => {
+            let r = c
+                .vps
+                .get_usage_report(betang_proto::v1::UsageReportRequest {
+                    from_ms: parse_when("from", &from)?,
+                    to_ms: parse_when("to", &to)?,
+                    institution_id: institution,
+                })
+                .await
+                .map_err(status_error)?;
+            print!("{}", betang_controller::report::usage_csv(r.get_ref())?);
         }
         Cmd::Image(ImageCmd::List) => {
             let list = c
@@ -1184,12 +1270,16 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                 token = page.next_page_token;
             }
         }
-        VpsCmd::Get { id } => {
+        VpsCmd::Get { id, history } => {
             let v = c
-                .get_vps(GetVpsRequest { id })
+                .get_vps(GetVpsRequest {
+                    id,
+                    history_minutes: history,
+                })
                 .await
                 .map_err(status_error)?;
             print_vps(v.get_ref());
+            print_history(&v.get_ref().history);
         }
         VpsCmd::Start { id, wait } => {
             c.start_vps(StartVpsRequest { id: id.clone() })

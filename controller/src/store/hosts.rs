@@ -191,6 +191,7 @@ pub fn heartbeat(
                 u.sampled_at_ms,
                 u.memory_rss_bytes as i64
             ])?;
+            super::history::record(&tx, &v.id, u)?;
         }
         if vm.generation < v.generation || !matches!(v.state, VpsState::Running | VpsState::Stopped)
         {

@@ -6,6 +6,7 @@
 
 mod caller_cache;
 mod checkpoint;
+pub mod history;
 pub mod host_index;
 pub mod hosts;
 pub mod identity;
@@ -32,6 +33,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0003_placement.sql")),
     M::up(include_str!("../../migrations/0004_host_down.sql")),
     M::up(include_str!("../../migrations/0005_allocation_totals.sql")),
+    M::up(include_str!("../../migrations/0006_usage_history.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the

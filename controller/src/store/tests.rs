@@ -356,3 +356,146 @@ fn heartbeats_write_only_what_changed() {
     assert_eq!(beat(NOW + 30_000, 300), 1, "usage again after the interval");
     assert_eq!(cpu_of(), 300);
 }
+
+fn sample(at_ms: i64, cpu_rate: f64, disk_read: u64) -> betang_proto::v1::VmUsage {
+    betang_proto::v1::VmUsage {
+        cpu_rate,
+        memory_used_bytes: 100 << 20,
+        memory_rss_bytes: 200 << 20,
+        disk_read_bytes: disk_read,
+        net_rx_bytes: disk_read / 2,
+        sampled_at_ms: at_ms,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn usage_history_keeps_minutes_and_hours_with_rates() {
+    use super::history::{self, HOUR_S, MINUTE_S};
+    let s = Store::open_in_memory().unwrap();
+    // On the hour.
+    let t0: i64 = 500_000 * 3_600_000;
+    s.run_sync(|c| {
+        // Every 30 s for two minutes: 1 MiB read per 30 s, half a vCPU then a whole one.
+        for (i, rate) in [0.5, 0.5, 1.0, 1.0].into_iter().enumerate() {
+            let at = t0 + i as i64 * 30_000;
+            history::record(c, "v1", &sample(at, rate, (i as u64 + 1) << 20))?;
+        }
+        // Replayed or late samples do not count twice.
+        history::record(c, "v1", &sample(t0, 0.5, 1 << 20))?;
+        Ok(())
+    })
+    .unwrap();
+    let minutes = s
+        .run_sync(|c| history::points(c, "v1", t0, MINUTE_S))
+        .unwrap();
+    assert_eq!(minutes.len(), 2);
+    assert_eq!(minutes[0].at_ms, t0);
+    assert_eq!(minutes[1].at_ms, t0 + 60_000);
+    assert!((minutes[0].cpu_rate - 0.5).abs() < 1e-9);
+    assert!((minutes[1].cpu_rate - 1.0).abs() < 1e-9);
+    // The second minute ends 60 s after the first: 2 MiB more were read.
+    let want = (2u64 << 20) as f64 / 60.0;
+    assert!((minutes[1].disk_read_bytes_per_second - want).abs() < 1e-6);
+    assert!((minutes[1].net_rx_bytes_per_second - want / 2.0).abs() < 1e-6);
+    assert_eq!(minutes[1].memory_rss_bytes, 200 << 20);
+    let hours = s
+        .run_sync(|c| history::points(c, "v1", t0, HOUR_S))
+        .unwrap();
+    assert_eq!(hours.len(), 1);
+    assert!((hours[0].cpu_rate - 0.75).abs() < 1e-9);
+
+    // A guest restart resets its counters: the rate counts from zero, never negative.
+    s.run_sync(|c| history::record(c, "v1", &sample(t0 + 120_000, 1.0, 1 << 10)))
+        .unwrap();
+    let after = s
+        .run_sync(|c| history::points(c, "v1", t0 + 120_000, MINUTE_S))
+        .unwrap();
+    assert!((after[0].disk_read_bytes_per_second - 1024.0 / 30.0).abs() < 1e-6);
+
+    // Minutes go after a day, hours after 90 days.
+    let pruned = s
+        .run_sync(|c| history::prune(c, t0 + history::KEEP_MINUTES_MS + 3_600_000))
+        .unwrap();
+    assert_eq!(pruned, 3);
+    let left = s.run_sync(|c| history::points(c, "v1", 0, HOUR_S)).unwrap();
+    assert_eq!(left.len(), 1);
+}
+
+#[test]
+fn the_usage_report_counts_allocation_hours_inside_the_period() {
+    use super::history;
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 64);
+    let inst = institution(&s);
+    const H: i64 = 3_600_000;
+    s.run_sync(|c| {
+        // Injected spans with known times: 2 vCPU / 4 GiB / 10 GiB from hour 1
+        // to hour 5, and 1 vCPU from hour 4, still open.
+        c.execute(
+            "INSERT INTO allocation_spans VALUES ('x', ?1, 2, 4096, 10, ?2, ?3),
+                                                 ('y', ?1, 1, 1024, 10, ?4, NULL)",
+            rusqlite::params![inst, H, 5 * H, 4 * H],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    // The period [2 h, 8 h) with "now" at 6 h: x counts 3 h, y 2 h.
+    let r = s
+        .run_sync(|c| history::report(c, 2 * H, 8 * H, Some(&inst), 6 * H))
+        .unwrap();
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].vps_count, 2);
+    assert!((r[0].vcpu_hours - (2.0 * 3.0 + 2.0)).abs() < 1e-9);
+    assert!((r[0].memory_gib_hours - (4.0 * 3.0 + 2.0)).abs() < 1e-9);
+    assert!((r[0].disk_gib_hours - (30.0 + 20.0)).abs() < 1e-9);
+    // Outside every span: nothing.
+    let r = s
+        .run_sync(|c| history::report(c, 0, H, Some(&inst), 6 * H))
+        .unwrap();
+    assert_eq!((r[0].vps_count, r[0].vcpu_hours), (0, 0.0));
+}
+
+#[test]
+fn allocation_spans_open_and_close_with_the_vps() {
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let (op, p) = (Caller::system(), placement());
+    let v = s
+        .run_sync(|c| vps::create(c, &op, &new_vps(&inst, 1, 2), &p, NOW))
+        .unwrap();
+    let spans = |s: &Store| -> Vec<(i64, bool)> {
+        s.run_sync(|c| {
+            let mut q = c.prepare(
+                "SELECT vcpus, to_ms IS NULL FROM allocation_spans WHERE vps_id = ?1 ORDER BY rowid",
+            )?;
+            Ok(q.query_map([v.id.to_string()], |r| Ok((r.get(0)?, r.get(1)?)))?
+                .collect::<Result<_, _>>()?)
+        })
+        .unwrap()
+    };
+    assert_eq!(spans(&s), [(2, true)]);
+    s.run_sync(|c| {
+        c.execute(
+            "UPDATE vps SET state = 'STOPPED' WHERE id = ?1",
+            [v.id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(spans(&s), [(2, true)], "a stop keeps the allocation");
+    let bigger = vps::Approval {
+        vcpus: 4,
+        memory_mib: 0,
+        disk_gib: 20,
+        pin: None,
+    };
+    s.run_sync(|c| vps::resize(c, &op, &v.id, &bigger, &p, NOW))
+        .unwrap();
+    assert_eq!(spans(&s), [(2, false), (4, true)]);
+    s.run_sync(|c| vps::mark_deleting(c, &op, &v.id, NOW))
+        .unwrap();
+    s.run_sync(|c| vps::deleted(c, &v.id, NOW)).unwrap();
+    assert_eq!(spans(&s), [(2, false), (4, false)]);
+}

@@ -133,6 +133,7 @@ impl VpsRecord {
             spec: Some(self.spec.clone()),
             state: self.state.to_proto() as i32,
             state_reason: self.state_reason.clone(),
+            history: Vec::new(),
             desired_power: self.desired.to_proto() as i32,
             host_id: self
                 .host_id
