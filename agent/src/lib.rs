@@ -8,6 +8,7 @@ pub mod error;
 pub mod host;
 pub mod hypervisor;
 pub mod images;
+pub mod memory;
 pub mod metrics;
 pub mod names;
 pub mod registration;

@@ -17,8 +17,11 @@ struct Args {
     config: PathBuf,
 }
 
-#[tokio::main]
+// Two workers whatever the host's size: the agent waits on libvirt and the
+// network, and the host's cores belong to its guests.
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    betang_agent::memory::limit_arenas();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

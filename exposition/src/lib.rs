@@ -32,11 +32,18 @@ pub fn escape(v: &str) -> String {
     out
 }
 
+/// The size of the last exposition, so the next one is allocated once
+/// instead of grown by doubling (which briefly holds both copies).
+static LAST_LEN: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(64 << 10);
+
 /// The registry in OpenMetrics.
 pub fn openmetrics(registry: &Registry) -> String {
-    let mut out = String::with_capacity(64 << 10);
+    use std::sync::atomic::Ordering;
+    let last = LAST_LEN.load(Ordering::Relaxed);
+    let mut out = String::with_capacity(last + last / 8);
     // Writing into a String cannot fail.
     let _ = encode(&mut out, registry);
+    LAST_LEN.store(out.len(), Ordering::Relaxed);
     out
 }
 

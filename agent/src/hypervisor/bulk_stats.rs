@@ -38,7 +38,8 @@ struct Record {
     name: String,
     fields: BTreeMap<String, Value>,
     /// Held only when the record lacks CPU time (libvirt's test driver
-    /// reports only the state), so the caller can ask the domain itself.
+    /// reports only the state), so the caller can ask the domain device by
+    /// device instead.
     domain: Option<Domain>,
 }
 
@@ -116,11 +117,8 @@ pub fn collect(conn: &Connect) -> Result<Vec<DomainSample>, virt::error::Error> 
         .into_iter()
         .map(|r| {
             let mut sample = sample_of(&r.name, &r.fields);
-            if let Some(info) = r.domain.and_then(|d| d.info().ok()) {
-                sample.stats.cpu_time_ns = info.cpu_time;
-                sample.stats.vcpus = info.nr_virt_cpu;
-                sample.stats.memory_max_kib = info.max_mem;
-                sample.stats.memory_current_kib = info.memory;
+            if let Some(stats) = r.domain.and_then(|d| super::libvirt::domain_stats(&d).ok()) {
+                sample.stats = stats;
             }
             sample
         })

@@ -216,58 +216,62 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn stats(&self, name: &str) -> Result<DomainStats> {
-        let dom = self.must(name)?;
-        let info = dom.info()?;
-        let mut s = DomainStats {
-            cpu_time_ns: info.cpu_time,
-            vcpus: info.nr_virt_cpu,
-            memory_max_kib: info.max_mem,
-            memory_current_kib: info.memory,
-            ..DomainStats::default()
-        };
-        if !dom.is_active()? {
-            return Ok(s);
-        }
-        // Each counter is best effort: a guest without a balloon driver still
-        // reports its CPU and disks.
-        if let Ok(mem) = dom.memory_stats(0) {
-            let get = |tag: u32| mem.iter().find(|m| m.tag == tag).map(|m| m.val);
-            if let (Some(avail), Some(unused)) = (
-                get(sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE),
-                get(sys::VIR_DOMAIN_MEMORY_STAT_UNUSED),
-            ) {
-                s.memory_used_kib = avail.saturating_sub(unused);
-            }
-            s.memory_rss_kib = get(sys::VIR_DOMAIN_MEMORY_STAT_RSS).unwrap_or(0);
-        }
-        let xml = dom.xml_desc(0).unwrap_or_default();
-        let devices = device_targets(&xml);
-        for disk in &devices.disks {
-            if let Ok(b) = dom.block_stats(disk) {
-                s.disk_read_bytes += b.rd_bytes.max(0) as u64;
-                s.disk_write_bytes += b.wr_bytes.max(0) as u64;
-                s.disk_read_requests += b.rd_req.max(0) as u64;
-                s.disk_write_requests += b.wr_req.max(0) as u64;
-            }
-        }
-        for nic in &devices.nics {
-            if let Ok(n) = dom.interface_stats(nic) {
-                s.net_rx_bytes += n.rx_bytes.max(0) as u64;
-                s.net_tx_bytes += n.tx_bytes.max(0) as u64;
-                s.net_rx_packets += n.rx_packets.max(0) as u64;
-                s.net_tx_packets += n.tx_packets.max(0) as u64;
-                s.net_rx_errors += n.rx_errs.max(0) as u64;
-                s.net_tx_errors += n.tx_errs.max(0) as u64;
-                s.net_rx_drops += n.rx_drop.max(0) as u64;
-                s.net_tx_drops += n.tx_drop.max(0) as u64;
-            }
-        }
-        Ok(s)
+        domain_stats(&self.must(name)?)
     }
 
     fn bulk_stats(&self) -> Result<Vec<DomainSample>> {
         Ok(super::bulk_stats::collect(&self.conn()?)?)
     }
+}
+
+/// One domain's counters, asked of the domain device by device.
+pub(super) fn domain_stats(dom: &Domain) -> Result<DomainStats> {
+    let info = dom.info()?;
+    let mut s = DomainStats {
+        cpu_time_ns: info.cpu_time,
+        vcpus: info.nr_virt_cpu,
+        memory_max_kib: info.max_mem,
+        memory_current_kib: info.memory,
+        ..DomainStats::default()
+    };
+    if !dom.is_active()? {
+        return Ok(s);
+    }
+    // Each counter is best effort: a guest without a balloon driver still
+    // reports its CPU and disks.
+    if let Ok(mem) = dom.memory_stats(0) {
+        let get = |tag: u32| mem.iter().find(|m| m.tag == tag).map(|m| m.val);
+        if let (Some(avail), Some(unused)) = (
+            get(sys::VIR_DOMAIN_MEMORY_STAT_AVAILABLE),
+            get(sys::VIR_DOMAIN_MEMORY_STAT_UNUSED),
+        ) {
+            s.memory_used_kib = avail.saturating_sub(unused);
+        }
+        s.memory_rss_kib = get(sys::VIR_DOMAIN_MEMORY_STAT_RSS).unwrap_or(0);
+    }
+    let xml = dom.xml_desc(0).unwrap_or_default();
+    let devices = device_targets(&xml);
+    for disk in &devices.disks {
+        if let Ok(b) = dom.block_stats(disk) {
+            s.disk_read_bytes += b.rd_bytes.max(0) as u64;
+            s.disk_write_bytes += b.wr_bytes.max(0) as u64;
+            s.disk_read_requests += b.rd_req.max(0) as u64;
+            s.disk_write_requests += b.wr_req.max(0) as u64;
+        }
+    }
+    for nic in &devices.nics {
+        if let Ok(n) = dom.interface_stats(nic) {
+            s.net_rx_bytes += n.rx_bytes.max(0) as u64;
+            s.net_tx_bytes += n.tx_bytes.max(0) as u64;
+            s.net_rx_packets += n.rx_packets.max(0) as u64;
+            s.net_tx_packets += n.tx_packets.max(0) as u64;
+            s.net_rx_errors += n.rx_errs.max(0) as u64;
+            s.net_tx_errors += n.tx_errs.max(0) as u64;
+            s.net_rx_drops += n.rx_drop.max(0) as u64;
+            s.net_tx_drops += n.tx_drop.max(0) as u64;
+        }
+    }
+    Ok(s)
 }
 
 #[derive(Debug, Default, PartialEq, Eq)]

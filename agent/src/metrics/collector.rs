@@ -158,6 +158,8 @@ impl Collector {
             Ok(pass) => {
                 let next = self.merge(pass, started.elapsed());
                 self.cache.publish(next);
+                // What the pass and the scrapes since the last one freed.
+                crate::memory::give_back();
             }
             Err(why) => {
                 warn!(%why, "stats collection failed");
