@@ -14,7 +14,7 @@ use std::{
     time::Instant,
 };
 
-use betang_exposition::escape;
+use betang_exposition::{Labels, escape, gauges as gauge};
 use betang_proto::v1::HostState;
 use prometheus_client::{
     collector::Collector,
@@ -23,7 +23,6 @@ use prometheus_client::{
         MetricType,
         counter::Counter,
         family::Family,
-        gauge::ConstGauge,
         histogram::{Histogram, exponential_buckets},
     },
     registry::Registry,
@@ -248,21 +247,6 @@ struct StoreCollector {
     figures: Arc<Mutex<Arc<StoreFigures>>>,
     ratios: Ratios,
     policy: Policy,
-}
-
-type Labels = Vec<(&'static str, String)>;
-
-fn gauge<T: prometheus_client::encoding::EncodeGaugeValue + Copy>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, T)],
-) -> Result<(), Error> {
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 impl Collector for StoreCollector {

@@ -11,7 +11,14 @@ use axum::{
     response::IntoResponse,
     routing::get,
 };
-use prometheus_client::{encoding::text::encode, registry::Registry};
+use prometheus_client::{
+    encoding::{
+        DescriptorEncoder, EncodeCounterValue, EncodeGaugeValue, EncodeMetric, MetricEncoder,
+        text::encode,
+    },
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
+    registry::Registry,
+};
 use tokio::net::TcpListener;
 
 pub const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -30,6 +37,51 @@ pub fn escape(v: &str) -> String {
         }
     }
     out
+}
+
+/// Label pairs of one sample, values already escaped.
+pub type Labels = Vec<(&'static str, String)>;
+
+/// One family with a sample per row; nothing when there are no rows.
+fn family<T>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    kind: MetricType,
+    rows: &[(Labels, T)],
+    sample: impl Fn(&T, MetricEncoder) -> Result<(), std::fmt::Error>,
+) -> Result<(), std::fmt::Error> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut m = e.encode_descriptor(name, help, None, kind)?;
+    for (labels, v) in rows {
+        sample(v, m.encode_family(labels)?)?;
+    }
+    Ok(())
+}
+
+pub fn gauges<T: EncodeGaugeValue + Copy>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, T)],
+) -> Result<(), std::fmt::Error> {
+    family(e, name, help, MetricType::Gauge, rows, |v, m| {
+        ConstGauge::new(*v).encode(m)
+    })
+}
+
+/// Counters are named without their `_total`, which the encoder adds.
+pub fn counters<T: EncodeCounterValue + Copy>(
+    e: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    rows: &[(Labels, T)],
+) -> Result<(), std::fmt::Error> {
+    family(e, name, help, MetricType::Counter, rows, |v, m| {
+        ConstCounter::new(*v).encode(m)
+    })
 }
 
 /// The size of the last exposition, so the next one is allocated once

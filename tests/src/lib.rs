@@ -28,6 +28,7 @@ use betang_proto::v1::{
 };
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
+pub mod bench;
 pub mod prometheus;
 
 pub const IMAGE: &str = "tiny";
@@ -551,6 +552,17 @@ pub fn application() -> Application {
     }
 }
 
+/// The VPS as `GetVps` shows it now, without history; `None` on any error.
+pub async fn fetch(c: &mut VpsServiceClient<Authed>, id: String) -> Option<Vps> {
+    c.get_vps(GetVpsRequest {
+        id,
+        ..Default::default()
+    })
+    .await
+    .ok()
+    .map(tonic::Response::into_inner)
+}
+
 pub fn state_of(v: &Vps) -> VpsState {
     VpsState::try_from(v.state).unwrap_or(VpsState::Unspecified)
 }
@@ -568,14 +580,7 @@ pub async fn wait_state(
         let id = id.to_owned();
         let last = last.clone();
         async move {
-            let v = c
-                .get_vps(GetVpsRequest {
-                    id,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
+            let v = fetch(&mut c, id).await?;
             *last.lock().unwrap() = Some(v.clone());
             (state_of(&v) == want).then_some(v)
         }

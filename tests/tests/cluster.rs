@@ -8,7 +8,7 @@ use betang_proto::v1::{
     ListImagesRequest, ListVpsRequest, PowerState, RebootVpsRequest, StartVpsRequest,
     StopVpsRequest, VpsState,
 };
-use betang_tests::{Cluster, ClusterOptions, eventually, state_of, wait_state};
+use betang_tests::{Cluster, ClusterOptions, eventually, fetch, state_of, wait_state};
 use tonic::Code;
 
 const T: Duration = Duration::from_secs(20);
@@ -85,14 +85,7 @@ async fn lifecycle_create_list_stop_start_reboot_delete() -> anyhow::Result<()> 
         let mut c = c.clone();
         let id = id.clone();
         async move {
-            let v = c
-                .get_vps(GetVpsRequest {
-                    id,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
+            let v = fetch(&mut c, id).await?;
             v.usage
                 .filter(|u| u.memory_max_bytes == 512 << 20 && u.cpu_time_ns > 0)
         }
@@ -529,14 +522,7 @@ async fn a_failed_build_goes_to_error_and_releases_everything() -> anyhow::Resul
         let mut c = c.clone();
         let id = id.clone();
         async move {
-            let v = c
-                .get_vps(GetVpsRequest {
-                    id,
-                    ..Default::default()
-                })
-                .await
-                .ok()?
-                .into_inner();
+            let v = fetch(&mut c, id).await?;
             v.host_id.is_empty().then_some(())
         }
     })

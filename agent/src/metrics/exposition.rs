@@ -3,13 +3,9 @@
 
 use std::{fmt::Error, sync::Arc};
 
-use prometheus_client::{
-    collector::Collector,
-    encoding::{DescriptorEncoder, EncodeMetric},
-    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
-};
+use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 
-use betang_exposition::escape;
+use betang_exposition::{Labels, counters as counter, escape, gauges as gauge};
 
 use super::collector::{Snapshot, StatsCache, VmEntry};
 use crate::{hypervisor::Power, usage::now_ms};
@@ -26,8 +22,6 @@ impl std::fmt::Debug for StatsCache {
     }
 }
 
-type Labels = Vec<(&'static str, String)>;
-
 /// One counter of a VM's usage.
 type UsageField = fn(&betang_proto::v1::VmUsage) -> u64;
 
@@ -38,38 +32,6 @@ fn vm_labels(v: &VmEntry) -> Labels {
         ("institution", escape(&v.institution)),
         ("domain", escape(&v.domain)),
     ]
-}
-
-fn gauge<T: prometheus_client::encoding::EncodeGaugeValue + Copy>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, T)],
-) -> Result<(), Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Gauge)?;
-    for (labels, v) in rows {
-        ConstGauge::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
-}
-
-fn counter<T: prometheus_client::encoding::EncodeCounterValue + Copy>(
-    e: &mut DescriptorEncoder,
-    name: &str,
-    help: &str,
-    rows: &[(Labels, T)],
-) -> Result<(), Error> {
-    if rows.is_empty() {
-        return Ok(());
-    }
-    let mut m = e.encode_descriptor(name, help, None, MetricType::Counter)?;
-    for (labels, v) in rows {
-        ConstCounter::new(*v).encode(m.encode_family(labels)?)?;
-    }
-    Ok(())
 }
 
 /// A per-VM figure taken from the VM's last counters, for VMs that have some.

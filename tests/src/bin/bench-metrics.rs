@@ -17,19 +17,15 @@ use anyhow::{Context, bail};
 use betang_proto::v1::{
     DeleteVmRequest, EnsureVmRequest, PowerState, VpsSpec, agent_service_client::AgentServiceClient,
 };
+use betang_tests::bench::{arg, pct, proc_mib};
 use tokio::process::{Child, Command};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// What Prometheus sends.
 const ACCEPT: &str = "application/openmetrics-text;version=1.0.0,text/plain;version=0.0.4;q=0.5";
+
+fn cpu_seconds(pid: u32) -> f64 {
+    betang_tests::bench::cpu_seconds(&pid.to_string())
+}
 
 /// One scrape: status line checked, body returned.
 async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
@@ -51,41 +47,6 @@ async fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
 
 fn free_addr() -> anyhow::Result<SocketAddr> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
-fn proc_field(pid: u32, key: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with(key))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        .unwrap_or(0.0)
-}
-
-/// User plus system CPU seconds of a process.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
-}
-
-/// Proportional set size: shared library pages divided among their users.
-fn pss_kib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("Pss:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0.0)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
 }
 
 /// The agent binary on `uri`, serving /metrics; collector every 5 s.
@@ -343,7 +304,7 @@ async fn real_guests(
     wait_for(exporter_addr, "exporter", |b| b.contains(&last)).await?;
     let (a, e, cpu) = scrape_both((metrics, pid), exporter_addr, rounds).await?;
     let f = report(&format!("real libvirtd, {count} QEMU guests"), &a, &e, cpu);
-    let real_rss = proc_field(pid, "VmRSS:") / 1024.0;
+    let real_rss = proc_mib(&pid.to_string(), "status", "VmRSS:");
     println!("agent on real libvirtd: RSS {real_rss:.1} MiB");
     for id in &guests.ids {
         let _ = client
@@ -396,11 +357,11 @@ async fn main() -> anyhow::Result<()> {
     let test_fig = report(&format!("test driver, {domains} domains"), &a, &e, cpu);
     // Give the collector a pass to hand the scrapes' memory back, as it does every 5 s.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    let rss_mib = proc_field(pid, "VmRSS:") / 1024.0;
-    let hwm_mib = proc_field(pid, "VmHWM:") / 1024.0;
-    let anon_mib = proc_field(pid, "RssAnon:") / 1024.0;
-    let file_mib = proc_field(pid, "RssFile:") / 1024.0;
-    let pss_mib = pss_kib(pid) / 1024.0;
+    let rss_mib = proc_mib(&pid.to_string(), "status", "VmRSS:");
+    let hwm_mib = proc_mib(&pid.to_string(), "status", "VmHWM:");
+    let anon_mib = proc_mib(&pid.to_string(), "status", "RssAnon:");
+    let file_mib = proc_mib(&pid.to_string(), "status", "RssFile:");
+    let pss_mib = proc_mib(&pid.to_string(), "smaps_rollup", "Pss:");
     // One scrape every 15 s plus the collector's own work, as a share of one core.
     let core_pct_at_15s = (idle_cpu_per_s + cpu / 15.0) * 100.0;
     println!(

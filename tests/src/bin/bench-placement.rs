@@ -20,48 +20,14 @@ use betang_agent::{
 use betang_proto::v1::{
     GetHostRequest, HostState, ListHostsRequest, ListVpsRequest, Quota, VpsState,
 };
-use betang_tests::{Clients, application, make_people};
-
-fn arg(name: &str, default: usize) -> usize {
-    let args: Vec<String> = std::env::args().collect();
-    args.iter()
-        .position(|a| a == name)
-        .and_then(|i| args.get(i + 1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
-fn pct(sorted: &[Duration], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i].as_secs_f64() * 1000.0
-}
-
-/// Peak resident memory of a process, from /proc.
-/// User plus system CPU seconds a process has used so far.
-fn cpu_seconds(pid: &str) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name, which is in parentheses and may hold spaces.
-    let rest = stat.rsplit_once(") ").map_or("", |(_, r)| r);
-    let f: Vec<f64> = rest
-        .split_whitespace()
-        .map(|x| x.parse().unwrap_or(0.0))
-        .collect();
-    let ticks = f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0);
-    ticks / 100.0
-}
+use betang_tests::{
+    Clients, application,
+    bench::{arg, cpu_seconds, pct, proc_mib},
+    make_people,
+};
 
 fn peak_rss_mib(pid: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmHWM:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kib| kib / 1024.0)
+    proc_mib(pid, "status", "VmHWM:")
 }
 
 fn free_port() -> anyhow::Result<u16> {
