@@ -124,7 +124,25 @@ impl Reconciler {
                 .run(move |c| vps::begin_provisioning(c, &building, now))
                 .await?;
         }
+        // Each host's endpoint once per pass, not once per VPS.
+        let hosts: std::collections::BTreeSet<HostId> =
+            items.iter().filter_map(|(_, v)| v.host_id.clone()).collect();
+        let endpoints = self
+            .store
+            .run(move |c| {
+                // A host that is gone fails only its own VPS, in `handle`.
+                Ok(hosts
+                    .into_iter()
+                    .filter_map(|h| Some((h.clone(), hosts::endpoint(c, &h).ok()?)))
+                    .collect::<std::collections::HashMap<_, _>>())
+            })
+            .await?;
         for (work, v) in items {
+            let endpoint = v
+                .host_id
+                .as_ref()
+                .and_then(|h| endpoints.get(h).cloned())
+                .unwrap_or_default();
             if !self
                 .in_flight
                 .lock()
@@ -139,7 +157,7 @@ impl Reconciler {
             tokio::spawn(
                 async move {
                     let id = v.id;
-                    if let Err(e) = this.handle(work, v).await {
+                    if let Err(e) = this.handle(work, v, endpoint).await {
                         warn!(error = %e, "dispatch failed");
                     }
                     this.in_flight
@@ -153,12 +171,13 @@ impl Reconciler {
         Ok(())
     }
 
-    async fn handle(&self, work: Work, v: VpsRecord) -> Result<(), ApiError> {
+    async fn handle(&self, work: Work, v: VpsRecord, endpoint: String) -> Result<(), ApiError> {
         let Some(host) = v.host_id.clone() else {
             return Ok(());
         };
-        let h = host.clone();
-        let endpoint = self.store.run(move |c| hosts::endpoint(c, &h)).await?;
+        if endpoint.is_empty() {
+            return Err(ApiError::HostNotFound(host.to_string()));
+        }
         let mut client = self.agents.client(&host, &endpoint)?;
         match work {
             Work::Ensure => self.ensure(&mut client, &host, v).await,

@@ -97,16 +97,18 @@ impl RegistryService for RegistryApi {
         let (now, usage_every) = (now_ms(), self.ctx.cfg.usage_interval_ms as i64);
         self.ctx
             .store
-            .run(move |c| {
+            .run(move |db| {
                 hosts::heartbeat(
-                    c,
+                    db,
                     &host,
                     r.usage.as_ref(),
                     &r.vms,
                     r.vms_listed,
                     usage_every,
                     now,
-                )
+                )?;
+                db.hosts.beat(&host, now);
+                Ok(())
             })
             .await?;
         Ok(Response::new(HeartbeatResponse {}))
