@@ -137,4 +137,7 @@ Institutions request through members' tokens and wait for approval:
   betangctl token create --user USER_ID
   betangctl vps list --pending; betangctl vps approve ID; betangctl audit list
 The guest's serial console: /var/lib/betang/vms/<VPS id>/console.log
+Metrics for Prometheus (see deploy/prometheus/): the agent's and the controller's
+metrics_listen in /etc/betang/*.toml, e.g. curl http://127.0.0.1:9478/metrics
+Usage: betangctl vps get ID --history 60; betangctl report usage --from YYYY-MM-DD --to YYYY-MM-DD
 MSG

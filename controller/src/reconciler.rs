@@ -125,8 +125,10 @@ impl Reconciler {
                 .await?;
         }
         // Each host's endpoint once per pass, not once per VPS.
-        let hosts: std::collections::BTreeSet<HostId> =
-            items.iter().filter_map(|(_, v)| v.host_id.clone()).collect();
+        let hosts: std::collections::BTreeSet<HostId> = items
+            .iter()
+            .filter_map(|(_, v)| v.host_id.clone())
+            .collect();
         let endpoints = self
             .store
             .run(move |c| {

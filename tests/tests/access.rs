@@ -111,7 +111,7 @@ async fn fixture(
     })
 }
 
-const CALLS: [&str; 26] = [
+const CALLS: [&str; 27] = [
     "CreateVps",
     "GetVps",
     "ListVps",
@@ -138,6 +138,7 @@ const CALLS: [&str; 26] = [
     "RevokeToken",
     "ListAudit",
     "ResizeVps",
+    "GetUsageReportOfA",
 ];
 
 async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code> {
@@ -281,6 +282,14 @@ async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code
         })
         .await,
     ));
+    out.push(code(
+        vps.get_usage_report(betang_proto::v1::UsageReportRequest {
+            from_ms: 0,
+            to_ms: 86_400_000,
+            institution_id: a.clone(),
+        })
+        .await,
+    ));
     out
 }
 
@@ -291,13 +300,13 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
     let p = cluster.people.clone();
     let op = cluster.clients(&p.operator).await?;
     let member_a = cluster.clients(&p.member_a).await?;
-    let expectations: [(&str, Option<&str>, [Code; 26]); 6] = [
+    let expectations: [(&str, Option<&str>, [Code; 27]); 6] = [
         (
             "member-a",
             Some(&p.member_a),
             [
                 OK, OK, OK, OK, OK, OK, OK, OK, PD, PD, OK, PD, PD, OK, PD, OK, OK, PD, PD, PD, OK,
-                PD, PD, OK, PD, PD,
+                PD, PD, OK, PD, PD, OK,
             ],
         ),
         (
@@ -305,7 +314,7 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
             Some(&p.member_b),
             [
                 OK, NF, OK, NF, NF, NF, NF, OK, PD, PD, NF, PD, PD, OK, PD, OK, NF, PD, PD, PD, OK,
-                PD, PD, NF, PD, PD,
+                PD, PD, NF, PD, PD, NF,
             ],
         ),
         (
@@ -313,15 +322,15 @@ async fn every_call_against_every_role() -> anyhow::Result<()> {
             Some(&p.operator),
             [
                 OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, OK, PD, OK, OK, OK, PD, OK, OK,
-                PD, PD, NF, OK, OK,
+                PD, PD, NF, OK, OK, OK,
             ],
         ),
-        ("admin", Some(&p.admin), [OK; 26]),
-        ("anonymous", None, [Code::Unauthenticated; 26]),
+        ("admin", Some(&p.admin), [OK; 27]),
+        ("anonymous", None, [Code::Unauthenticated; 27]),
         (
             "forged",
             Some("btg_0000000000000000000000000000000000000000000000000000000000000000"),
-            [Code::Unauthenticated; 26],
+            [Code::Unauthenticated; 27],
         ),
     ];
     for (who, token, expected) in expectations {

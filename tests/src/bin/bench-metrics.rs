@@ -226,6 +226,7 @@ impl Drop for Guests {
 async fn real_guests(
     dir: &Path,
     count: usize,
+    total: usize,
     rounds: usize,
 ) -> anyhow::Result<Option<(Figures, usize, f64)>> {
     const URI: &str = "qemu:///system";
@@ -295,17 +296,47 @@ async fn real_guests(
             .await
             .context("creating a real guest through the agent")?;
     }
+    // Up to `total` domains on the real libvirtd: the rest defined but shut
+    // off (this machine cannot run hundreds of guests), so the agent's memory
+    // is measured at that many domains with libvirt's state in libvirtd, where
+    // it lives in production.
+    let conn = virt::connect::Connect::open(Some(URI))?;
+    for i in count..total {
+        let id = uuid::Uuid::new_v4().to_string();
+        guests.ids.push(id.clone());
+        conn.define_domain_xml(&format!(
+            "<domain type=\"qemu\"><name>betang-{id}</name><uuid>{id}</uuid>\
+             <memory unit=\"MiB\">128</memory><vcpu>1</vcpu><os><type arch=\"x86_64\">hvm</type></os>\
+             <metadata><betang:vps xmlns:betang=\"https://betang.dev/xmlns/vps/1\" id=\"{id}\" \
+             generation=\"1\" name=\"{prefix}-off{i}\" institution=\"dinas-bench\"/></metadata>\
+             </domain>"
+        ))?;
+    }
     let (mut exporter, exporter_addr) = start_exporter(URI)?;
     let last = format!("betang-{}", guests.ids.last().cloned().unwrap_or_default());
     wait_for(metrics, "agent with its guests", |b| {
         b.contains(&last) && b.contains("betang_vm_cpu_seconds_total")
     })
     .await?;
-    wait_for(exporter_addr, "exporter", |b| b.contains(&last)).await?;
+    let first = format!("betang-{}", guests.ids.first().cloned().unwrap_or_default());
+    wait_for(exporter_addr, "exporter", |b| b.contains(&first)).await?;
     let (a, e, cpu) = scrape_both((metrics, pid), exporter_addr, rounds).await?;
-    let f = report(&format!("real libvirtd, {count} QEMU guests"), &a, &e, cpu);
+    let f = report(
+        &format!(
+            "real libvirtd, {count} running QEMU guests and {} shut off",
+            total.saturating_sub(count)
+        ),
+        &a,
+        &e,
+        cpu,
+    );
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let real_rss = proc_mib(&pid.to_string(), "status", "VmRSS:");
-    println!("agent on real libvirtd: RSS {real_rss:.1} MiB");
+    println!(
+        "agent on real libvirtd at {} domains: RSS {real_rss:.1} MiB; exporter RSS {:.1} MiB",
+        total.max(count),
+        proc_mib(&exporter.id().unwrap_or(0).to_string(), "status", "VmRSS:")
+    );
     for id in &guests.ids {
         let _ = client
             .delete_vm(DeleteVmRequest { vps_id: id.clone() })
@@ -362,13 +393,15 @@ async fn main() -> anyhow::Result<()> {
     let anon_mib = proc_mib(&pid.to_string(), "status", "RssAnon:");
     let file_mib = proc_mib(&pid.to_string(), "status", "RssFile:");
     let pss_mib = proc_mib(&pid.to_string(), "smaps_rollup", "Pss:");
+    let exporter_rss_mib = proc_mib(&exporter.id().unwrap_or(0).to_string(), "status", "VmRSS:");
     // One scrape every 15 s plus the collector's own work, as a share of one core.
     let core_pct_at_15s = (idle_cpu_per_s + cpu / 15.0) * 100.0;
     println!(
         "agent at {domains} domains: RSS {rss_mib:.1} MiB (peak {hwm_mib:.1} MiB; heap and stacks \
          {anon_mib:.1} MiB, holding the test driver's own copy of the domains; binary and shared \
          libraries {file_mib:.1} MiB; PSS {pss_mib:.1} MiB); collector {:.2} ms CPU per second; \
-         {core_pct_at_15s:.3} % of one core at a 15 s scrape interval",
+         {core_pct_at_15s:.3} % of one core at a 15 s scrape interval; exporter RSS \
+         {exporter_rss_mib:.1} MiB",
         idle_cpu_per_s * 1000.0
     );
     println!(
@@ -378,7 +411,7 @@ async fn main() -> anyhow::Result<()> {
     agent.kill().await.ok();
     exporter.kill().await.ok();
 
-    let real = real_guests(dir.path(), guests, rounds / 4).await?;
+    let real = real_guests(dir.path(), guests, domains, rounds / 4).await?;
     let mut json = serde_json::json!({
         "domains": domains,
         "scrapes_each": rounds,
@@ -394,12 +427,14 @@ async fn main() -> anyhow::Result<()> {
         "agent_rss_anon_mib": anon_mib,
         "agent_rss_file_mib": file_mib,
         "agent_pss_mib": pss_mib,
+        "exporter_rss_mib": exporter_rss_mib,
         "agent_peak_rss_mib": hwm_mib,
         "agent_bytes": test_fig.agent_bytes,
         "exporter_bytes": test_fig.exporter_bytes,
     });
     if let Some((f, n, rss)) = real {
         json["real_guests"] = n.into();
+        json["real_domains"] = domains.max(n).into();
         json["real_agent_rss_mib"] = rss.into();
         json["real_agent_p50_ms"] = f.agent_p50.into();
         json["real_agent_p99_ms"] = f.agent_p99.into();
