@@ -2,7 +2,7 @@
 
 use betang_proto::v1::{HostCapacity, HostInfoResponse, Image};
 
-use crate::{config::CapacityConfig, error::Result, usage::HostSampler, vms::VmManager};
+use crate::{config::CapacityConfig, error::Result, vms::VmManager};
 
 pub struct HostReporter {
     host_id: String,
@@ -10,7 +10,6 @@ pub struct HostReporter {
     labels: std::collections::BTreeMap<String, String>,
     hostname: String,
     capacity: Option<CapacityConfig>,
-    sampler: HostSampler,
     /// Unix milliseconds of the last heartbeat the controller accepted; 0 before.
     last_heartbeat_ms: std::sync::atomic::AtomicI64,
 }
@@ -28,7 +27,6 @@ impl HostReporter {
             labels,
             hostname: sysinfo::System::host_name().unwrap_or_default(),
             capacity,
-            sampler: HostSampler::default(),
             last_heartbeat_ms: Default::default(),
         }
     }
@@ -50,12 +48,10 @@ impl HostReporter {
         &self.host_id
     }
 
-    /// The collector's last host figures; sampled now only before its first pass.
+    /// The collector's last host figures (zeros until its first pass
+    /// succeeds; the agent makes one before it starts).
     pub fn usage(&self, vms: &VmManager) -> betang_proto::v1::HostUsage {
-        vms.stats
-            .snapshot()
-            .host
-            .unwrap_or_else(|| self.sampler.sample(vms.vm_dir()))
+        vms.stats.snapshot().host.unwrap_or_default()
     }
 
     pub async fn info(&self, vms: &VmManager) -> Result<HostInfoResponse> {

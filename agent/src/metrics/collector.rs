@@ -58,7 +58,7 @@ impl Snapshot {
 
 /// The last snapshot. Readers clone an `Arc`, so a scrape holds no lock
 /// while it renders.
-#[derive(Default)]
+#[derive(Debug, Default)]
 pub struct StatsCache {
     current: RwLock<Arc<Snapshot>>,
 }

@@ -16,12 +16,6 @@ pub struct AgentMetrics {
     pub host_id: String,
 }
 
-impl std::fmt::Debug for StatsCache {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("StatsCache")
-    }
-}
-
 /// One counter of a VM's usage.
 type UsageField = fn(&betang_proto::v1::VmUsage) -> u64;
 
