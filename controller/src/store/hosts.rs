@@ -26,7 +26,7 @@ pub fn register(
     let cap = info.capacity.unwrap_or_default();
     let labels: BTreeMap<&String, &String> = info.labels.iter().collect();
     let labels = serde_json::to_string(&labels).unwrap_or_else(|_| "{}".into());
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     tx.prepare_cached(
         "INSERT INTO hosts (id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                             registered_at_ms, last_heartbeat_ms, zone, labels)
@@ -114,7 +114,7 @@ pub fn heartbeat(
     usage_every_ms: i64,
     now_ms: i64,
 ) -> Result<(), ApiError> {
-    let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let n = tx
         .prepare_cached("UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1")?
         .execute(params![host_id.as_str(), now_ms])?;
@@ -275,7 +275,7 @@ pub fn mark_down(
     now_ms: i64,
     down_after_ms: i64,
 ) -> Result<Vec<String>, ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let silent: Vec<(String, i64)> = {
         let mut q = tx.prepare_cached(
             "SELECT id, last_heartbeat_ms FROM hosts WHERE last_heartbeat_ms < ?1 AND down_since_ms = 0",
@@ -531,7 +531,7 @@ pub fn update(
     change: HostChange,
     now_ms: i64,
 ) -> Result<(), ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let (action, result, n) = match change {
         HostChange::Cordon(on) => {
             let n = tx

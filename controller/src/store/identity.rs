@@ -347,7 +347,7 @@ pub fn create_institution(
     n: &NewInstitution,
     now_ms: i64,
 ) -> Result<Institution, ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let id = insert_institution(&tx, n, now_ms)?;
     audit(
         &tx,
@@ -370,7 +370,7 @@ pub fn set_quota(
     q: &Quota,
     now_ms: i64,
 ) -> Result<Institution, ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     get_institution(&tx, id)?;
     tx.prepare_cached(
         "UPDATE institutions SET quota_vcpus = ?2, quota_memory_mib = ?3, quota_disk_gib = ?4,
@@ -478,7 +478,7 @@ pub fn create_user(
     n: &NewUser,
     now_ms: i64,
 ) -> Result<User, ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let id = insert_user(&tx, n, now_ms)?;
     let result = format!("{} as {}", n.username, n.role.as_str());
     audit(
@@ -549,7 +549,7 @@ pub fn create_token(
     ttl_seconds: u32,
     now_ms: i64,
 ) -> Result<(Token, String), ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let user = get_user(&tx, user_id)?;
     let (t, secret) = insert_token(&tx, user_id, name, ttl_seconds, now_ms)?;
     audit(
@@ -581,7 +581,7 @@ pub fn revoke_token(
     id: &str,
     now_ms: i64,
 ) -> Result<Token, ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let not_found = || ApiError::NotFound {
         what: "token",
         id: id.to_owned(),
@@ -624,7 +624,7 @@ pub fn bootstrap_admin(
     username: &str,
     now_ms: i64,
 ) -> Result<(User, String), ApiError> {
-    let tx = c.transaction()?;
+    let tx = c.savepoint()?;
     let inst_id: Option<String> = tx
         .prepare_cached("SELECT id FROM institutions WHERE code = ?1")?
         .query_row([code], |r| r.get(0))

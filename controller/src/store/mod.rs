@@ -1,9 +1,11 @@
 //! The controller's store: one SQLite file (WAL) with embedded migrations.
 //! A single connection behind a mutex makes every transaction serial, which
-//! is what makes placement claims atomic; calls run on the blocking pool.
-//! Beside the connection, under the same mutex, the scheduler's in-memory
-//! view of the hosts (`host_index`).
+//! is what makes placement claims atomic. Calls queue for a thread of the
+//! store's own, which commits whatever queued while it was busy in one
+//! transaction (group commit, `batch.rs`). Beside the connection, under the
+//! same mutex, the scheduler's in-memory view of the hosts (`host_index`).
 
+mod batch;
 mod caller_cache;
 mod checkpoint;
 pub mod history;
@@ -57,10 +59,24 @@ impl DerefMut for Db {
 }
 
 impl Db {
-    /// Runs one unit of work, then brings the host index up to date with
-    /// whatever it changed.
+    /// Runs one unit of work inside the batch's transaction, under a
+    /// savepoint of its own: a unit that fails (or panics) takes back its
+    /// own writes and no one else's. Then the host index catches up with
+    /// whatever the unit changed, so the next unit places against it.
     fn work<T>(&mut self, f: impl FnOnce(&mut Db) -> Result<T, ApiError>) -> Result<T, ApiError> {
-        let out = f(self);
+        self.conn
+            .prepare_cached("SAVEPOINT betang_work")?
+            .execute([])?;
+        let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)))
+            .unwrap_or_else(|p| Err(ApiError::Store(StoreError::Task(batch::panic_text(&p)))));
+        if out.is_err() {
+            self.conn
+                .prepare_cached("ROLLBACK TO betang_work")?
+                .execute([])?;
+        }
+        self.conn
+            .prepare_cached("RELEASE betang_work")?
+            .execute([])?;
         if let Err(e) = self.hosts.sync(&self.conn) {
             tracing::warn!(error = %e, "host index out of step; reloading it");
             self.hosts.invalidate();
@@ -72,6 +88,7 @@ impl Db {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Mutex<Db>>,
+    queue: batch::Queue,
     callers: caller_cache::CallerCache,
 }
 
@@ -106,25 +123,25 @@ impl Store {
         conn.execute_batch(host_index::DIRTY_TRACKING)?;
         let callers = caller_cache::CallerCache::default();
         callers.track(&conn)?;
+        let db = Arc::new(Mutex::new(Db {
+            conn,
+            hosts: host_index::HostIndex::default(),
+        }));
         Ok(Store {
-            db: Arc::new(Mutex::new(Db {
-                conn,
-                hosts: host_index::HostIndex::default(),
-            })),
+            queue: batch::spawn(db.clone())?,
+            db,
             callers,
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
+    /// Runs `f` with the connection on the store's thread, in a transaction
+    /// it may share with other calls; the answer comes once that is committed.
     pub async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
     {
-        let db = self.db.clone();
-        tokio::task::spawn_blocking(move || db.lock().unwrap_or_else(|p| p.into_inner()).work(f))
-            .await
-            .map_err(|e| ApiError::Store(StoreError::Task(e.to_string())))?
+        self.queue.run(f).await
     }
 
     /// The caller behind a token's secret; from the cache when the token and
@@ -143,12 +160,22 @@ impl Store {
         Ok(caller)
     }
 
-    /// The same, for code that is already on a blocking thread (and tests).
+    /// Transactions committed for `run` calls so far (fewer than the calls
+    /// when they came together).
+    pub fn commits(&self) -> u64 {
+        self.queue.commits()
+    }
+
+    /// The same, in a transaction of its own, for code that is already on
+    /// a blocking thread (and tests).
     pub fn run_sync<T>(
         &self,
         f: impl FnOnce(&mut Db) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
-        self.db.lock().unwrap_or_else(|p| p.into_inner()).work(f)
+        let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = None;
+        batch::in_transaction(&mut db, |db| out = Some(db.work(f)))?;
+        out.unwrap_or_else(|| Err(ApiError::Store(StoreError::Task("not run".into()))))
     }
 }
 

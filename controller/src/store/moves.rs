@@ -5,7 +5,7 @@
 //! controller that dies half-way loses nothing: `abandon_all` at start-up
 //! returns every unfinished move to STOPPED on its source.
 
-use rusqlite::{Connection, TransactionBehavior, params};
+use rusqlite::{Connection, params};
 
 use super::vps::{Placement, Target, VpsRecord, get, get_any, place, transition};
 use crate::{
@@ -24,9 +24,7 @@ pub fn begin(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<(VpsRecord, HostId), ApiError> {
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db.conn.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     if v.state == VpsState::Migrating {
         return Err(ApiError::WrongState {
@@ -84,9 +82,7 @@ pub fn finish(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db.conn.savepoint()?;
     let v = get_any(&tx, id)?;
     transition(&v, VpsState::Stopped, "finish moving")?;
     if v.state != VpsState::Migrating {

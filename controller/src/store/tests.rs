@@ -499,3 +499,104 @@ fn allocation_spans_open_and_close_with_the_vps() {
     s.run_sync(|c| vps::deleted(c, &v.id, NOW)).unwrap();
     assert_eq!(spans(&s), [(2, false), (4, false)]);
 }
+
+/// Calls queued together share a transaction, yet each one that fails or
+/// panics takes back only its own writes, and claims made in one batch see
+/// each other: 300 concurrent placements into room for exactly 100.
+#[test]
+fn calls_committed_together_succeed_and_fail_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("betang.db")).unwrap();
+    register(&s, "a", 20);
+    register(&s, "b", 30);
+    register(&s, "c", 50);
+    let inst = institution(&s);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .build()
+        .unwrap();
+    let commits_before = s.commits();
+    let outcomes: Vec<Result<(), String>> = rt.block_on(async {
+        let calls: Vec<_> = (0..300)
+            .map(|n| {
+                let (s, inst) = (s.clone(), inst.clone());
+                tokio::spawn(async move {
+                    s.run(move |c| {
+                        let v = vps::create(
+                            c,
+                            &Caller::system(),
+                            &new_vps(&inst, n, 1),
+                            &placement(),
+                            NOW,
+                        )?;
+                        // Every tenth call writes, then fails or panics.
+                        match n % 10 {
+                            3 => Err(ApiError::invalid(
+                                "name",
+                                format!("refused after creating {}", v.id),
+                            )),
+                            7 => panic!("call {n} broke after creating {}", v.id),
+                            _ => Ok(()),
+                        }
+                    })
+                    .await
+                    .map_err(|e| e.to_string())
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for c in calls {
+            out.push(c.await.unwrap());
+        }
+        out
+    });
+    let commits = s.commits() - commits_before;
+    let ok = outcomes.iter().filter(|o| o.is_ok()).count();
+    let refused = outcomes
+        .iter()
+        .filter(|o| {
+            o.as_ref()
+                .is_err_and(|e| e.contains("refused after creating"))
+        })
+        .count();
+    let panicked = outcomes
+        .iter()
+        .filter(|o| o.as_ref().is_err_and(|e| e.contains("panicked")))
+        .count();
+    assert_eq!(ok, 100, "exactly the room there is: {outcomes:?}");
+    assert!(
+        refused > 0 && panicked > 0,
+        "{refused} refused, {panicked} panicked"
+    );
+    assert_eq!(
+        ok + refused
+            + panicked
+            + outcomes
+                .iter()
+                .filter(|o| o.as_ref().is_err_and(|e| e.contains("no host fits")))
+                .count(),
+        300
+    );
+    assert!(
+        commits < 300,
+        "{commits} commits for 300 calls: none were shared"
+    );
+    // Only the successful calls' VPS exist, and the totals agree with them.
+    let rows: i64 = s
+        .run_sync(|c| Ok(c.query_row("SELECT COUNT(*) FROM vps", [], |r| r.get(0))?))
+        .unwrap();
+    assert_eq!(rows, 100);
+    assert_totals_agree(&s, &inst);
+    for v in s.run_sync(|c| hosts::views(c, NOW, 10_000)).unwrap() {
+        assert_eq!(
+            v.allocated.vcpus, v.capacity.vcpus,
+            "host {} is exactly full",
+            v.id
+        );
+    }
+    // The store goes on after a panic.
+    let again: i64 = rt
+        .block_on(s.run(|c| Ok(c.query_row("SELECT COUNT(*) FROM hosts", [], |r| r.get(0))?)))
+        .unwrap();
+    assert_eq!(again, 3);
+}

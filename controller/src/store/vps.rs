@@ -6,7 +6,7 @@
 use betang_proto::v1::{
     Application, PlacementRequest, PowerState, VmStatus, VmUsage, Vps, VpsSpec,
 };
-use rusqlite::{Connection, OptionalExtension, Row, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
     auth::{Caller, Scope},
@@ -353,9 +353,7 @@ pub fn create(
         }
         actor.institution_id.clone()
     };
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db.conn.savepoint()?;
     identity::get_institution(&tx, &institution).map_err(|_| ApiError::NotFound {
         what: "institution",
         id: institution.clone(),
@@ -492,9 +490,7 @@ pub fn approve(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = db
-        .conn
-        .transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = db.conn.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     transition(&v, VpsState::Scheduled, "approve")?;
     let spec = a.applied_to(&v.spec);
@@ -561,7 +557,7 @@ pub fn decide_against(
     reason: &str,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     let action = if next == VpsState::Rejected {
         "reject"
@@ -608,7 +604,7 @@ pub fn resize(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     if v.state != VpsState::Stopped {
         return Err(ApiError::WrongState {
@@ -752,7 +748,7 @@ pub fn set_desired(
     force_stop: bool,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     let action = match desired {
         DesiredPower::Running => "start",
@@ -809,7 +805,7 @@ pub fn mark_deleting(
     id: &VpsId,
     now_ms: i64,
 ) -> Result<VpsRecord, ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let v = get(&tx, id, &actor.scope())?;
     if matches!(v.state, VpsState::Deleting | VpsState::Deleted) {
         return Ok(v);
@@ -895,7 +891,7 @@ pub fn work_items(
 /// SCHEDULED -> PROVISIONING, just before the first ensure is sent; one
 /// transaction for every VPS a reconcile pass is about to build.
 pub fn begin_provisioning(c: &mut Connection, ids: &[VpsId], now_ms: i64) -> Result<(), ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     {
         let mut q = tx.prepare_cached(
             "UPDATE vps SET state = 'PROVISIONING', updated_at_ms = ?2
@@ -920,7 +916,7 @@ pub struct Ensured {
 /// Records successful ensures, each unless its VPS changed meanwhile; one
 /// transaction for a whole burst of answers.
 pub fn ensure_succeeded(c: &mut Connection, done: &[Ensured], now_ms: i64) -> Result<(), ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     for e in done {
         match record_ensured(&tx, e, now_ms) {
             Ok(()) => {}
@@ -973,7 +969,7 @@ pub fn call_failed(
     now_ms: i64,
     build_timeout_ms: i64,
 ) -> Result<(), ApiError> {
-    let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    let tx = c.savepoint()?;
     let v = get_any(&tx, id)?;
     let building = matches!(v.state, VpsState::Scheduled | VpsState::Provisioning);
     let timed_out = building && now_ms - v.created_at_ms > build_timeout_ms;

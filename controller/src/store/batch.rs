@@ -1,0 +1,157 @@
+//! Group commit. Every call to the store queues here; one thread takes
+//! whatever has queued, runs each call under a savepoint of its own inside one
+//! `BEGIN IMMEDIATE` transaction, commits once, and only then answers them
+//! all. Under load a commit (its WAL frames, its locks) and a thread handoff
+//! are shared by many calls; when calls come one at a time each gets its own
+//! transaction at once, as before. A call that fails takes back only its own
+//! writes (`Db::work`); a commit that fails fails every call in it.
+
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicU64, Ordering},
+    mpsc,
+};
+
+use tokio::sync::oneshot;
+
+use super::Db;
+use crate::error::{ApiError, StoreError};
+
+/// At most this many calls share one transaction, so the first of them is
+/// never kept waiting long for the last.
+const MAX_PER_COMMIT: usize = 64;
+
+/// Called once the transaction a call ran in is over: `None` when it was
+/// committed, else why not.
+type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
+/// A call: run on the connection, or told why the transaction never began.
+type Job = Box<dyn for<'a> FnOnce(Result<&'a mut Db, &'a str>) -> Reply + Send>;
+
+#[derive(Clone)]
+pub(super) struct Queue {
+    jobs: mpsc::Sender<Job>,
+    /// Transactions committed for queued calls.
+    commits: Arc<AtomicU64>,
+}
+
+fn gone() -> ApiError {
+    ApiError::Store(StoreError::Task("the store has stopped".into()))
+}
+
+fn not_committed(why: &str) -> ApiError {
+    ApiError::Store(StoreError::Task(format!(
+        "the transaction was not committed: {why}"
+    )))
+}
+
+impl Queue {
+    pub(super) async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job = Box::new(move |db| {
+            let out = match db {
+                Ok(db) => db.work(f),
+                Err(why) => Err(not_committed(why)),
+            };
+            Box::new(move |failed: Option<&str>| {
+                let _ = tx.send(match failed {
+                    Some(why) => Err(not_committed(why)),
+                    None => out,
+                });
+            })
+        });
+        self.jobs.send(job).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+
+    pub(super) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+/// The store's thread. It ends when the last `Store` (and so the last
+/// sender) is dropped, and with it its hold on the connection.
+pub(super) fn spawn(db: Arc<Mutex<Db>>) -> Result<Queue, StoreError> {
+    let (jobs, rx) = mpsc::channel::<Job>();
+    let commits = Arc::new(AtomicU64::new(0));
+    let counted = commits.clone();
+    std::thread::Builder::new()
+        .name("betang-store".into())
+        .spawn(move || serve(&db, &rx, &counted))
+        .map_err(|e| StoreError::Task(e.to_string()))?;
+    Ok(Queue { jobs, commits })
+}
+
+fn serve(db: &Mutex<Db>, rx: &mpsc::Receiver<Job>, commits: &AtomicU64) {
+    while let Ok(first) = rx.recv() {
+        let mut jobs = vec![first];
+        while jobs.len() < MAX_PER_COMMIT {
+            match rx.try_recv() {
+                Ok(j) => jobs.push(j),
+                Err(_) => break,
+            }
+        }
+        let (replies, failed): (Vec<Reply>, Option<String>) = {
+            let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
+            match begin(&mut db) {
+                Ok(()) => {
+                    let replies = jobs.into_iter().map(|j| j(Ok(&mut db))).collect();
+                    let failed = commit(&mut db).err().map(|e| e.to_string());
+                    if failed.is_none() {
+                        commits.fetch_add(1, Ordering::Relaxed);
+                    }
+                    (replies, failed)
+                }
+                Err(e) => {
+                    let why = e.to_string();
+                    (jobs.into_iter().map(|j| j(Err(&why))).collect(), None)
+                }
+            }
+        };
+        // Answered only now, after the lock is let go.
+        for reply in replies {
+            reply(failed.as_deref());
+        }
+    }
+}
+
+fn begin(db: &mut Db) -> Result<(), ApiError> {
+    db.conn.prepare_cached("BEGIN IMMEDIATE")?.execute([])?;
+    Ok(())
+}
+
+/// When the commit fails, everything is rolled back and the host index,
+/// which followed the uncommitted writes, is thrown away.
+fn commit(db: &mut Db) -> Result<(), ApiError> {
+    let committed = db
+        .conn
+        .prepare_cached("COMMIT")
+        .and_then(|mut s| s.execute([]));
+    if let Err(e) = committed {
+        if !db.conn.is_autocommit() {
+            let _ = db.conn.execute_batch("ROLLBACK");
+        }
+        db.hosts.invalidate();
+        return Err(e.into());
+    }
+    Ok(())
+}
+
+/// Runs `f` in a transaction of its own.
+pub(super) fn in_transaction(db: &mut Db, f: impl FnOnce(&mut Db)) -> Result<(), ApiError> {
+    begin(db)?;
+    f(db);
+    commit(db)
+}
+
+pub(super) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {
+    let what = p
+        .downcast_ref::<&str>()
+        .map(|s| (*s).to_owned())
+        .or_else(|| p.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "a panic".into());
+    format!("a store call panicked: {what}")
+}
