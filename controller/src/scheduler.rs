@@ -127,9 +127,11 @@ impl Reject {
 }
 
 /// What a host may hold of one resource: capacity less the host's reserve,
-/// times the overcommit ratio.
+/// times the overcommit ratio, rounded down. (The cast rounds toward zero,
+/// which is down for what is never negative, and saturates; `floor` would be
+/// a libm call, made five times per host for every placement.)
 pub fn limit(capacity: u64, reserved: u64, ratio: f64) -> u64 {
-    (capacity.saturating_sub(reserved) as f64 * ratio).floor() as u64
+    (capacity.saturating_sub(reserved) as f64 * ratio) as u64
 }
 
 fn fits(alloc: u64, need: u64, limit: u64) -> bool {
