@@ -4,13 +4,17 @@
 //! the next one.
 #![allow(unsafe_code)]
 
-/// At most two malloc arenas: the agent's threads mostly wait on I/O, so
-/// more arenas only hold more idle memory.
+/// One malloc arena: the agent's few threads mostly wait on I/O, so more
+/// arenas only hold more idle memory. And a fixed mmap threshold: glibc
+/// otherwise raises it to the size of the largest block freed, so after the
+/// first scrape its megabytes of text come from the heap, where they leave
+/// holes between long-lived blocks; mapped, they go back when freed.
 pub fn limit_arenas() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets an allocator parameter; called once at start.
+    // SAFETY: mallopt only sets allocator parameters; called once at start.
     unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+        libc::mallopt(libc::M_ARENA_MAX, 1);
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }
 
