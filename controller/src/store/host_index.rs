@@ -69,6 +69,20 @@ impl HostIndex {
         Ok(&self.views)
     }
 
+    /// Does the index agree with the rows as this transaction sees them?
+    /// It does when no other connection has written since it was last in
+    /// step and nothing in this one has changed a host since the last
+    /// `sync`: the temporary triggers see every statement that could.
+    pub fn in_step(&self, c: &Connection) -> Result<bool, ApiError> {
+        if !self.loaded || data_version(c)? != self.data_version {
+            return Ok(false);
+        }
+        let changed: bool = c
+            .prepare_cached("SELECT EXISTS (SELECT 1 FROM temp.dirty_hosts)")?
+            .query_row([], |r| r.get(0))?;
+        Ok(!changed)
+    }
+
     /// A heartbeat this connection just recorded: only the time moves, so
     /// the host's view is not read again (500 heartbeats a second at 1,000
     /// hosts).

@@ -600,3 +600,51 @@ fn calls_committed_together_succeed_and_fail_alone() {
         .unwrap();
     assert_eq!(again, 3);
 }
+
+/// The index is trusted without reading the chosen host's rows only while
+/// nothing can have changed them behind it.
+#[test]
+fn the_host_index_knows_when_it_is_in_step() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("betang.db");
+    let s = Store::open(&path).unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let (op, p) = (Caller::system(), placement());
+    s.run_sync(|c| vps::create(c, &op, &new_vps(&inst, 0, 2), &p, NOW))
+        .unwrap();
+    let in_step = |s: &Store| {
+        s.run_sync(|db| {
+            let Db { conn, hosts } = db;
+            hosts.hosts(conn, NOW, 10_000)?;
+            let before = hosts.in_step(conn)?;
+            // A claim made in this unit of work, not yet caught up with.
+            conn.execute(
+                "UPDATE host_allocation SET vcpus = vcpus WHERE host_id = 'a'",
+                [],
+            )?;
+            let after_write = hosts.in_step(conn)?;
+            Ok((before, after_write))
+        })
+        .unwrap()
+    };
+    assert_eq!(in_step(&s), (true, false));
+    // Caught up after that unit of work, so in step again.
+    assert!(in_step(&s).0);
+    // Another connection's write puts it out of step until it reloads.
+    let other = Store::open(&path).unwrap();
+    other
+        .run_sync(|c| {
+            hosts::update(
+                c,
+                &op,
+                &HostId::parse("a").unwrap(),
+                hosts::HostChange::Weight(2.0),
+                NOW,
+            )
+        })
+        .unwrap();
+    let stale = s.run_sync(|db| db.hosts.in_step(&db.conn)).unwrap();
+    assert!(!stale, "another connection wrote to the file");
+    assert!(in_step(&s).0, "reloaded by the next placement's read");
+}

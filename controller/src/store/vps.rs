@@ -220,9 +220,10 @@ fn no_such_image(name: &str) -> ApiError {
 
 /// Picks a host for `spec` (or checks the pinned one) inside the caller's
 /// transaction; the caller's UPDATE or INSERT of the VPS with that host is
-/// the claim. The choice comes from the in-memory host index; the chosen
-/// host is then judged again from its rows in this transaction, so a stale
-/// index can cost a retry but never a double booking.
+/// the claim. The choice comes from the in-memory host index; unless the
+/// index is known to agree with the rows, the chosen host is then judged
+/// again from its rows in this transaction, so a stale index can cost a
+/// retry but never a double booking.
 #[allow(clippy::too_many_arguments)]
 pub(super) fn place(
     c: &Connection,
@@ -265,7 +266,9 @@ pub(super) fn place(
         return judge(&[view]).map_err(ApiError::NoHostFits);
     }
     let chosen = judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)?;
-    if confirm(c, &chosen, &judge, placement, now_ms)? {
+    // Judging the host again from its rows is needed only when the index may
+    // be behind them; reading them is a tenth of the store's work per placement.
+    if index.in_step(c)? || confirm(c, &chosen, &judge, placement, now_ms)? {
         return Ok(chosen);
     }
     tracing::warn!(host_id = %chosen, "host index was out of step with the store; reloading it");
@@ -394,16 +397,20 @@ pub fn create(
     let id = VpsId::new();
     let a = &n.application;
     let decided_by = if staff { actor.username.as_str() } else { "" };
-    tx.prepare_cached(
-        "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
+    // RETURNING gives the row as stored (its defaults included) without a
+    // second look-up; no trigger on the insert changes the vps row itself.
+    let rec = tx
+        .prepare_cached(&format!(
+            "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
                           user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
                           institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
                           resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host,
                           zone, host_labels, anti_affinity_group)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
-                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)",
-    )?
-    .execute(params![
+                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
+         RETURNING {COLS}"
+        ))?
+        .query_row(params![
         id.to_string(),
         scoped_request,
         n.spec.name,
@@ -437,7 +444,7 @@ pub fn create(
         )
         .unwrap_or_else(|_| "{}".into()),
         n.placement.anti_affinity_group,
-    ])?;
+    ], from_row)?;
     let (action, result) = match &host {
         Some(h) => ("vps.create", format!("SCHEDULED on {h}")),
         None => ("vps.request", "PENDING_APPROVAL".to_owned()),
@@ -451,7 +458,6 @@ pub fn create(
         &result,
         now_ms,
     )?;
-    let rec = get_any(&tx, &id)?;
     tx.commit()?;
     Ok(rec)
 }
