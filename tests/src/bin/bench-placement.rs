@@ -214,61 +214,21 @@ async fn main() -> anyhow::Result<()> {
     }
     let hosts_up_after = t.elapsed();
 
-    let op = Clients::connect(&endpoint, Some(&people.operator)).await?;
-    let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let cpu_before = (cpu_seconds(&controller.pid), cpu_seconds("self"));
     let started = Instant::now();
-    let workers: Vec<_> = (0..concurrency)
-        .map(|_| {
-            let (mut c, lat, next, fail) = (
-                op.vps.clone(),
-                latencies.clone(),
-                next.clone(),
-                failures.clone(),
-            );
-            let inst = people.inst_a.clone();
-            tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= total {
-                        break;
-                    }
-                    let req = betang_proto::v1::CreateVpsRequest {
-                        request_id: format!("bench-{i}"),
-                        spec: Some(betang_proto::v1::VpsSpec {
-                            name: format!("vps-{i}"),
-                            vcpus: [1, 2, 4][i % 3],
-                            memory_mib: [1024, 2048, 4096][i % 3],
-                            disk_gib: 20,
-                            image: "tiny".into(),
-                            ..Default::default()
-                        }),
-                        application: Some(application()),
-                        institution_id: inst.clone(),
-                        ..Default::default()
-                    };
-                    let t = Instant::now();
-                    if c.create_vps(req).await.is_err() {
-                        fail.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                    lat.lock().unwrap().push(t.elapsed());
-                }
-            })
-        })
-        .collect();
-    for w in workers {
-        w.await?;
-    }
-    let placing = started.elapsed();
+    let (load_endpoint, token, inst) = (
+        endpoint.clone(),
+        people.operator.clone(),
+        people.inst_a.clone(),
+    );
+    let (lat, failed, placing) = tokio::task::spawn_blocking(move || {
+        place_all(&load_endpoint, &token, &inst, total, concurrency)
+    })
+    .await??;
     let cpu_ms_per_placement = (
         (cpu_seconds(&controller.pid) - cpu_before.0) * 1000.0 / total as f64,
         (cpu_seconds("self") - cpu_before.1) * 1000.0 / total as f64,
     );
-    let mut lat = latencies.lock().unwrap().clone();
-    lat.sort();
-    let failed = failures.load(std::sync::atomic::Ordering::Relaxed);
 
     // Listing: one 500-row page, and everything.
     let mut page_times = Vec::new();
@@ -399,6 +359,80 @@ async fn main() -> anyhow::Result<()> {
         })
     );
     Ok(())
+}
+
+/// The load: `total` CreateVps calls, `concurrency` at a time, on a runtime
+/// of its own, so that its timings do not include waiting behind the
+/// thousand agents' tasks on theirs (a client of the controller runs apart
+/// from its hosts). Returns the sorted latencies, the failures and the time.
+fn place_all(
+    endpoint: &str,
+    token: &str,
+    inst: &str,
+    total: usize,
+    concurrency: usize,
+) -> anyhow::Result<(Vec<Duration>, usize, Duration)> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("bench-load")
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let op = Clients::connect(endpoint, Some(token)).await?;
+        let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let started = Instant::now();
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                let (mut c, lat, next, fail) = (
+                    op.vps.clone(),
+                    latencies.clone(),
+                    next.clone(),
+                    failures.clone(),
+                );
+                let inst = inst.to_owned();
+                tokio::spawn(async move {
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        if i >= total {
+                            break;
+                        }
+                        let req = betang_proto::v1::CreateVpsRequest {
+                            request_id: format!("bench-{i}"),
+                            spec: Some(betang_proto::v1::VpsSpec {
+                                name: format!("vps-{i}"),
+                                vcpus: [1, 2, 4][i % 3],
+                                memory_mib: [1024, 2048, 4096][i % 3],
+                                disk_gib: 20,
+                                image: "tiny".into(),
+                                ..Default::default()
+                            }),
+                            application: Some(application()),
+                            institution_id: inst.clone(),
+                            ..Default::default()
+                        };
+                        let t = Instant::now();
+                        if c.create_vps(req).await.is_err() {
+                            fail.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        lat.lock().unwrap().push(t.elapsed());
+                    }
+                })
+            })
+            .collect();
+        for w in workers {
+            w.await?;
+        }
+        let placing = started.elapsed();
+        let mut lat = latencies.lock().unwrap().clone();
+        lat.sort();
+        Ok((
+            lat,
+            failures.load(std::sync::atomic::Ordering::Relaxed),
+            placing,
+        ))
+    })
 }
 
 /// Pages through every VPS in `state` (all of them for `Unspecified`).
