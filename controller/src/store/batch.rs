@@ -141,10 +141,11 @@ fn commit(db: &mut Db) -> Result<(), ApiError> {
 }
 
 /// Runs `f` in a transaction of its own.
-pub(super) fn in_transaction(db: &mut Db, f: impl FnOnce(&mut Db)) -> Result<(), ApiError> {
+pub(super) fn in_transaction<T>(db: &mut Db, f: impl FnOnce(&mut Db) -> T) -> Result<T, ApiError> {
     begin(db)?;
-    f(db);
-    commit(db)
+    let out = f(db);
+    commit(db)?;
+    Ok(out)
 }
 
 pub(super) fn panic_text(p: &(dyn std::any::Any + Send)) -> String {

@@ -173,9 +173,7 @@ impl Store {
         f: impl FnOnce(&mut Db) -> Result<T, ApiError>,
     ) -> Result<T, ApiError> {
         let mut db = self.db.lock().unwrap_or_else(|p| p.into_inner());
-        let mut out = None;
-        batch::in_transaction(&mut db, |db| out = Some(db.work(f)))?;
-        out.unwrap_or_else(|| Err(ApiError::Store(StoreError::Task("not run".into()))))
+        batch::in_transaction(&mut db, |db| db.work(f))?
     }
 }
 

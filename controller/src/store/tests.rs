@@ -86,6 +86,24 @@ fn new_vps(institution: &str, n: usize, vcpus: u32) -> NewVps {
     }
 }
 
+/// Host "a" with room for 8 vCPUs, holding one VPS of 2; returns the
+/// institution that owns it.
+fn one_host_holding_one_vps(s: &Store) -> String {
+    register(s, "a", 8);
+    let inst = institution(s);
+    s.run_sync(|c| {
+        vps::create(
+            c,
+            &Caller::system(),
+            &new_vps(&inst, 0, 2),
+            &placement(),
+            NOW,
+        )
+    })
+    .unwrap();
+    inst
+}
+
 /// Every host's totals and the institution's usage, as kept and as summed.
 fn assert_totals_agree(s: &Store, institution: &str) {
     s.run_sync(|c| {
@@ -177,11 +195,8 @@ fn totals_follow_every_change_of_a_vps() {
 #[test]
 fn the_host_index_follows_the_rows() {
     let s = Store::open_in_memory().unwrap();
-    register(&s, "a", 8);
-    let inst = institution(&s);
+    let inst = one_host_holding_one_vps(&s);
     let (op, p) = (Caller::system(), placement());
-    s.run_sync(|c| vps::create(c, &op, &new_vps(&inst, 0, 2), &p, NOW))
-        .unwrap();
     let same = |s: &Store| {
         s.run_sync(|db| {
             let fresh = hosts::views(&db.conn, NOW, 10_000)?;
@@ -608,11 +623,8 @@ fn the_host_index_knows_when_it_is_in_step() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("betang.db");
     let s = Store::open(&path).unwrap();
-    register(&s, "a", 8);
-    let inst = institution(&s);
-    let (op, p) = (Caller::system(), placement());
-    s.run_sync(|c| vps::create(c, &op, &new_vps(&inst, 0, 2), &p, NOW))
-        .unwrap();
+    one_host_holding_one_vps(&s);
+    let op = Caller::system();
     let in_step = |s: &Store| {
         s.run_sync(|db| {
             let Db { conn, hosts } = db;
