@@ -138,6 +138,7 @@ fn fits(alloc: u64, need: u64, limit: u64) -> bool {
     alloc.checked_add(need).is_some_and(|t| t <= limit)
 }
 
+#[cfg(test)]
 type Filter = fn(&HostView, &Demand, &Ratios, &Policy) -> Option<Reject>;
 
 pub mod filters {
@@ -177,6 +178,9 @@ pub mod filters {
     }
 }
 
+/// Every filter, in the order `first_reject` runs them (a test holds the two
+/// together).
+#[cfg(test)]
 const FILTERS: [Filter; 9] = [
     filters::up,
     filters::schedulable,
@@ -227,16 +231,30 @@ pub mod weighers {
     }
 }
 
+/// The first of `FILTERS` that turns the host away. Called directly, not
+/// through the array, so that the filters are inlined: this runs for every
+/// host on every placement.
+fn first_reject(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reject> {
+    use filters::*;
+    up(h, d, r, p)
+        .or_else(|| schedulable(h, d, r, p))
+        .or_else(|| zone(h, d, r, p))
+        .or_else(|| labels(h, d, r, p))
+        .or_else(|| image(h, d, r, p))
+        .or_else(|| anti_affinity(h, d, r, p))
+        .or_else(|| cpu(h, d, r, p))
+        .or_else(|| memory(h, d, r, p))
+        .or_else(|| disk(h, d, r, p))
+}
+
 /// The best host that passes every filter, or why none does.
 pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios, p: &Policy) -> Result<HostId, String> {
     let mut best: Option<(f64, &HostView)> = None;
     let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
-    'hosts: for h in hosts {
-        for f in FILTERS {
-            if let Some(why) = f(h, d, r, p) {
-                *rejects.entry(why).or_default() += 1;
-                continue 'hosts;
-            }
+    for h in hosts {
+        if let Some(why) = first_reject(h, d, r, p) {
+            *rejects.entry(why).or_default() += 1;
+            continue;
         }
         let s = weighers::score(h, d, r, p);
         if best.is_none_or(|(b, bh)| s > b || (s == b && h.id < bh.id)) {
@@ -305,6 +323,47 @@ mod tests {
 
     fn pick(hosts: &[HostView], d: &Demand, p: &Policy) -> String {
         place(hosts, d, &Ratios::default(), p).unwrap().to_string()
+    }
+
+    #[test]
+    fn the_first_reject_is_the_first_filter_that_refuses() {
+        let (r, p) = (Ratios::default(), Policy::default());
+        let mut d = demand(4, 4096);
+        d.zone = "a".into();
+        d.anti_affinity_group = "i/web".into();
+        let mut hosts = Vec::new();
+        for mask in 0u32..(1 << 8) {
+            let mut h = host("h", 8, 8192, 0, 0);
+            h.up = mask & 1 == 0;
+            h.schedulable = mask & 2 == 0;
+            if mask & 4 != 0 {
+                h.zone = "b".into();
+            }
+            if mask & 8 != 0 {
+                h.images.clear();
+            }
+            if mask & 16 != 0 {
+                h.groups.insert("i/web".into());
+            }
+            if mask & 32 != 0 {
+                h.allocated.vcpus = 30;
+            }
+            if mask & 64 != 0 {
+                h.allocated.memory_mib = 8000;
+            }
+            if mask & 128 != 0 {
+                h.allocated.disk_gib = 995;
+            }
+            hosts.push(h);
+        }
+        let mut labelled = d.clone();
+        labelled.labels = [("ssd".to_string(), "yes".to_string())].into();
+        for d in [&d, &labelled] {
+            for h in &hosts {
+                let by_array = FILTERS.iter().find_map(|f| f(h, d, &r, &p));
+                assert_eq!(first_reject(h, d, &r, &p), by_array, "{h:?}");
+            }
+        }
     }
 
     #[test]

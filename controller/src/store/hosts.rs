@@ -406,6 +406,15 @@ fn groups(
     Ok(out)
 }
 
+/// vCPUs, MiB and GiB as stored.
+pub(super) fn resources(v: [i64; 3]) -> Resources {
+    Resources {
+        vcpus: v[0].max(0) as u64,
+        memory_mib: v[1].max(0) as u64,
+        disk_gib: v[2].max(0) as u64,
+    }
+}
+
 /// Hosts as the scheduler sees them (every host, or one), each with its last
 /// heartbeat; `up` is left for the caller to judge against the clock.
 pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView, i64)>, ApiError> {
@@ -441,11 +450,6 @@ pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView,
     let mut out = Vec::new();
     for row in rows {
         let (id, cap, hb, zone, labels, weight, cordoned, alloc) = row?;
-        let resources = |v: [i64; 3]| Resources {
-            vcpus: v[0].max(0) as u64,
-            memory_mib: v[1].max(0) as u64,
-            disk_gib: v[2].max(0) as u64,
-        };
         out.push((
             HostView {
                 id: HostId::parse(&id)?,

@@ -224,9 +224,39 @@ pub fn check_quota(
     add: Resources,
     add_vps: u64,
 ) -> Result<(), ApiError> {
-    let inst = get_institution(c, institution_id)?;
-    let quota = inst.quota.unwrap_or_default();
-    let used = inst.used.unwrap_or_default();
+    // The limits and what is in use, in one look-up: this runs for every
+    // placement.
+    let (code, quota, used) = c
+        .prepare_cached(
+            "SELECT i.code, i.quota_vcpus, i.quota_memory_mib, i.quota_disk_gib, i.quota_vps,
+                    COALESCE(u.vcpus, 0), COALESCE(u.memory_mib, 0), COALESCE(u.disk_gib, 0),
+                    COALESCE(u.vps_count, 0)
+             FROM institutions i LEFT JOIN institution_usage u ON u.institution_id = i.id
+             WHERE i.id = ?1",
+        )?
+        .query_row([institution_id], |r| {
+            let n = |i: usize| r.get::<_, i64>(i);
+            Ok((
+                r.get::<_, String>(0)?,
+                Quota {
+                    vcpus: n(1)? as u32,
+                    memory_mib: n(2)? as u64,
+                    disk_gib: n(3)? as u64,
+                    vps_count: n(4)? as u32,
+                },
+                Quota {
+                    vcpus: n(5)? as u32,
+                    memory_mib: n(6)? as u64,
+                    disk_gib: n(7)? as u64,
+                    vps_count: n(8)? as u32,
+                },
+            ))
+        })
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "institution",
+            id: institution_id.to_owned(),
+        })?;
     let checks = [
         (
             "vcpus",
@@ -263,13 +293,19 @@ pub fn check_quota(
         // operator has since lowered the quota below what is in use.
         if add > 0 && total > limit {
             return Err(ApiError::QuotaExceeded(format!(
-                "{name} of institution {} would be {total}{unit}, {}{unit} over its limit of {limit}{unit} ({used}{unit} in use, {add}{unit} asked)",
-                inst.code,
+                "{name} of institution {code} would be {total}{unit}, {}{unit} over its limit of {limit}{unit} ({used}{unit} in use, {add}{unit} asked)",
                 total - limit
             )));
         }
     }
     Ok(())
+}
+
+pub fn institution_exists(c: &Connection, id: &str) -> Result<bool, ApiError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS (SELECT 1 FROM institutions WHERE id = ?1)")?
+            .query_row([id], |r| r.get(0))?,
+    )
 }
 
 pub fn get_institution(c: &Connection, id: &str) -> Result<Institution, ApiError> {

@@ -211,7 +211,8 @@ fn the_host_index_follows_the_rows() {
                         f.capacity,
                         f.schedulable,
                         &f.images,
-                        f.weight
+                        f.weight,
+                        &f.groups
                     ),
                     (
                         &k.id,
@@ -219,7 +220,8 @@ fn the_host_index_follows_the_rows() {
                         k.capacity,
                         k.schedulable,
                         &k.images,
-                        k.weight
+                        k.weight,
+                        &k.groups
                     )
                 );
             }
@@ -244,6 +246,28 @@ fn the_host_index_follows_the_rows() {
         views[1].allocated.vcpus, 2,
         "the second VPS went to the empty host b"
     );
+    // Anti-affinity groups: a member placed, then deleted, then gone for good.
+    let mut grouped = new_vps(&inst, 2, 1);
+    grouped.placement.anti_affinity_group = "web".into();
+    let g = s
+        .run_sync(|c| vps::create(c, &op, &grouped, &p, NOW))
+        .unwrap();
+    let group = format!("{inst}/web");
+    assert!(same(&s)[1].groups.contains(&group), "b holds the group");
+    s.run_sync(|c| vps::mark_deleting(c, &op, &g.id, NOW))
+        .unwrap();
+    assert!(
+        same(&s)[1].groups.contains(&group),
+        "DELETING still holds it"
+    );
+    s.run_sync(|c| vps::deleted(c, &g.id, NOW)).unwrap();
+    assert!(same(&s)[1].groups.is_empty(), "DELETED lets it go");
+    s.run_sync(|c| {
+        c.execute("DELETE FROM vps WHERE id = ?1", [g.id.to_string()])?;
+        Ok(())
+    })
+    .unwrap();
+    same(&s);
 }
 
 #[test]

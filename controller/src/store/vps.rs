@@ -265,10 +265,11 @@ pub(super) fn place(
         };
         return judge(&[view]).map_err(ApiError::NoHostFits);
     }
-    let chosen = judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)?;
+    let (views, in_step) = index.hosts_in_step(c, now_ms, down)?;
+    let chosen = judge(views).map_err(ApiError::NoHostFits)?;
     // Judging the host again from its rows is needed only when the index may
     // be behind them; reading them is a tenth of the store's work per placement.
-    if index.in_step(c)? || confirm(c, &chosen, &judge, placement, now_ms)? {
+    if in_step || confirm(c, &chosen, &judge, placement, now_ms)? {
         return Ok(chosen);
     }
     tracing::warn!(host_id = %chosen, "host index was out of step with the store; reloading it");
@@ -356,11 +357,14 @@ pub fn create(
         }
         actor.institution_id.clone()
     };
+    // Operators' institutions are looked up by the quota check.
+    if !staff && !identity::institution_exists(&db.conn, &institution)? {
+        return Err(ApiError::NotFound {
+            what: "institution",
+            id: institution.clone(),
+        });
+    }
     let tx = db.conn.savepoint()?;
-    identity::get_institution(&tx, &institution).map_err(|_| ApiError::NotFound {
-        what: "institution",
-        id: institution.clone(),
-    })?;
     let scoped_request = format!("{institution}/{}", n.request_id);
     if let Some(existing) = by_request(&tx, &scoped_request)? {
         if existing.spec != n.spec || existing.application != n.application {
