@@ -157,7 +157,11 @@ impl VmManager {
             institution: args.institution_id.clone(),
         };
         match existing {
-            None => self.create(&args, &name, &meta, desired).await?,
+            // The create applied the desired power and saw the result.
+            None => {
+                let state = self.create(&args, &name, &meta, desired).await?;
+                return Ok(self.reported(&args.vps_id, &state));
+            }
             Some(state) => {
                 self.apply_size(&args, &name, &meta, &state).await?;
                 let known = state.metadata.as_ref().map_or(0, |m| m.generation);
@@ -173,17 +177,39 @@ impl VmManager {
         }
         self.converge_power(&name, desired, args.stop_timeout, args.force_stop)
             .await?;
-        self.status(&args.vps_id).await
+        let state = self
+            .hv
+            .call(move |hv| hv.lookup(&name))
+            .await?
+            .ok_or_else(|| AgentError::NoSuchVm(args.vps_id.clone()))?;
+        Ok(self.reported(&args.vps_id, &state))
     }
 
-    /// Disk, seed, define. Each step is undone if a later one fails.
+    /// What an ensure answers: the domain as it is now, with the usage of
+    /// the collector's last pass. The controller records only the power;
+    /// usage reaches it with heartbeats, so an ensure never waits on a
+    /// guest's statistics.
+    fn reported(&self, vps_id: &str, state: &DomainState) -> VmStatus {
+        VmStatus {
+            vps_id: vps_id.to_owned(),
+            power: state.power.to_proto() as i32,
+            generation: state.metadata.as_ref().map_or(0, |m| m.generation),
+            usage: self.stats.snapshot().vm(&state.name).and_then(|v| v.usage),
+            vcpus: state.vcpus,
+            memory_mib: state.memory_kib / 1024,
+            domain_name: state.name.clone(),
+        }
+    }
+
+    /// Disk, seed, define (and start when asked). Each step is undone if a
+    /// later one fails. Returns the new domain as the hypervisor then sees it.
     async fn create(
         &self,
         args: &EnsureArgs,
         name: &str,
         meta: &VpsMetadata,
         desired: PowerState,
-    ) -> Result<()> {
+    ) -> Result<DomainState> {
         let image = match self.catalog().get(&args.spec.image).cloned() {
             Some(i) => i,
             None => self
@@ -229,11 +255,19 @@ impl VmManager {
         base: &Path,
         disk_bytes: u64,
         dir: &Path,
-    ) -> Result<()> {
+    ) -> Result<DomainState> {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
         let root = dir.join("root.qcow2");
         let seed = dir.join("seed.img");
         let (b, r) = (base.to_path_buf(), root.clone());
+        let content = SeedContent {
+            instance_id: args.vps_id.clone(),
+            hostname: args.spec.name.clone(),
+            ssh_public_key: args.spec.ssh_public_key.clone(),
+            user_data: args.spec.user_data.clone(),
+        };
+        // Both disks in one trip to the blocking pool (and the domain in
+        // one more): the hand-over costs more than a simulated host's work.
         self.hv
             .disks(move |disks| {
                 // A disk left by an interrupted call is kept only if it is ours.
@@ -243,33 +277,24 @@ impl VmManager {
                 if !r.exists() {
                     disks.create_overlay(&b, &r, disk_bytes)?;
                 }
-                Ok(())
+                disks.write_seed(&seed, &content)
             })
-            .await?;
-        let content = SeedContent {
-            instance_id: args.vps_id.clone(),
-            hostname: args.spec.name.clone(),
-            ssh_public_key: args.spec.ssh_public_key.clone(),
-            user_data: args.spec.user_data.clone(),
-        };
-        let s = seed.clone();
-        self.hv
-            .disks(move |disks| disks.write_seed(&s, &content))
             .await?;
         let xml = self.domain_xml(args, name, meta, dir)?;
         let (n, running) = (name.to_owned(), desired == PowerState::Running);
-        self.hv
+        let state = self
+            .hv
             .call(move |hv| {
                 hv.define(&xml)?;
                 hv.set_autostart(&n, running)?;
                 if running {
                     hv.start(&n)?;
                 }
-                Ok(())
+                hv.lookup(&n)?.ok_or(AgentError::NoSuchVm(n))
             })
             .await?;
         info!(domain = %name, "VM defined");
-        Ok(())
+        Ok(state)
     }
 
     fn domain_xml(

@@ -115,16 +115,44 @@ pub fn heartbeat(
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.savepoint()?;
-    let n = tx
-        .prepare_cached("UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1")?
-        .execute(params![host_id.as_str(), now_ms])?;
-    if n == 0 {
+    // The time, the host's figures and whether it had been DOWN, in one
+    // statement: 500 heartbeats a second come to a controller of 1,000 hosts.
+    let down_since: Option<i64> = match usage {
+        Some(u) => tx
+            .prepare_cached(
+                "UPDATE hosts SET last_heartbeat_ms = ?2, cpu_percent = ?3, mem_used_bytes = ?4,
+                     mem_total_bytes = ?5, disk_used_bytes = ?6, disk_total_bytes = ?7,
+                     load_1m = ?8, load_5m = ?9, load_15m = ?10, usage_at_ms = ?11
+                 WHERE id = ?1 RETURNING down_since_ms",
+            )?
+            .query_row(
+                params![
+                    host_id.as_str(),
+                    now_ms,
+                    u.cpu_percent,
+                    u.memory_used_bytes as i64,
+                    u.memory_total_bytes as i64,
+                    u.disk_used_bytes as i64,
+                    u.disk_total_bytes as i64,
+                    u.load_1m,
+                    u.load_5m,
+                    u.load_15m,
+                    u.sampled_at_ms
+                ],
+                |r| r.get(0),
+            )
+            .optional()?,
+        None => tx
+            .prepare_cached(
+                "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1 RETURNING down_since_ms",
+            )?
+            .query_row(params![host_id.as_str(), now_ms], |r| r.get(0))
+            .optional()?,
+    };
+    let Some(down_since) = down_since else {
         return Err(ApiError::HostNotFound(host_id.to_string()));
-    }
-    note_back(&tx, host_id, now_ms)?;
-    if let Some(u) = usage {
-        store_usage(&tx, host_id, u)?;
-    }
+    };
+    record_back(&tx, host_id, down_since, now_ms)?;
     let mut placed: HashMap<String, VpsOnHost> = HashMap::new();
     {
         let mut q = tx.prepare_cached(
@@ -249,6 +277,11 @@ fn note_back(c: &Connection, id: &HostId, now_ms: i64) -> Result<(), ApiError> {
     let since: i64 = c
         .prepare_cached("SELECT down_since_ms FROM hosts WHERE id = ?1")?
         .query_row([id.as_str()], |r| r.get(0))?;
+    record_back(c, id, since, now_ms)
+}
+
+/// The same, for a host whose `down_since_ms` was `since` (0: it was not down).
+fn record_back(c: &Connection, id: &HostId, since: i64, now_ms: i64) -> Result<(), ApiError> {
     if since != 0 {
         c.prepare_cached("UPDATE hosts SET down_since_ms = 0 WHERE id = ?1")?
             .execute([id.as_str()])?;

@@ -737,10 +737,19 @@ pub(super) fn transition(
     next: VpsState,
     action: &'static str,
 ) -> Result<(), ApiError> {
-    if v.state != next && !v.state.can_become(next) {
+    check_transition(&v.id, v.state, next, action)
+}
+
+fn check_transition(
+    id: &VpsId,
+    state: VpsState,
+    next: VpsState,
+    action: &'static str,
+) -> Result<(), ApiError> {
+    if state != next && !state.can_become(next) {
         return Err(ApiError::WrongState {
-            id: v.id.to_string(),
-            state: v.state.as_str(),
+            id: id.to_string(),
+            state: state.as_str(),
             action,
         });
     }
@@ -939,10 +948,19 @@ pub fn ensure_succeeded(c: &mut Connection, done: &[Ensured], now_ms: i64) -> Re
 }
 
 fn record_ensured(c: &Connection, e: &Ensured, now_ms: i64) -> Result<(), ApiError> {
-    let v = get_any(c, &e.id)?;
-    if v.generation != e.generation
+    // Only what decides whether the answer still applies: the whole row is
+    // not needed here, and every VPS built comes through.
+    let (state, generation) = c
+        .prepare_cached("SELECT state, generation FROM vps WHERE id = ?1")?
+        .query_row([e.id.to_string()], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)?))
+        })
+        .optional()?
+        .ok_or_else(|| ApiError::VpsNotFound(e.id.to_string()))?;
+    let state = VpsState::parse(&state).ok_or_else(|| ApiError::from(corrupt("state", &state)))?;
+    if generation as u64 != e.generation
         || !matches!(
-            v.state,
+            state,
             VpsState::Provisioning | VpsState::Running | VpsState::Stopped
         )
     {
@@ -954,7 +972,7 @@ fn record_ensured(c: &Connection, e: &Ensured, now_ms: i64) -> Result<(), ApiErr
     } else {
         VpsState::Stopped
     };
-    transition(&v, next, "record")?;
+    check_transition(&e.id, state, next, "record")?;
     c.prepare_cached(
         "UPDATE vps SET state = ?2, applied_generation = ?3, observed_power = ?4, attempts = 0,
              next_attempt_ms = 0, state_reason = '', updated_at_ms = ?5 WHERE id = ?1",
