@@ -3,7 +3,7 @@
 # agents on the simulated hypervisor (mixed sizes), and 20,000 VPS created
 # through the gRPC API. Prints figures and ends with one line of JSON.
 # Arguments are passed on, e.g.
-#   bash deploy/bench-placement.sh --hosts 200 --vps 5000 --concurrency 32  (default 8)
+#   bash deploy/bench-placement.sh --hosts 200 --vps 5000 --concurrency 32  (default 4)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 cargo build --release --locked -q -p betang-controller --bin betang-controller
