@@ -63,33 +63,53 @@ pub fn register(
             img.size_bytes as i64
         ])?;
     }
-    if let Some(u) = &info.usage {
-        store_usage(&tx, &id, u)?;
-    }
-    note_back(&tx, &id, now_ms)?;
+    let down_since = record_beat(&tx, &id, now_ms, info.usage.as_ref())?.unwrap_or(0);
+    record_back(&tx, &id, down_since, now_ms)?;
     tx.commit()?;
     Ok(())
 }
 
-fn store_usage(c: &Connection, id: &HostId, u: &HostUsage) -> Result<(), ApiError> {
-    c.prepare_cached(
-        "UPDATE hosts SET cpu_percent = ?2, mem_used_bytes = ?3, mem_total_bytes = ?4,
-             disk_used_bytes = ?5, disk_total_bytes = ?6, load_1m = ?7, load_5m = ?8,
-             load_15m = ?9, usage_at_ms = ?10 WHERE id = ?1",
+/// A heartbeat's time and, when it brings them, the host's figures, in one
+/// statement that also tells when the host went DOWN (0: it had not); `None`
+/// for a host that is not registered. 500 heartbeats a second come to a
+/// controller of 1,000 hosts.
+fn record_beat(
+    c: &Connection,
+    id: &HostId,
+    now_ms: i64,
+    usage: Option<&HostUsage>,
+) -> Result<Option<i64>, ApiError> {
+    let Some(u) = usage else {
+        return Ok(c
+            .prepare_cached(
+                "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1 RETURNING down_since_ms",
+            )?
+            .query_row(params![id.as_str(), now_ms], |r| r.get(0))
+            .optional()?);
+    };
+    Ok(c.prepare_cached(
+        "UPDATE hosts SET last_heartbeat_ms = ?2, cpu_percent = ?3, mem_used_bytes = ?4,
+                 mem_total_bytes = ?5, disk_used_bytes = ?6, disk_total_bytes = ?7,
+                 load_1m = ?8, load_5m = ?9, load_15m = ?10, usage_at_ms = ?11
+             WHERE id = ?1 RETURNING down_since_ms",
     )?
-    .execute(params![
-        id.as_str(),
-        u.cpu_percent,
-        u.memory_used_bytes as i64,
-        u.memory_total_bytes as i64,
-        u.disk_used_bytes as i64,
-        u.disk_total_bytes as i64,
-        u.load_1m,
-        u.load_5m,
-        u.load_15m,
-        u.sampled_at_ms
-    ])?;
-    Ok(())
+    .query_row(
+        params![
+            id.as_str(),
+            now_ms,
+            u.cpu_percent,
+            u.memory_used_bytes as i64,
+            u.memory_total_bytes as i64,
+            u.disk_used_bytes as i64,
+            u.disk_total_bytes as i64,
+            u.load_1m,
+            u.load_5m,
+            u.load_15m,
+            u.sampled_at_ms
+        ],
+        |r| r.get(0),
+    )
+    .optional()?)
 }
 
 struct VpsOnHost {
@@ -115,40 +135,7 @@ pub fn heartbeat(
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.savepoint()?;
-    // The time, the host's figures and whether it had been DOWN, in one
-    // statement: 500 heartbeats a second come to a controller of 1,000 hosts.
-    let down_since: Option<i64> = match usage {
-        Some(u) => tx
-            .prepare_cached(
-                "UPDATE hosts SET last_heartbeat_ms = ?2, cpu_percent = ?3, mem_used_bytes = ?4,
-                     mem_total_bytes = ?5, disk_used_bytes = ?6, disk_total_bytes = ?7,
-                     load_1m = ?8, load_5m = ?9, load_15m = ?10, usage_at_ms = ?11
-                 WHERE id = ?1 RETURNING down_since_ms",
-            )?
-            .query_row(
-                params![
-                    host_id.as_str(),
-                    now_ms,
-                    u.cpu_percent,
-                    u.memory_used_bytes as i64,
-                    u.memory_total_bytes as i64,
-                    u.disk_used_bytes as i64,
-                    u.disk_total_bytes as i64,
-                    u.load_1m,
-                    u.load_5m,
-                    u.load_15m,
-                    u.sampled_at_ms
-                ],
-                |r| r.get(0),
-            )
-            .optional()?,
-        None => tx
-            .prepare_cached(
-                "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1 RETURNING down_since_ms",
-            )?
-            .query_row(params![host_id.as_str(), now_ms], |r| r.get(0))
-            .optional()?,
-    };
+    let down_since = record_beat(&tx, host_id, now_ms, usage)?;
     let Some(down_since) = down_since else {
         return Err(ApiError::HostNotFound(host_id.to_string()));
     };
@@ -272,15 +259,8 @@ pub fn heartbeat(
     Ok(())
 }
 
-/// A host that had been marked DOWN reports again: record that it is back.
-fn note_back(c: &Connection, id: &HostId, now_ms: i64) -> Result<(), ApiError> {
-    let since: i64 = c
-        .prepare_cached("SELECT down_since_ms FROM hosts WHERE id = ?1")?
-        .query_row([id.as_str()], |r| r.get(0))?;
-    record_back(c, id, since, now_ms)
-}
-
-/// The same, for a host whose `down_since_ms` was `since` (0: it was not down).
+/// A host that had been marked DOWN (at `since`; 0 when it was not) reports
+/// again: record that it is back.
 fn record_back(c: &Connection, id: &HostId, since: i64, now_ms: i64) -> Result<(), ApiError> {
     if since != 0 {
         c.prepare_cached("UPDATE hosts SET down_since_ms = 0 WHERE id = ?1")?
