@@ -89,7 +89,10 @@ impl HostIndex {
     }
 
     /// The same, and whether they agree with the rows as this transaction
-    /// sees them (`in_step`), for the price of one look at the file's version.
+    /// sees them: they do when no other connection has written since the
+    /// index was last in step (else it reloads first) and nothing in this
+    /// one has changed a host since the last `sync` (the temporary triggers
+    /// see every statement that could).
     pub fn hosts_in_step(
         &mut self,
         c: &Connection,
@@ -106,14 +109,6 @@ impl HostIndex {
             v.up = now_ms - hb <= down_after_ms;
         }
         Ok((&self.views, in_step))
-    }
-
-    /// Does the index agree with the rows as this transaction sees them?
-    /// It does when no other connection has written since it was last in
-    /// step and nothing in this one has changed a host since the last
-    /// `sync`: the temporary triggers see every statement that could.
-    pub fn in_step(&self, c: &Connection) -> Result<bool, ApiError> {
-        Ok(self.loaded && data_version(c)? == self.data_version && !changed_here(c)?)
     }
 
     /// A heartbeat this connection just recorded: only the time moves, so

@@ -652,14 +652,13 @@ fn the_host_index_knows_when_it_is_in_step() {
     let in_step = |s: &Store| {
         s.run_sync(|db| {
             let Db { conn, hosts } = db;
-            hosts.hosts(conn, NOW, 10_000)?;
-            let before = hosts.in_step(conn)?;
+            let before = hosts.hosts_in_step(conn, NOW, 10_000)?.1;
             // A claim made in this unit of work, not yet caught up with.
             conn.execute(
                 "UPDATE host_allocation SET vcpus = vcpus WHERE host_id = 'a'",
                 [],
             )?;
-            let after_write = hosts.in_step(conn)?;
+            let after_write = hosts.hosts_in_step(conn, NOW, 10_000)?.1;
             Ok((before, after_write))
         })
         .unwrap()
@@ -667,7 +666,8 @@ fn the_host_index_knows_when_it_is_in_step() {
     assert_eq!(in_step(&s), (true, false));
     // Caught up after that unit of work, so in step again.
     assert!(in_step(&s).0);
-    // Another connection's write puts it out of step until it reloads.
+    // Another connection's write: the next read notices and reloads, so the
+    // index it answers with has the change and is in step.
     let other = Store::open(&path).unwrap();
     other
         .run_sync(|c| {
@@ -680,7 +680,13 @@ fn the_host_index_knows_when_it_is_in_step() {
             )
         })
         .unwrap();
-    let stale = s.run_sync(|db| db.hosts.in_step(&db.conn)).unwrap();
-    assert!(!stale, "another connection wrote to the file");
-    assert!(in_step(&s).0, "reloaded by the next placement's read");
+    let (weight, fresh) = s
+        .run_sync(|db| {
+            let Db { conn, hosts } = db;
+            let (views, in_step) = hosts.hosts_in_step(conn, NOW, 10_000)?;
+            Ok((views[0].weight, in_step))
+        })
+        .unwrap();
+    assert_eq!(weight, 2.0, "another connection's write was read");
+    assert!(fresh, "reloaded, so in step");
 }
