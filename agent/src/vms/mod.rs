@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use betang_proto::v1::{PowerState, VmStatus, VpsSpec};
+use betang_proto::v1::{PowerState, VmStatus, VmUsage, VpsSpec};
 use tracing::{info, instrument, warn};
 
 mod transfer;
@@ -28,6 +28,19 @@ use crate::{
     seed::SeedContent,
     usage::CpuRates,
 };
+
+/// A domain as the controller hears of it, with the usage the caller has.
+fn vm_status(vps_id: &str, state: &DomainState, usage: Option<VmUsage>) -> VmStatus {
+    VmStatus {
+        vps_id: vps_id.to_owned(),
+        power: state.power.to_proto() as i32,
+        generation: state.metadata.as_ref().map_or(0, |m| m.generation),
+        usage,
+        vcpus: state.vcpus,
+        memory_mib: state.memory_kib / 1024,
+        domain_name: state.name.clone(),
+    }
+}
 
 pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_STOP_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -190,15 +203,8 @@ impl VmManager {
     /// usage reaches it with heartbeats, so an ensure never waits on a
     /// guest's statistics.
     fn reported(&self, vps_id: &str, state: &DomainState) -> VmStatus {
-        VmStatus {
-            vps_id: vps_id.to_owned(),
-            power: state.power.to_proto() as i32,
-            generation: state.metadata.as_ref().map_or(0, |m| m.generation),
-            usage: self.stats.snapshot().vm(&state.name).and_then(|v| v.usage),
-            vcpus: state.vcpus,
-            memory_mib: state.memory_kib / 1024,
-            domain_name: state.name.clone(),
-        }
+        let usage = self.stats.snapshot().vm(&state.name).and_then(|v| v.usage);
+        vm_status(vps_id, state, usage)
     }
 
     /// Disk, seed, define (and start when asked). Each step is undone if a
@@ -453,15 +459,7 @@ impl VmManager {
             .await
             .ok()
             .map(|s| self.rates.usage(vps_id, &s));
-        VmStatus {
-            vps_id: vps_id.to_owned(),
-            power: state.power.to_proto() as i32,
-            generation: state.metadata.as_ref().map_or(0, |m| m.generation),
-            usage,
-            vcpus: state.vcpus,
-            memory_mib: state.memory_kib / 1024,
-            domain_name: state.name.clone(),
-        }
+        vm_status(vps_id, state, usage)
     }
 
     /// Every VM this agent owns, with its usage from the collector's last
@@ -473,15 +471,7 @@ impl VmManager {
             .iter()
             .filter_map(|s| {
                 let id = names::vps_id_of_domain(&s.name)?;
-                Some(VmStatus {
-                    vps_id: id.to_owned(),
-                    power: s.power.to_proto() as i32,
-                    generation: s.metadata.as_ref().map_or(0, |m| m.generation),
-                    usage: snapshot.vm(&s.name).and_then(|v| v.usage),
-                    vcpus: s.vcpus,
-                    memory_mib: s.memory_kib / 1024,
-                    domain_name: s.name.clone(),
-                })
+                Some(vm_status(id, s, snapshot.vm(&s.name).and_then(|v| v.usage)))
             })
             .collect())
     }
