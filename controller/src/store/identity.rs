@@ -186,11 +186,17 @@ const QUOTA_STATES: &str =
 
 /// vCPUs, memory, disk and VPS count, in that order.
 fn usage_row(r: &Row<'_>) -> rusqlite::Result<Quota> {
+    quota_at(r, 0)
+}
+
+/// The same four, from column `first` on.
+fn quota_at(r: &Row<'_>, first: usize) -> rusqlite::Result<Quota> {
+    let n = |i: usize| r.get::<_, i64>(first + i);
     Ok(Quota {
-        vcpus: r.get::<_, i64>(0)? as u32,
-        memory_mib: r.get::<_, i64>(1)? as u64,
-        disk_gib: r.get::<_, i64>(2)? as u64,
-        vps_count: r.get::<_, i64>(3)? as u32,
+        vcpus: n(0)? as u32,
+        memory_mib: n(1)? as u64,
+        disk_gib: n(2)? as u64,
+        vps_count: n(3)? as u32,
     })
 }
 
@@ -235,22 +241,7 @@ pub fn check_quota(
              WHERE i.id = ?1",
         )?
         .query_row([institution_id], |r| {
-            let n = |i: usize| r.get::<_, i64>(i);
-            Ok((
-                r.get::<_, String>(0)?,
-                Quota {
-                    vcpus: n(1)? as u32,
-                    memory_mib: n(2)? as u64,
-                    disk_gib: n(3)? as u64,
-                    vps_count: n(4)? as u32,
-                },
-                Quota {
-                    vcpus: n(5)? as u32,
-                    memory_mib: n(6)? as u64,
-                    disk_gib: n(7)? as u64,
-                    vps_count: n(8)? as u32,
-                },
-            ))
+            Ok((r.get::<_, String>(0)?, quota_at(r, 1)?, quota_at(r, 5)?))
         })
         .optional()?
         .ok_or_else(|| ApiError::NotFound {
