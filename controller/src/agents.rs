@@ -51,3 +51,60 @@ impl AgentClients {
         Ok(AgentServiceClient::new(ch))
     }
 }
+
+/// What a person reads about a failed agent call: the agent's own words when
+/// it answered, plain words when the call never reached it (a transport
+/// error means nothing to an institution's staff).
+pub fn plain_reason(host: &HostId, s: &tonic::Status) -> String {
+    use tonic::Code::*;
+    let msg = s.message();
+    let lower = msg.to_ascii_lowercase();
+    let transport = [
+        "transport error",
+        "tcp connect",
+        "connection refused",
+        "connection reset",
+        "error trying to connect",
+        "broken pipe",
+        "dns error",
+        "h2 protocol",
+        "operation timed out",
+    ]
+    .iter()
+    .any(|t| lower.contains(t));
+    match s.code() {
+        DeadlineExceeded => format!("the agent on host {host} did not answer in time"),
+        Cancelled if transport || msg.is_empty() => {
+            format!("the call to the agent on host {host} was cut off")
+        }
+        Unavailable | Unknown if transport || msg.is_empty() => {
+            format!("the agent on host {host} cannot be reached")
+        }
+        _ => format!("host {host}: {msg}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_errors_read_as_plain_words() {
+        let h = HostId::parse("hv-1").unwrap();
+        let s = tonic::Status::unavailable("tcp connect error: Connection refused (os error 111)");
+        assert_eq!(
+            plain_reason(&h, &s),
+            "the agent on host hv-1 cannot be reached"
+        );
+        let s = tonic::Status::deadline_exceeded("Timeout expired");
+        assert_eq!(
+            plain_reason(&h, &s),
+            "the agent on host hv-1 did not answer in time"
+        );
+        let s = tonic::Status::failed_precondition("image debian-12 is not in this host's catalogue");
+        assert_eq!(
+            plain_reason(&h, &s),
+            "host hv-1: image debian-12 is not in this host's catalogue"
+        );
+    }
+}

@@ -37,6 +37,14 @@ pub struct ControllerConfig {
     /// A VPS still being built after this long goes to ERROR.
     #[serde(default = "default_build_timeout_s")]
     pub build_timeout_seconds: u64,
+    /// A move whose disk copy has not advanced for this long is given up:
+    /// the VPS stays on its host and the partial copy is removed.
+    #[serde(default = "default_move_stall_s")]
+    pub move_stall_seconds: u64,
+    /// A move still copying after this long (or after 5 failed tries) is
+    /// given up the same way.
+    #[serde(default = "default_move_give_up_s")]
+    pub move_give_up_seconds: u64,
     /// How often a VPS's usage from the heartbeats is written to the store.
     /// Heartbeats come every 2 s; writing each one for 20,000 VPS would be
     /// 10,000 row writes a second.
@@ -76,6 +84,12 @@ fn default_heartbeat_ms() -> u32 {
 fn default_reconcile_ms() -> u64 {
     2_000
 }
+fn default_move_stall_s() -> u64 {
+    120
+}
+fn default_move_give_up_s() -> u64 {
+    6 * 3600
+}
 fn default_build_timeout_s() -> u64 {
     600
 }
@@ -102,6 +116,10 @@ impl ControllerConfig {
             );
         }
         anyhow::ensure!(
+            self.move_stall_seconds > 0 && self.move_give_up_seconds >= self.move_stall_seconds,
+            "move_stall_seconds: must be more than 0 and at most move_give_up_seconds"
+        );
+        anyhow::ensure!(
             self.host_down_after_ms > u64::from(self.heartbeat_interval_ms),
             "host_down_after_ms: must be longer than heartbeat_interval_ms"
         );
@@ -121,6 +139,8 @@ impl ControllerConfig {
             heartbeat_interval_ms: default_heartbeat_ms(),
             reconcile_interval_ms: default_reconcile_ms(),
             build_timeout_seconds: default_build_timeout_s(),
+            move_stall_seconds: default_move_stall_s(),
+            move_give_up_seconds: default_move_give_up_s(),
             usage_interval_ms: default_usage_interval_ms(),
             metrics_listen: None,
         }

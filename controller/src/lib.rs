@@ -9,7 +9,7 @@ pub mod error;
 pub mod ids;
 pub mod lifecycle;
 pub mod metrics;
-pub mod migration;
+pub mod moves;
 pub mod pki;
 pub mod reconciler;
 pub mod report;

@@ -65,7 +65,8 @@ impl VpsState {
             // A request waiting for an operator is decided, not deleted.
             (PendingApproval, Scheduled | Rejected | Cancelled) => true,
             (PendingApproval, _) => false,
-            // A move ends (either way) before anything else happens to it.
+            // A move ends (either way) before anything else happens to it;
+            // it ends STOPPED, and a VPS that should run is started from there.
             (Migrating, Stopped | Error) => true,
             (Migrating, _) => false,
             (_, Deleting) => !matches!(self, Deleting),
@@ -74,7 +75,8 @@ impl VpsState {
             (Pending, Scheduled | Error) => true,
             (Scheduled, Provisioning | Error) => true,
             (Provisioning, Running | Stopped | Error) => true,
-            (Running, Stopped | Error) => true,
+            // A running VPS moves only when asked to restart: the move stops it.
+            (Running, Stopped | Migrating | Error) => true,
             (Stopped, Running | Migrating | Error) => true,
             // An ERROR VPS can be tried again; it goes back through provisioning.
             (Error, Provisioning) => true,
@@ -83,7 +85,8 @@ impl VpsState {
         }
     }
 
-    /// Whether the VPS still holds capacity on its host.
+    /// Whether the VPS holds capacity on its host. A MIGRATING VPS also
+    /// holds it on the host it is moving to (`vps.move_target`).
     pub fn holds_capacity(self) -> bool {
         !matches!(
             self,
@@ -91,6 +94,19 @@ impl VpsState {
                 | VpsState::PendingApproval
                 | VpsState::Rejected
                 | VpsState::Cancelled
+        )
+    }
+
+    /// Whether the VPS counts against its institution's quota: from approval
+    /// until it is gone, moves included. Requests still waiting do not.
+    pub fn holds_quota(self) -> bool {
+        !matches!(
+            self,
+            VpsState::Deleted
+                | VpsState::PendingApproval
+                | VpsState::Rejected
+                | VpsState::Cancelled
+                | VpsState::Pending
         )
     }
 
@@ -164,7 +180,7 @@ mod tests {
             (Pending, &[Scheduled, Error, Deleting, Deleted]),
             (Scheduled, &[Provisioning, Error, Deleting]),
             (Provisioning, &[Running, Stopped, Error, Deleting]),
-            (Running, &[Stopped, Error, Deleting]),
+            (Running, &[Stopped, Migrating, Error, Deleting]),
             (Stopped, &[Running, Migrating, Error, Deleting]),
             (Migrating, &[Stopped, Error]),
             (Deleting, &[Deleted, Error]),
@@ -190,6 +206,18 @@ mod tests {
         }
         assert_eq!(VpsState::parse("running"), None);
         assert_eq!(DesiredPower::parse("stopped"), Some(DesiredPower::Stopped));
+    }
+
+    #[test]
+    fn quota_is_held_from_approval_until_deletion_moves_included() {
+        for s in ALL_STATES {
+            assert_eq!(
+                s.holds_quota(),
+                !matches!(s, Deleted | PendingApproval | Rejected | Cancelled | Pending),
+                "{s}"
+            );
+        }
+        assert!(Migrating.holds_quota() && Migrating.holds_capacity());
     }
 
     #[test]

@@ -26,6 +26,11 @@ use crate::{
 
 const WAKE_GATHER: Duration = Duration::from_millis(5);
 
+/// The metadata an agent puts on a refusal when it kept a disk it would not
+/// use (it does not match what the VPS was built on): such a failure is never
+/// followed by a cleanup, which would remove that disk.
+pub const DISK_KEPT_METADATA: &str = "betang-disk-kept";
+
 /// Silent hosts are looked for at most this often. Passes come a hundred
 /// times a second under load, and each look reads every host row; a host is
 /// DOWN after seconds of silence, so a tenth of a second late is nothing.
@@ -213,8 +218,12 @@ impl Reconciler {
                         }
                     }
                     Err(s) => {
-                        self.failed(id, true, format!("delete: {}", s.message()))
-                            .await
+                        let failure = vps::CallFailure {
+                            transient: true,
+                            reason: crate::agents::plain_reason(&host, &s),
+                            disk_kept: false,
+                        };
+                        self.failed(id, failure).await
                     }
                 }
             }
@@ -238,6 +247,7 @@ impl Reconciler {
             stop_timeout_seconds: v.stop_timeout_s,
             force_stop: v.force_stop,
             institution_id: v.institution_id.clone().unwrap_or_default(),
+            image_digest: v.image_digest.clone(),
         });
         let stop_wait = match v.stop_timeout_s {
             0 => 60,
@@ -261,18 +271,23 @@ impl Reconciler {
                 Ok(())
             }
             Err(s) => {
-                self.failed(id, transient(s.code()), s.message().to_owned())
-                    .await
+                let failure = vps::CallFailure {
+                    transient: transient(s.code()),
+                    reason: crate::agents::plain_reason(host, &s),
+                    disk_kept: s.metadata().contains_key(DISK_KEPT_METADATA),
+                };
+                self.failed(id, failure).await
             }
         }
     }
 
-    async fn failed(&self, id: VpsId, transient: bool, message: String) -> Result<(), ApiError> {
-        warn!(vps_id = %id, transient, %message, "agent call failed");
+    async fn failed(&self, id: VpsId, failure: vps::CallFailure) -> Result<(), ApiError> {
+        warn!(vps_id = %id, transient = failure.transient, reason = %failure.reason,
+            disk_kept = failure.disk_kept, "agent call failed");
         let now = now_ms();
         let timeout = self.build_timeout.as_millis() as i64;
         self.store
-            .run(move |c| vps::call_failed(c, &id, transient, &message, now, timeout))
+            .run(move |c| vps::call_failed(c, &id, &failure, now, timeout))
             .await?;
         // A permanent failure leaves cleanup work; do it now, not at the next tick.
         self.wake.notify_one();

@@ -87,10 +87,19 @@ pub struct HostView {
     pub groups: BTreeSet<String>,
 }
 
+/// How a host's image set names one version of an image: the name alone
+/// matches any version, `name@digest` only that content.
+pub fn image_key(name: &str, digest: &str) -> String {
+    format!("{name}@{digest}")
+}
+
 #[derive(Debug, Clone, Default)]
 pub struct Demand {
     pub need: Resources,
     pub image: String,
+    /// Set when the VPS already has a disk (a move): the host must hold this
+    /// version of the image, as `image_key` names it; empty for new VPS.
+    pub image_version: String,
     pub zone: String,
     pub labels: BTreeMap<String, String>,
     pub anti_affinity_group: String,
@@ -158,7 +167,12 @@ pub mod filters {
         (!ok).then_some(Reject::Labels)
     }
     pub fn image(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
-        (!h.images.contains(&d.image)).then_some(Reject::Image)
+        let wanted = if d.image_version.is_empty() {
+            &d.image
+        } else {
+            &d.image_version
+        };
+        (!h.images.contains(wanted)).then_some(Reject::Image)
     }
     pub fn anti_affinity(h: &HostView, d: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
         (!d.anti_affinity_group.is_empty() && h.groups.contains(&d.anti_affinity_group))

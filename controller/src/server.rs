@@ -91,10 +91,9 @@ pub async fn start(
 ) -> anyhow::Result<RunningController> {
     cfg.validate()?;
     let store = open_store(&cfg)?;
-    let now = crate::now_ms();
-    let undone = store.run_sync(|c| crate::store::moves::abandon_all(c, now))?;
-    if undone > 0 {
-        warn!(undone, "moves left unfinished by the last run were undone");
+    let unfinished = store.run_sync(|c| crate::store::moves::all(c))?.len();
+    if unfinished > 0 {
+        info!(unfinished, "moves left unfinished by the last run are picked up again");
     }
     let addr = listener.local_addr()?;
     let agent_addr = agent_listener.local_addr()?;
@@ -105,12 +104,24 @@ pub async fn start(
     info!(%addr, %agent_addr, mutual_tls = tls.is_some(), data_dir = %cfg.data_dir.display(), "controller starting");
     let wake = Arc::new(Notify::new());
     let agents = Arc::new(AgentClients::new(tls.clone()));
+    let move_wake = Arc::new(Notify::new());
     let ctx = Ctx {
         store: store.clone(),
         wake: wake.clone(),
         agents: agents.clone(),
         cfg: Arc::new(cfg.clone()),
+        moves: move_wake.clone(),
     };
+    let mover = Arc::new(crate::moves::Mover::new(
+        store.clone(),
+        agents.clone(),
+        wake.clone(),
+        move_wake,
+        crate::moves::MoveSettings {
+            stall: Duration::from_secs(cfg.move_stall_seconds),
+            give_up_after: Duration::from_secs(cfg.move_give_up_seconds),
+        },
+    ));
     let reconciler = Arc::new(Reconciler::new(
         store.clone(),
         agents,
@@ -192,6 +203,7 @@ pub async fn start(
             }
         }),
         tokio::spawn(reconciler.run()),
+        tokio::spawn(mover.run()),
         tokio::spawn(prune_history(store.clone())),
     ]);
     Ok(RunningController {

@@ -11,9 +11,10 @@ use crate::{
     error::ApiError,
     ids::HostId,
     lifecycle::VpsState,
-    migration, now_ms,
+    now_ms,
     store::{
         hosts::{self, HostChange},
+        moves,
         vps::{self, ListFilter},
     },
 };
@@ -99,9 +100,10 @@ impl HostService for HostApi {
             })
             .await?;
         let mut drained = Vec::with_capacity(on_host.len());
-        // One at a time: a host's disks and link are shared by every copy.
+        // Each move is recorded (and its target claimed) here; the mover
+        // copies them one at a time per host.
         for v in on_host {
-            let running = migration::wants_to_run(&v);
+            let running = moves::wants_to_run(&v);
             let asked = if running {
                 r.move_running
             } else {
@@ -115,16 +117,24 @@ impl HostService for HostApi {
                 to_host: String::new(),
             };
             if asked {
-                match migration::move_vps(&self.ctx, &caller, v.id, running).await {
-                    Ok(moved) => {
-                        item.outcome = "moved".into();
-                        item.to_host = moved.host_id.map(|h| h.to_string()).unwrap_or_default();
+                let (actor, place, now, id) =
+                    (caller.clone(), self.ctx.placement(), now_ms(), v.id);
+                let recorded = self
+                    .ctx
+                    .store
+                    .run(move |c| moves::request(c, &actor, &id, running, &place, now))
+                    .await;
+                match recorded {
+                    Ok((_, target)) => {
+                        item.outcome = "moving".into();
+                        item.to_host = target.to_string();
                     }
                     Err(e) => item.outcome = e.to_string(),
                 }
             }
             drained.push(item);
         }
+        self.ctx.moves.notify_one();
         let (down, now) = (self.ctx.down_after_ms(), now_ms());
         let host = self
             .ctx

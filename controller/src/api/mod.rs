@@ -28,6 +28,8 @@ pub struct Ctx {
     pub wake: Arc<Notify>,
     pub agents: Arc<AgentClients>,
     pub cfg: Arc<ControllerConfig>,
+    /// Wakes the mover when a move is recorded.
+    pub moves: Arc<Notify>,
 }
 
 impl Ctx {

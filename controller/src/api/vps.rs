@@ -104,7 +104,13 @@ impl VpsService for VpsApi {
         Span::current().record("user", caller.username.as_str());
         let r = req.into_inner();
         let id = VpsId::parse(&r.id)?;
-        let v = crate::migration::move_vps(&self.ctx, &caller, id, r.restart).await?;
+        let (place, now) = (self.ctx.placement(), now_ms());
+        let (v, _) = self
+            .ctx
+            .store
+            .run(move |c| crate::store::moves::request(c, &caller, &id, r.restart, &place, now))
+            .await?;
+        self.ctx.moves.notify_one();
         Ok(Response::new(v.to_proto()))
     }
 

@@ -123,19 +123,24 @@ fn begin(db: &mut Db) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// When the commit fails, everything is rolled back and the host index,
+/// When the commit fails, or a call's writes could not be taken back (the
+/// transaction is poisoned), everything is rolled back and the host index,
 /// which followed the uncommitted writes, is thrown away.
 fn commit(db: &mut Db) -> Result<(), ApiError> {
-    let committed = db
-        .conn
-        .prepare_cached("COMMIT")
-        .and_then(|mut s| s.execute([]));
+    let committed = match db.poisoned.take() {
+        Some(why) => Err(ApiError::Store(StoreError::Task(why))),
+        None => db
+            .conn
+            .prepare_cached("COMMIT")
+            .and_then(|mut s| s.execute([]))
+            .map_err(ApiError::from),
+    };
     if let Err(e) = committed {
         if !db.conn.is_autocommit() {
             let _ = db.conn.execute_batch("ROLLBACK");
         }
         db.hosts.invalidate();
-        return Err(e.into());
+        return Err(e);
     }
     Ok(())
 }

@@ -51,8 +51,9 @@ pub fn register(
         .execute([id.as_str()])?;
     for img in &info.images {
         tx.prepare_cached(
-            "INSERT INTO host_images (host_id, name, description, os, min_disk_gib, size_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO host_images (host_id, name, description, os, min_disk_gib, size_bytes,
+                 digest)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
         .execute(params![
             id.as_str(),
@@ -60,7 +61,8 @@ pub fn register(
             img.description,
             img.os,
             img.min_disk_gib as i64,
-            img.size_bytes as i64
+            img.size_bytes as i64,
+            img.digest
         ])?;
     }
     let down_since = record_beat(&tx, &id, now_ms, info.usage.as_ref())?.unwrap_or(0);
@@ -259,12 +261,26 @@ pub fn heartbeat(
     Ok(())
 }
 
+/// Whether the host has been marked DOWN (silent for too long).
+pub fn is_down(c: &Connection, id: &HostId) -> Result<bool, ApiError> {
+    Ok(c.prepare_cached("SELECT down_since_ms <> 0 FROM hosts WHERE id = ?1")?
+        .query_row([id.as_str()], |r| r.get(0))
+        .optional()?
+        .unwrap_or(false))
+}
+
 /// A host that had been marked DOWN (at `since`; 0 when it was not) reports
 /// again: record that it is back.
 fn record_back(c: &Connection, id: &HostId, since: i64, now_ms: i64) -> Result<(), ApiError> {
     if since != 0 {
         c.prepare_cached("UPDATE hosts SET down_since_ms = 0 WHERE id = ?1")?
             .execute([id.as_str()])?;
+        // The build clock of what waits for this host stood still meanwhile.
+        c.prepare_cached(
+            "UPDATE vps SET build_since_ms = build_since_ms + ?2
+             WHERE host_id = ?1 AND state IN ('SCHEDULED', 'PROVISIONING')",
+        )?
+        .execute(params![id.as_str(), (now_ms - since).max(0)])?;
         let result = format!("back after {} s", (now_ms - since).max(0) / 1000);
         tracing::info!(host_id = %id, %result, "host is back");
         super::identity::audit(
@@ -367,7 +383,7 @@ fn host_param(one: Option<&HostId>) -> Vec<String> {
 
 fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Image>>, ApiError> {
     let mut q = c.prepare_cached(&format!(
-        "SELECT host_id, name, description, os, min_disk_gib, size_bytes FROM host_images {}
+        "SELECT host_id, name, description, os, min_disk_gib, size_bytes, digest FROM host_images {}
          ORDER BY host_id, name",
         one_host(one, "host_id")
     ))?;
@@ -380,6 +396,7 @@ fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Im
                 os: r.get(3)?,
                 min_disk_gib: r.get::<_, i64>(4)? as u64,
                 size_bytes: r.get::<_, i64>(5)? as u64,
+                digest: r.get(6)?,
             },
         ))
     })?;
@@ -472,7 +489,14 @@ pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView,
                 allocated: resources(alloc),
                 images: imgs
                     .remove(&id)
-                    .map(|v| v.into_iter().map(|i| i.name).collect())
+                    .map(|v| {
+                        v.into_iter()
+                            .flat_map(|i| {
+                                let versioned = crate::scheduler::image_key(&i.name, &i.digest);
+                                [i.name, versioned]
+                            })
+                            .collect()
+                    })
                     .unwrap_or_default(),
                 zone,
                 labels: parse_labels(&labels),
@@ -514,7 +538,7 @@ pub fn view(
 /// An image of the catalogue by name, as one of the hosts offering it describes it.
 pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiError> {
     Ok(c.prepare_cached(
-        "SELECT name, description, os, min_disk_gib, size_bytes FROM host_images
+        "SELECT name, description, os, min_disk_gib, size_bytes, digest FROM host_images
          WHERE name = ?1 LIMIT 1",
     )?
     .query_row([name], |r| {
@@ -524,9 +548,19 @@ pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiE
             os: r.get(2)?,
             min_disk_gib: r.get::<_, i64>(3)? as u64,
             size_bytes: r.get::<_, i64>(4)? as u64,
+            digest: r.get(5)?,
         })
     })
     .optional()?)
+}
+
+/// The digest of the image `name` as `host` holds it ("" when the host does
+/// not hold it, or its agent does not report digests).
+pub fn image_digest(c: &Connection, host: &HostId, name: &str) -> Result<String, ApiError> {
+    Ok(c.prepare_cached("SELECT digest FROM host_images WHERE host_id = ?1 AND name = ?2")?
+        .query_row([host.as_str(), name], |r| r.get(0))
+        .optional()?
+        .unwrap_or_default())
 }
 
 /// Hosts whose last heartbeat is too old.

@@ -13,6 +13,7 @@ pub mod host_index;
 pub mod hosts;
 pub mod identity;
 pub mod moves;
+pub mod totals;
 pub mod vps;
 
 use std::{
@@ -36,6 +37,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0004_host_down.sql")),
     M::up(include_str!("../../migrations/0005_allocation_totals.sql")),
     M::up(include_str!("../../migrations/0006_usage_history.sql")),
+    M::up(include_str!("../../migrations/0007_durable_moves.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the
@@ -43,6 +45,10 @@ const MIGRATIONS: &[M<'static>] = &[
 pub struct Db {
     pub conn: Connection,
     pub hosts: host_index::HostIndex,
+    /// Set when a unit's writes could not be taken back (`ROLLBACK TO`
+    /// failed: disk full, I/O error): the transaction then holds writes of a
+    /// call that failed, so nothing more runs in it and none of it commits.
+    poisoned: Option<String>,
 }
 
 impl Deref for Db {
@@ -64,19 +70,39 @@ impl Db {
     /// own writes and no one else's. Then the host index catches up with
     /// whatever the unit changed, so the next unit places against it.
     fn work<T>(&mut self, f: impl FnOnce(&mut Db) -> Result<T, ApiError>) -> Result<T, ApiError> {
-        self.conn
-            .prepare_cached("SAVEPOINT betang_work")?
-            .execute([])?;
+        if let Some(why) = &self.poisoned {
+            return Err(ApiError::Store(StoreError::Task(format!(
+                "the transaction was abandoned: {why}"
+            ))));
+        }
+        if let Err(e) = self
+            .conn
+            .prepare_cached("SAVEPOINT betang_work")
+            .and_then(|mut s| s.execute([]))
+        {
+            self.poisoned = Some(e.to_string());
+            return Err(e.into());
+        }
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)))
             .unwrap_or_else(|p| Err(ApiError::Store(StoreError::Task(batch::panic_text(&p)))));
         if out.is_err() {
-            self.conn
-                .prepare_cached("ROLLBACK TO betang_work")?
-                .execute([])?;
+            if let Err(e) = self
+                .conn
+                .prepare_cached("ROLLBACK TO betang_work")
+                .and_then(|mut s| s.execute([]))
+            {
+                self.poisoned = Some(format!("a failed call's writes could not be undone: {e}"));
+                return out;
+            }
         }
-        self.conn
-            .prepare_cached("RELEASE betang_work")?
-            .execute([])?;
+        if let Err(e) = self
+            .conn
+            .prepare_cached("RELEASE betang_work")
+            .and_then(|mut s| s.execute([]))
+        {
+            self.poisoned = Some(e.to_string());
+            return Err(e.into());
+        }
         if let Err(e) = self.hosts.sync(&self.conn) {
             tracing::warn!(error = %e, "host index out of step; reloading it");
             self.hosts.invalidate();
@@ -96,7 +122,11 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        // FULL: a commit is on disk before any caller hears of it, so an
+        // acknowledged request (a revoked token, a placed VPS) survives a
+        // power cut. Group commit shares that fsync between the calls queued
+        // together (see the README for what it costs).
+        conn.pragma_update(None, "synchronous", "FULL")?;
         // Checkpoints (copying the WAL into the file, with an fsync) are
         // left to a thread of their own, so no request waits for one.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
@@ -120,12 +150,16 @@ impl Store {
         conn.pragma_update(None, "cache_size", -65536)?;
         conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
+        if totals::install(&mut conn).map_err(|e| StoreError::Task(e.to_string()))? {
+            tracing::info!("allocation totals' triggers written from the lifecycle; totals recounted");
+        }
         conn.execute_batch(host_index::DIRTY_TRACKING)?;
         let callers = caller_cache::CallerCache::default();
         callers.track(&conn)?;
         let db = Arc::new(Mutex::new(Db {
             conn,
             hosts: host_index::HostIndex::default(),
+            poisoned: None,
         }));
         Ok(Store {
             queue: batch::spawn(db.clone())?,

@@ -165,7 +165,17 @@ fn totals_follow_every_change_of_a_vps() {
     s.run_sync(|c| vps::deleted(c, &ids[0], NOW)).unwrap();
     assert_totals_agree(&s, &inst);
     // A failed build: ERROR holds the quota, the cleanup releases the host.
-    s.run_sync(|c| vps::call_failed(c, &ids[1], false, "refused", NOW, 1))
+    s.run_sync(|c| vps::call_failed(
+            c,
+            &ids[1],
+            &vps::CallFailure {
+                transient: false,
+                reason: "refused".into(),
+                disk_kept: false,
+            },
+            NOW,
+            1,
+        ))
         .unwrap();
     assert_totals_agree(&s, &inst);
     s.run_sync(|c| vps::cleaned_up(c, &ids[1], NOW)).unwrap();
@@ -200,7 +210,7 @@ fn the_host_index_follows_the_rows() {
     let same = |s: &Store| {
         s.run_sync(|db| {
             let fresh = hosts::views(&db.conn, NOW, 10_000)?;
-            let Db { conn, hosts } = db;
+            let Db { conn, hosts, .. } = db;
             let kept = hosts.hosts(conn, NOW, 10_000)?;
             assert_eq!(fresh.len(), kept.len());
             for (f, k) in fresh.iter().zip(kept) {
@@ -651,7 +661,7 @@ fn the_host_index_knows_when_it_is_in_step() {
     let op = Caller::system();
     let in_step = |s: &Store| {
         s.run_sync(|db| {
-            let Db { conn, hosts } = db;
+            let Db { conn, hosts, .. } = db;
             let before = hosts.hosts_in_step(conn, NOW, 10_000)?.1;
             // A claim made in this unit of work, not yet caught up with.
             conn.execute(
@@ -682,7 +692,7 @@ fn the_host_index_knows_when_it_is_in_step() {
         .unwrap();
     let (weight, fresh) = s
         .run_sync(|db| {
-            let Db { conn, hosts } = db;
+            let Db { conn, hosts, .. } = db;
             let (views, in_step) = hosts.hosts_in_step(conn, NOW, 10_000)?;
             Ok((views[0].weight, in_step))
         })

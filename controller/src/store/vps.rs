@@ -43,6 +43,14 @@ pub struct VpsRecord {
     pub requested_by: String,
     pub decided_by: String,
     pub placement: PlacementRequest,
+    /// SHA-256 of the base image its disk was built on ("" before digests
+    /// were kept): a move goes only to a host holding the same content.
+    pub image_digest: String,
+    /// While MIGRATING: the host it moves to, whose capacity it also holds.
+    pub move_target: Option<HostId>,
+    /// When its build clock started (placement), pushed back by the time its
+    /// host was down.
+    pub build_since_ms: i64,
 }
 
 const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, image, ssh_public_key,
@@ -51,17 +59,22 @@ const COLS: &str = "seq, id, request_id, name, vcpus, memory_mib, disk_gib, imag
     updated_at_ms, cpu_rate, cpu_time_ns, mem_max_bytes, mem_used_bytes, disk_read_bytes,
     disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes,
     institution_id, app_name, app_kind, app_purpose, app_domain, resp_name, resp_nip,
-    resp_email, resp_phone, requested_by, decided_by, zone, host_labels, anti_affinity_group";
+    resp_email, resp_phone, requested_by, decided_by, zone, host_labels, anti_affinity_group,
+    image_digest, move_target, build_since_ms";
 
 fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
+}
+
+fn host_column(h: Option<String>) -> rusqlite::Result<Option<HostId>> {
+    h.map(|h| HostId::parse(&h).map_err(|_| corrupt("host id", &h)))
+        .transpose()
 }
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
     let id: String = r.get(1)?;
     let state: String = r.get(10)?;
     let desired: String = r.get(12)?;
-    let host: Option<String> = r.get(13)?;
     Ok(VpsRecord {
         seq: r.get(0)?,
         id: VpsId::parse(&id).map_err(|_| corrupt("vps id", &id))?,
@@ -78,10 +91,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
         state: VpsState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
         state_reason: r.get(11)?,
         desired: DesiredPower::parse(&desired).ok_or_else(|| corrupt("desired", &desired))?,
-        host_id: match host {
-            Some(h) => Some(HostId::parse(&h).map_err(|_| corrupt("host id", &h))?),
-            None => None,
-        },
+        host_id: host_column(r.get(13)?)?,
         generation: r.get::<_, i64>(14)? as u64,
         applied_generation: r.get::<_, i64>(15)? as u64,
         observed_power: r.get(16)?,
@@ -123,6 +133,9 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
             host_labels: serde_json::from_str(&r.get::<_, String>(45)?).unwrap_or_default(),
             anti_affinity_group: r.get(46)?,
         },
+        image_digest: r.get("image_digest")?,
+        move_target: host_column(r.get("move_target")?)?,
+        build_since_ms: r.get("build_since_ms")?,
     })
 }
 
@@ -156,6 +169,12 @@ impl VpsRecord {
             requested_by: self.requested_by.clone(),
             decided_by: self.decided_by.clone(),
             placement: Some(self.placement.clone()),
+            image_digest: self.image_digest.clone(),
+            move_target: self
+                .move_target
+                .as_ref()
+                .map(|h| h.to_string())
+                .unwrap_or_default(),
         }
     }
 
@@ -196,10 +215,15 @@ pub struct Placement {
     pub down_after_ms: i64,
 }
 
-fn demand(spec: &VpsSpec, wish: &PlacementRequest, institution: &str) -> Demand {
+fn demand(spec: &VpsSpec, wish: &PlacementRequest, institution: &str, digest: &str) -> Demand {
     Demand {
         need: need(spec),
         image: spec.image.clone(),
+        image_version: if digest.is_empty() {
+            String::new()
+        } else {
+            scheduler::image_key(&spec.image, digest)
+        },
         zone: wish.zone.clone(),
         labels: wish.host_labels.clone().into_iter().collect(),
         // Groups belong to an institution: two institutions' "web" are unrelated.
@@ -223,7 +247,8 @@ fn no_such_image(name: &str) -> ApiError {
 /// the claim. The choice comes from the in-memory host index; unless the
 /// index is known to agree with the rows, the chosen host is then judged
 /// again from its rows in this transaction, so a stale index can cost a
-/// retry but never a double booking.
+/// retry but never a double booking. `digest`, when not empty, asks for a
+/// host holding that version of the image (a VPS that already has a disk).
 #[allow(clippy::too_many_arguments)]
 pub(super) fn place(
     c: &Connection,
@@ -231,6 +256,7 @@ pub(super) fn place(
     spec: &VpsSpec,
     wish: &PlacementRequest,
     institution: &str,
+    digest: &str,
     target: Target<'_>,
     placement: &Placement,
     now_ms: i64,
@@ -246,7 +272,7 @@ pub(super) fn place(
             ),
         ));
     }
-    let demand = demand(spec, wish, institution);
+    let demand = demand(spec, wish, institution, digest);
     let (r, p, down) = (
         &placement.ratios,
         &placement.policy,
@@ -386,6 +412,7 @@ pub fn create(
             &n.spec,
             &n.placement,
             &institution,
+            "",
             Target::pinned(n.pin.as_ref()),
             placement,
             now_ms,
@@ -398,6 +425,10 @@ pub fn create(
         }
         (VpsState::PendingApproval, None)
     };
+    let digest = match &host {
+        Some(h) => hosts::image_digest(&tx, h, &n.spec.image)?,
+        None => String::new(),
+    };
     let id = VpsId::new();
     let a = &n.application;
     let decided_by = if staff { actor.username.as_str() } else { "" };
@@ -409,9 +440,10 @@ pub fn create(
                           user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
                           institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
                           resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host,
-                          zone, host_labels, anti_affinity_group)
+                          zone, host_labels, anti_affinity_group, image_digest, build_since_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
-                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27)
+                 ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28,
+                 CASE WHEN ?11 IS NULL THEN 0 ELSE ?12 END)
          RETURNING {COLS}"
         ))?
         .query_row(params![
@@ -448,6 +480,7 @@ pub fn create(
         )
         .unwrap_or_else(|_| "{}".into()),
         n.placement.anti_affinity_group,
+        digest,
     ], from_row)?;
     let (action, result) = match &host {
         Some(h) => ("vps.create", format!("SCHEDULED on {h}")),
@@ -520,14 +553,16 @@ pub fn approve(
         &spec,
         &v.placement,
         v.institution(),
+        "",
         Target::pinned(pin.as_ref()),
         placement,
         now_ms,
     )?;
+    let digest = hosts::image_digest(&tx, &host, &spec.image)?;
     tx.prepare_cached(
         "UPDATE vps SET state = 'SCHEDULED', vcpus = ?2, memory_mib = ?3, disk_gib = ?4,
              host_id = ?5, decided_by = ?6, generation = generation + 1, updated_at_ms = ?7,
-             state_reason = ''
+             state_reason = '', image_digest = ?8, build_since_ms = ?7
          WHERE id = ?1",
     )?
     .execute(params![
@@ -537,7 +572,8 @@ pub fn approve(
         spec.disk_gib as i64,
         host.as_str(),
         actor.username,
-        now_ms
+        now_ms,
+        digest
     ])?;
     let result = format!(
         "SCHEDULED on {host}: {} vCPU, {} MiB, {} GiB",
@@ -987,31 +1023,61 @@ fn record_ensured(c: &Connection, e: &Ensured, now_ms: i64) -> Result<(), ApiErr
     Ok(())
 }
 
+/// Why an agent call failed, as the dispatcher tells the store.
+#[derive(Debug, Clone)]
+pub struct CallFailure {
+    /// Worth trying again (the agent or libvirt did not answer, was busy).
+    pub transient: bool,
+    /// What a person reads: plain words, never a transport error.
+    pub reason: String,
+    /// The agent kept a disk it would not use (it does not match what the
+    /// VPS was built on): nothing may be cleaned up on the host.
+    pub disk_kept: bool,
+}
+
 /// Records a failed agent call. Transient failures are retried with backoff;
 /// a permanent one (or a build that has taken too long) puts the VPS in ERROR.
+/// The build clock counts from placement and stands still while the host is
+/// down (`hosts::record_back` pushes it back), so waiting for a host is never
+/// a failed build.
 pub fn call_failed(
     c: &mut Connection,
     id: &VpsId,
-    transient: bool,
-    message: &str,
+    failure: &CallFailure,
     now_ms: i64,
     build_timeout_ms: i64,
 ) -> Result<(), ApiError> {
     let tx = c.savepoint()?;
     let v = get_any(&tx, id)?;
     let building = matches!(v.state, VpsState::Scheduled | VpsState::Provisioning);
-    let timed_out = building && now_ms - v.created_at_ms > build_timeout_ms;
-    if (transient && !timed_out) || v.state == VpsState::Deleting || v.state == VpsState::Error {
+    let host_down = match &v.host_id {
+        Some(h) => hosts::is_down(&tx, h)?,
+        None => false,
+    };
+    let since = if v.build_since_ms > 0 {
+        v.build_since_ms
+    } else {
+        v.created_at_ms
+    };
+    let timed_out = building && !host_down && now_ms - since > build_timeout_ms;
+    let message = &failure.reason;
+    if (failure.transient && !timed_out)
+        || v.state == VpsState::Deleting
+        || v.state == VpsState::Error
+    {
         let backoff = 500i64 << v.attempts.min(7);
+        let reason = match (&v.host_id, host_down) {
+            (Some(h), true) => format!("waiting for host {h}, which is not reporting: {message}"),
+            _ if v.state == VpsState::Error => {
+                format!("{}; cleanup pending: {message}", v.state_reason)
+            }
+            _ => message.clone(),
+        };
         tx.prepare_cached(
             "UPDATE vps SET attempts = attempts + 1, next_attempt_ms = ?2, state_reason = ?3
              WHERE id = ?1",
         )?
-        .execute(params![
-            id.to_string(),
-            now_ms + backoff.min(60_000),
-            message
-        ])?;
+        .execute(params![id.to_string(), now_ms + backoff.min(60_000), reason])?;
     } else {
         let reason = if timed_out {
             format!(
@@ -1026,7 +1092,12 @@ pub fn call_failed(
             "UPDATE vps SET state = 'ERROR', state_reason = ?2, cleanup_pending = ?3,
                  attempts = 0, next_attempt_ms = 0, updated_at_ms = ?4 WHERE id = ?1",
         )?
-        .execute(params![id.to_string(), reason, building, now_ms])?;
+        .execute(params![
+            id.to_string(),
+            reason,
+            building && !failure.disk_kept,
+            now_ms
+        ])?;
     }
     tx.commit()?;
     Ok(())
