@@ -101,7 +101,8 @@ mod tests {
             plain_reason(&h, &s),
             "the agent on host hv-1 did not answer in time"
         );
-        let s = tonic::Status::failed_precondition("image debian-12 is not in this host's catalogue");
+        let s =
+            tonic::Status::failed_precondition("image debian-12 is not in this host's catalogue");
         assert_eq!(
             plain_reason(&h, &s),
             "host hv-1: image debian-12 is not in this host's catalogue"

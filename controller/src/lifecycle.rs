@@ -213,7 +213,10 @@ mod tests {
         for s in ALL_STATES {
             assert_eq!(
                 s.holds_quota(),
-                !matches!(s, Deleted | PendingApproval | Rejected | Cancelled | Pending),
+                !matches!(
+                    s,
+                    Deleted | PendingApproval | Rejected | Cancelled | Pending
+                ),
                 "{s}"
             );
         }

@@ -113,23 +113,42 @@ impl Mover {
         }
     }
 
+    /// Runs until dropped; the steps in flight are owned by this future, so
+    /// stopping the controller stops them too (their progress is in the
+    /// store, and the next run picks them up).
     pub async fn run(self: Arc<Self>) {
+        let mut steps = tokio::task::JoinSet::new();
         loop {
-            if let Err(e) = self.pass().await {
+            if let Err(e) = self.pass(&mut steps).await {
                 warn!(error = %e, "move pass failed");
             }
             tokio::select! {
                 _ = self.wake.notified() => {}
+                Some(_) = steps.join_next() => {}
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
             }
         }
     }
 
-    async fn pass(self: &Arc<Self>) -> Result<(), ApiError> {
+    async fn pass(self: &Arc<Self>, steps: &mut tokio::task::JoinSet<()>) -> Result<(), ApiError> {
         let now = now_ms();
         let due = self.store.run(move |c| moves::due(c, now)).await?;
-        let mut copying_from: HashSet<HostId> = HashSet::new();
+        let mut copying_from: HashSet<HostId> = {
+            let busy = self.in_flight.lock().unwrap_or_else(|p| p.into_inner());
+            due.iter()
+                .filter(|m| m.step == Step::Copy && busy.contains(&m.vps_id))
+                .map(|m| m.source.clone())
+                .collect()
+        };
         for m in due {
+            if self
+                .in_flight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&m.vps_id)
+            {
+                continue;
+            }
             // One copy at a time from a host: its disks and link are shared.
             if m.step == Step::Copy && !copying_from.insert(m.source.clone()) {
                 continue;
@@ -145,7 +164,7 @@ impl Mover {
             let this = self.clone();
             let span = info_span!("move", vps_id = %m.vps_id, host_id = %m.source,
                 target = %m.target, step = ?m.step);
-            tokio::spawn(
+            steps.spawn(
                 async move {
                     let id = m.vps_id;
                     if let Err(e) = this.drive(m).await {
@@ -176,8 +195,8 @@ impl Mover {
                 }
                 Err(f) => {
                     let now = now_ms();
-                    let too_long = now - m.started_ms
-                        > self.settings.give_up_after.as_millis() as i64;
+                    let too_long =
+                        now - m.started_ms > self.settings.give_up_after.as_millis() as i64;
                     if f.permanent || too_long || m.attempts + 1 >= MAX_COPY_ATTEMPTS {
                         warn!(reason = %f.reason, "move given up; the VPS stays on its host");
                         let reason = f.reason;
@@ -206,8 +225,10 @@ impl Mover {
                         self.store.run(move |c| moves::done(c, &id)).await?;
                     }
                     Err(f) => {
-                        let (now, reason) =
-                            (now_ms(), format!("cleanup pending on host {host}: {}", f.reason));
+                        let (now, reason) = (
+                            now_ms(),
+                            format!("cleanup pending on host {host}: {}", f.reason),
+                        );
                         self.store
                             .run(move |c| moves::retry_later(c, &id, &reason, now))
                             .await?;

@@ -93,7 +93,10 @@ pub async fn start(
     let store = open_store(&cfg)?;
     let unfinished = store.run_sync(|c| crate::store::moves::all(c))?.len();
     if unfinished > 0 {
-        info!(unfinished, "moves left unfinished by the last run are picked up again");
+        info!(
+            unfinished,
+            "moves left unfinished by the last run are picked up again"
+        );
     }
     let addr = listener.local_addr()?;
     let agent_addr = agent_listener.local_addr()?;

@@ -263,10 +263,12 @@ pub fn heartbeat(
 
 /// Whether the host has been marked DOWN (silent for too long).
 pub fn is_down(c: &Connection, id: &HostId) -> Result<bool, ApiError> {
-    Ok(c.prepare_cached("SELECT down_since_ms <> 0 FROM hosts WHERE id = ?1")?
-        .query_row([id.as_str()], |r| r.get(0))
-        .optional()?
-        .unwrap_or(false))
+    Ok(
+        c.prepare_cached("SELECT down_since_ms <> 0 FROM hosts WHERE id = ?1")?
+            .query_row([id.as_str()], |r| r.get(0))
+            .optional()?
+            .unwrap_or(false),
+    )
 }
 
 /// A host that had been marked DOWN (at `since`; 0 when it was not) reports
@@ -557,10 +559,12 @@ pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiE
 /// The digest of the image `name` as `host` holds it ("" when the host does
 /// not hold it, or its agent does not report digests).
 pub fn image_digest(c: &Connection, host: &HostId, name: &str) -> Result<String, ApiError> {
-    Ok(c.prepare_cached("SELECT digest FROM host_images WHERE host_id = ?1 AND name = ?2")?
-        .query_row([host.as_str(), name], |r| r.get(0))
-        .optional()?
-        .unwrap_or_default())
+    Ok(
+        c.prepare_cached("SELECT digest FROM host_images WHERE host_id = ?1 AND name = ?2")?
+            .query_row([host.as_str(), name], |r| r.get(0))
+            .optional()?
+            .unwrap_or_default(),
+    )
 }
 
 /// Hosts whose last heartbeat is too old.

@@ -178,12 +178,6 @@ fn institution_row(r: &Row<'_>) -> rusqlite::Result<Institution> {
 const INSTITUTION_COLS: &str = "id, code, name, contact_name, contact_email, contact_phone,
     quota_vcpus, quota_memory_mib, quota_disk_gib, quota_vps, created_at_ms";
 
-/// VPS states that hold an institution's quota: approved and not gone. The
-/// triggers in migrations/0005_allocation_totals.sql count the same states.
-#[cfg(test)]
-const QUOTA_STATES: &str =
-    "('SCHEDULED', 'PROVISIONING', 'RUNNING', 'STOPPED', 'DELETING', 'ERROR')";
-
 /// vCPUs, memory, disk and VPS count, in that order.
 fn usage_row(r: &Row<'_>) -> rusqlite::Result<Quota> {
     quota_at(r, 0)
@@ -201,7 +195,7 @@ fn quota_at(r: &Row<'_>, first: usize) -> rusqlite::Result<Quota> {
 }
 
 pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
-    // Kept by triggers (migrations/0005_allocation_totals.sql) over QUOTA_STATES.
+    // Kept by triggers (store/totals.rs) over the states that hold quota.
     Ok(c.prepare_cached(
         "SELECT vcpus, memory_mib, disk_gib, vps_count FROM institution_usage
              WHERE institution_id = ?1",
@@ -214,10 +208,11 @@ pub fn used(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
 /// The same figures summed from every VPS: what the triggers must agree with.
 #[cfg(test)]
 pub fn used_by_sum(c: &Connection, institution_id: &str) -> Result<Quota, ApiError> {
+    let quota_states = super::totals::states_where(crate::lifecycle::VpsState::holds_quota);
     Ok(c.prepare_cached(&format!(
         "SELECT COALESCE(SUM(vcpus), 0), COALESCE(SUM(memory_mib), 0),
                     COALESCE(SUM(disk_gib), 0), COUNT(*)
-             FROM vps WHERE institution_id = ?1 AND state IN {QUOTA_STATES}"
+             FROM vps WHERE institution_id = ?1 AND state IN {quota_states}"
     ))?
     .query_row([institution_id], usage_row)?)
 }

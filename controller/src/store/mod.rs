@@ -151,7 +151,9 @@ impl Store {
         conn.pragma_update(None, "mmap_size", 256i64 << 20)?;
         Migrations::from_slice(MIGRATIONS).to_latest(&mut conn)?;
         if totals::install(&mut conn).map_err(|e| StoreError::Task(e.to_string()))? {
-            tracing::info!("allocation totals' triggers written from the lifecycle; totals recounted");
+            tracing::info!(
+                "allocation totals' triggers written from the lifecycle; totals recounted"
+            );
         }
         conn.execute_batch(host_index::DIRTY_TRACKING)?;
         let callers = caller_cache::CallerCache::default();

@@ -94,10 +94,11 @@ fn move_row(r: &Row<'_>) -> rusqlite::Result<MoveRecord> {
 }
 
 pub fn get_move(c: &Connection, id: &VpsId) -> Result<Option<MoveRecord>, ApiError> {
-    Ok(c
-        .prepare_cached(&format!("SELECT {MOVE_COLS} FROM moves WHERE vps_id = ?1"))?
-        .query_row([id.to_string()], move_row)
-        .optional()?)
+    Ok(
+        c.prepare_cached(&format!("SELECT {MOVE_COLS} FROM moves WHERE vps_id = ?1"))?
+            .query_row([id.to_string()], move_row)
+            .optional()?,
+    )
 }
 
 /// The moves whose next step is due.
@@ -111,7 +112,9 @@ pub fn due(c: &Connection, now_ms: i64) -> Result<Vec<MoveRecord>, ApiError> {
 
 /// Every move not yet ended, for operators and tests.
 pub fn all(c: &Connection) -> Result<Vec<MoveRecord>, ApiError> {
-    let mut q = c.prepare_cached(&format!("SELECT {MOVE_COLS} FROM moves ORDER BY started_ms"))?;
+    let mut q = c.prepare_cached(&format!(
+        "SELECT {MOVE_COLS} FROM moves ORDER BY started_ms"
+    ))?;
     let rows = q.query_map([], move_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
@@ -287,7 +290,10 @@ pub fn give_up(
         return Err(refuse(&v, "give up moving (no move is copying it)"));
     };
     transition(&v, VpsState::Stopped, "give up moving")?;
-    let said = format!("moving to {} failed; it stayed on {}: {reason}", m.target, m.source);
+    let said = format!(
+        "moving to {} failed; it stayed on {}: {reason}",
+        m.target, m.source
+    );
     tx.prepare_cached(
         "UPDATE vps SET state = 'STOPPED', move_target = NULL, generation = generation + 1,
              observed_power = 'absent', attempts = 0, next_attempt_ms = 0, state_reason = ?2,
@@ -315,12 +321,7 @@ pub fn give_up(
 }
 
 /// A step failed for now: tried again later, with the reason shown.
-pub fn retry_later(
-    c: &Connection,
-    id: &VpsId,
-    reason: &str,
-    now_ms: i64,
-) -> Result<(), ApiError> {
+pub fn retry_later(c: &Connection, id: &VpsId, reason: &str, now_ms: i64) -> Result<(), ApiError> {
     c.prepare_cached(
         "UPDATE moves SET attempts = attempts + 1,
              next_try_ms = ?2 + MIN(60000, 1000 << MIN(attempts, 6)), reason = ?3, updated_ms = ?2

@@ -2,6 +2,7 @@
 //! index, and claims made by two controllers sharing one file.
 
 use betang_proto::v1::{Application, HostCapacity, HostInfoResponse, Image, VpsSpec};
+use rusqlite::params;
 
 use super::*;
 use crate::{
@@ -165,7 +166,8 @@ fn totals_follow_every_change_of_a_vps() {
     s.run_sync(|c| vps::deleted(c, &ids[0], NOW)).unwrap();
     assert_totals_agree(&s, &inst);
     // A failed build: ERROR holds the quota, the cleanup releases the host.
-    s.run_sync(|c| vps::call_failed(
+    s.run_sync(|c| {
+        vps::call_failed(
             c,
             &ids[1],
             &vps::CallFailure {
@@ -175,8 +177,9 @@ fn totals_follow_every_change_of_a_vps() {
             },
             NOW,
             1,
-        ))
-        .unwrap();
+        )
+    })
+    .unwrap();
     assert_totals_agree(&s, &inst);
     s.run_sync(|c| vps::cleaned_up(c, &ids[1], NOW)).unwrap();
     assert_totals_agree(&s, &inst);
@@ -699,4 +702,220 @@ fn the_host_index_knows_when_it_is_in_step() {
         .unwrap();
     assert_eq!(weight, 2.0, "another connection's write was read");
     assert!(fresh, "reloaded, so in step");
+}
+
+/// The triggers count what the lifecycle says, in every state and across
+/// every change of state: capacity on the host, capacity on the host a
+/// MIGRATING VPS moves to, and the institution's quota.
+#[test]
+fn totals_agree_with_the_lifecycle_in_every_state() {
+    use crate::lifecycle::{ALL_STATES, VpsState};
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 64);
+    register(&s, "b", 64);
+    let inst = institution(&s);
+    let expect = |state: VpsState| -> [[i64; 4]; 3] {
+        let size = [2, 512, 10, 1];
+        let zero = [0; 4];
+        [
+            if state.holds_capacity() { size } else { zero },
+            if state == VpsState::Migrating {
+                size
+            } else {
+                zero
+            },
+            if state.holds_quota() { size } else { zero },
+        ]
+    };
+    let read = |c: &Connection, inst: &str| -> Result<[[i64; 4]; 3], ApiError> {
+        let host = |h: &str| -> Result<[i64; 4], ApiError> {
+            Ok(c.query_row(
+                "SELECT vcpus, memory_mib, disk_gib, vps_count FROM host_allocation
+                 WHERE host_id = ?1",
+                [h],
+                |r| Ok([r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
+            )?)
+        };
+        let u = identity::used(c, inst)?;
+        Ok([
+            host("a")?,
+            host("b")?,
+            [
+                i64::from(u.vcpus),
+                u.memory_mib as i64,
+                u.disk_gib as i64,
+                i64::from(u.vps_count),
+            ],
+        ])
+    };
+    for (n, from) in ALL_STATES.into_iter().enumerate() {
+        for (m, to) in ALL_STATES.into_iter().enumerate() {
+            let inst = inst.clone();
+            s.run_sync(move |c| {
+                let id = format!("walk-{n}-{m}");
+                let target = |st: VpsState| (st == VpsState::Migrating).then_some("b");
+                c.execute(
+                    "INSERT INTO vps (id, request_id, name, vcpus, memory_mib, disk_gib, image,
+                         ssh_public_key, user_data, state, desired_power, host_id,
+                         created_at_ms, updated_at_ms, institution_id, move_target)
+                     VALUES (?1, ?1, 'w', 2, 512, 10, 'debian-12', '', '', ?2, 'running', 'a',
+                         0, 0, ?3, ?4)",
+                    params![id, from.as_str(), inst, target(from)],
+                )?;
+                assert_eq!(read(c, &inst)?, expect(from), "inserted as {from}");
+                c.execute(
+                    "UPDATE vps SET state = ?2, move_target = ?3 WHERE id = ?1",
+                    params![id, to.as_str(), target(to)],
+                )?;
+                assert_eq!(read(c, &inst)?, expect(to), "{from} -> {to}");
+                assert_eq!(super::totals::kept(c)?, super::totals::recounted(c)?);
+                c.execute("DELETE FROM vps WHERE id = ?1", [&id])?;
+                assert_eq!(read(c, &inst)?, [[0; 4]; 3], "deleted from {to}");
+                Ok(())
+            })
+            .unwrap();
+        }
+    }
+}
+
+/// A VPS being moved keeps holding its institution's quota, and capacity on
+/// both hosts, so approvals made while its disk is copied cannot take either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
+    use crate::{auth::Role, lifecycle::VpsState, store::moves};
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    register(&s, "b", 4);
+    let inst = institution(&s);
+    let tight = betang_proto::v1::Quota {
+        vcpus: 4,
+        memory_mib: 1 << 20,
+        disk_gib: 1 << 20,
+        vps_count: 100,
+    };
+    let i = inst.clone();
+    s.run_sync(move |c| identity::set_quota(c, &Caller::system(), &i, &tight, NOW))
+        .unwrap();
+    let i = inst.clone();
+    let v = s
+        .run_sync(move |c| vps::create(c, &Caller::system(), &new_vps(&i, 0, 4), &placement(), NOW))
+        .unwrap();
+    let id = v.id;
+    s.run_sync(move |c| {
+        c.execute(
+            "UPDATE vps SET state = 'STOPPED', desired_power = 'stopped',
+                 applied_generation = generation WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let member = Caller {
+        user_id: "u-siti".into(),
+        username: "siti".into(),
+        institution_id: inst.clone(),
+        role: Role::Member,
+    };
+    let mut requests = Vec::new();
+    for n in 1..=12 {
+        let (m, i) = (member.clone(), inst.clone());
+        let r = s
+            .run_sync(move |c| vps::create(c, &m, &new_vps(&i, n, 1), &placement(), NOW))
+            .unwrap();
+        requests.push(r.id);
+    }
+    let (moved, target) = s
+        .run_sync(move |c| moves::request(c, &Caller::system(), &id, false, &placement(), NOW))
+        .unwrap();
+    assert_eq!(moved.state, VpsState::Migrating);
+    assert_eq!(target.as_str(), "b");
+    let approvals: Vec<_> = requests
+        .into_iter()
+        .map(|r| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.run(move |c| {
+                    let none = vps::Approval {
+                        vcpus: 0,
+                        memory_mib: 0,
+                        disk_gib: 0,
+                        pin: None,
+                    };
+                    vps::approve(c, &Caller::system(), &r, &none, &placement(), NOW)
+                })
+                .await
+            })
+        })
+        .collect();
+    for a in approvals {
+        let e = a.await.unwrap().unwrap_err();
+        assert!(e.to_string().contains("quota: vcpus"), "{e}");
+    }
+    let i = inst.clone();
+    let used = s.run_sync(move |c| identity::used(c, &i)).unwrap();
+    assert_eq!((used.vcpus, used.vps_count), (4, 1));
+    let alloc = |h: &'static str| {
+        s.run_sync(move |c| {
+            Ok(c.query_row(
+                "SELECT vcpus FROM host_allocation WHERE host_id = ?1",
+                [h],
+                |r| r.get::<_, i64>(0),
+            )?)
+        })
+        .unwrap()
+    };
+    assert_eq!((alloc("a"), alloc("b")), (4, 4), "held on both hosts");
+    // The copy is done: the claim on the source goes, the VPS lives on b.
+    let v = s.run_sync(move |c| moves::switch(c, &id, NOW)).unwrap();
+    assert_eq!(
+        (v.state, v.host_id.as_ref().map(|h| h.as_str())),
+        (VpsState::Stopped, Some("b"))
+    );
+    assert_eq!((alloc("a"), alloc("b")), (0, 4));
+    // A second move must wait until the first one's old copy is removed.
+    let e = s
+        .run_sync(move |c| moves::request(c, &Caller::system(), &id, false, &placement(), NOW))
+        .unwrap_err();
+    assert!(e.to_string().contains("old copy"), "{e}");
+    s.run_sync(move |c| moves::done(c, &id)).unwrap();
+    // Nor while the target has not applied its new definition yet.
+    let e = s
+        .run_sync(move |c| moves::request(c, &Caller::system(), &id, false, &placement(), NOW))
+        .unwrap_err();
+    assert!(e.to_string().contains("still being applied"), "{e}");
+    s.run_sync(move |c| {
+        c.execute(
+            "UPDATE vps SET applied_generation = generation WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    // Back to a, and given up there: the VPS stays on b, a is released.
+    s.run_sync(move |c| moves::request(c, &Caller::system(), &id, false, &placement(), NOW))
+        .unwrap();
+    assert_eq!((alloc("a"), alloc("b")), (4, 4));
+    let v = s
+        .run_sync(move |c| moves::give_up(c, &id, "the target's agent cannot be reached", NOW))
+        .unwrap();
+    assert_eq!(
+        (v.state, v.host_id.as_ref().map(|h| h.as_str())),
+        (VpsState::Stopped, Some("b"))
+    );
+    assert!(
+        v.state_reason.contains("cannot be reached"),
+        "{}",
+        v.state_reason
+    );
+    assert_eq!((alloc("a"), alloc("b")), (0, 4));
+    let i = inst.clone();
+    let used = s.run_sync(move |c| identity::used(c, &i)).unwrap();
+    assert_eq!(used.vcpus, 4);
+    s.run_sync(|c| {
+        Ok(assert_eq!(
+            super::totals::kept(c)?,
+            super::totals::recounted(c)?
+        ))
+    })
+    .unwrap();
 }

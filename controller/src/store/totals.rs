@@ -14,7 +14,7 @@ use crate::{
 };
 
 /// `('A', 'B', …)` of the states for which `pred` holds.
-fn states_where(pred: fn(VpsState) -> bool) -> String {
+pub(crate) fn states_where(pred: fn(VpsState) -> bool) -> String {
     let names: Vec<String> = ALL_STATES
         .into_iter()
         .filter(|s| pred(*s))
@@ -23,7 +23,11 @@ fn states_where(pred: fn(VpsState) -> bool) -> String {
     format!("({})", names.join(", "))
 }
 
-const TRIGGERS: [&str; 3] = ["vps_totals_insert", "vps_totals_update", "vps_totals_delete"];
+const TRIGGERS: [&str; 3] = [
+    "vps_totals_insert",
+    "vps_totals_update",
+    "vps_totals_delete",
+];
 
 /// What a row adds to (`+`) or takes from (`-`) the totals, as `ROW` (NEW or
 /// OLD) stands.

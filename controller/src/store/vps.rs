@@ -1077,7 +1077,11 @@ pub fn call_failed(
             "UPDATE vps SET attempts = attempts + 1, next_attempt_ms = ?2, state_reason = ?3
              WHERE id = ?1",
         )?
-        .execute(params![id.to_string(), now_ms + backoff.min(60_000), reason])?;
+        .execute(params![
+            id.to_string(),
+            now_ms + backoff.min(60_000),
+            reason
+        ])?;
     } else {
         let reason = if timed_out {
             format!(
