@@ -388,6 +388,12 @@ impl Collector for StoreCollector {
             "VPS placed on the host.",
             &per_host(&|h| f64::from(h.vps_count)),
         )?;
+        gauge(
+            &mut e,
+            "betang_host_leftovers",
+            "Domains and VM directories on the host that no live VPS owns (left for an operator).",
+            &per_host(&|h| h.leftovers.len() as f64),
+        )?;
 
         let per_inst =
             |v: &dyn Fn(&(betang_proto::v1::Institution, f64, u64)) -> f64| -> Vec<(Labels, f64)> {

@@ -595,6 +595,29 @@ pub async fn wait_state(
     })
 }
 
+/// Polls GetVps until the VPS is in `want` on `host` (a move has ended there).
+pub async fn wait_on_host(
+    c: &VpsServiceClient<Authed>,
+    id: &str,
+    want: VpsState,
+    host: &str,
+    timeout: Duration,
+) -> anyhow::Result<Vps> {
+    eventually(
+        timeout,
+        &format!("VPS {id} to be {want:?} on {host}"),
+        || {
+            let mut c = c.clone();
+            let id = id.to_owned();
+            async move {
+                let v = fetch(&mut c, id).await?;
+                (state_of(&v) == want && v.host_id == host).then_some(v)
+            }
+        },
+    )
+    .await
+}
+
 /// The workspace root, for scripts in deploy/.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))

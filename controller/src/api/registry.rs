@@ -107,6 +107,9 @@ impl RegistryService for RegistryApi {
                     usage_every,
                     now,
                 )?;
+                if r.vms_listed && r.vm_dirs_listed {
+                    hosts::record_leftovers(db, &host, &r.vms, &r.vm_dirs, now)?;
+                }
                 db.hosts.beat(&host, now);
                 Ok(())
             })

@@ -631,13 +631,26 @@ fn print_vps(v: &Vps) {
         "size:      {} vCPU, {} MiB memory, {} GiB disk",
         spec.vcpus, spec.memory_mib, spec.disk_gib
     );
-    println!("image:     {}", spec.image);
+    if v.image_digest.is_empty() {
+        println!("image:     {}", spec.image);
+    } else {
+        println!(
+            "image:     {} (sha256 {})",
+            spec.image,
+            short_digest(&v.image_digest)
+        );
+    }
     println!(
-        "host:      {}",
+        "host:      {}{}",
         if v.host_id.is_empty() {
             "-"
         } else {
             &v.host_id
+        },
+        if v.move_target.is_empty() {
+            String::new()
+        } else {
+            format!(", moving to {}", v.move_target)
         }
     );
     if let Some(u) = &v.usage {
@@ -751,8 +764,37 @@ fn print_host(h: &Host) {
             u.load_1m
         );
     }
-    let images: Vec<_> = h.images.iter().map(|i| i.name.as_str()).collect();
+    let images: Vec<_> = h
+        .images
+        .iter()
+        .map(|i| {
+            if i.digest.is_empty() {
+                i.name.clone()
+            } else {
+                format!("{} (sha256 {})", i.name, short_digest(&i.digest))
+            }
+        })
+        .collect();
     println!("images:     {}", images.join(", "));
+    if !h.leftovers.is_empty() {
+        println!(
+            "leftovers:  {} that no VPS owns; Betang leaves them for you to check and remove:",
+            h.leftovers.len()
+        );
+        for l in &h.leftovers {
+            println!(
+                "            {} ({}, seen since {})",
+                l.vps_id,
+                l.what,
+                betang_controller::report::utc(l.since_ms)
+            );
+        }
+    }
+}
+
+/// The first 12 hex digits of a SHA-256, enough to tell versions apart.
+fn short_digest(d: &str) -> &str {
+    d.get(..12).unwrap_or(d)
 }
 
 async fn wait_for(

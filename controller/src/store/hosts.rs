@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use betang_proto::v1::{
-    Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, PowerState, VmStatus,
+    Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, Leftover, PowerState,
+    VmStatus,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -259,6 +260,95 @@ pub fn heartbeat(
     }
     tx.commit()?;
     Ok(())
+}
+
+/// Records what the host holds that no live VPS owns: a domain or a VM
+/// directory named after a VPS that is not placed there (nor moving there,
+/// nor being cleaned up there). Written only when it changed.
+pub fn record_leftovers(
+    c: &Connection,
+    host: &HostId,
+    vms: &[VmStatus],
+    dirs: &[String],
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let mut found: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
+    for v in vms {
+        found.entry(v.vps_id.as_str()).or_default().0 = true;
+    }
+    for d in dirs {
+        found.entry(d.as_str()).or_default().1 = true;
+    }
+    if !found.is_empty() {
+        let mut owned = c.prepare_cached(
+            "SELECT EXISTS (SELECT 1 FROM vps WHERE id = ?1 AND (
+                 (host_id = ?2 AND state <> 'DELETED')
+                 OR (move_target = ?2 AND state = 'MIGRATING')))
+             OR EXISTS (SELECT 1 FROM moves WHERE vps_id = ?1 AND (
+                 (source = ?2 AND step = 'cleanup') OR (target = ?2 AND step IN ('copy', 'undo'))))",
+        )?;
+        let mut keep = BTreeMap::new();
+        for (id, what) in found {
+            if !owned.query_row(params![id, host.as_str()], |r| r.get::<_, bool>(0))? {
+                keep.insert(id, what);
+            }
+        }
+        found = keep;
+    }
+    let known: BTreeMap<String, String> = {
+        let mut q = c.prepare_cached("SELECT vps_id, what FROM host_orphans WHERE host_id = ?1")?;
+        q.query_map([host.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?
+    };
+    let describe = |(domain, files): (bool, bool)| match (domain, files) {
+        (true, true) => "domain and files",
+        (true, false) => "domain",
+        _ => "files",
+    };
+    for (id, what) in &known {
+        if found.get(id.as_str()).map(|w| describe(*w)) != Some(what.as_str()) {
+            c.prepare_cached("DELETE FROM host_orphans WHERE host_id = ?1 AND vps_id = ?2")?
+                .execute(params![host.as_str(), id])?;
+        }
+    }
+    for (id, w) in found {
+        let what = describe(w);
+        if known.get(id).map(String::as_str) != Some(what) {
+            c.prepare_cached(
+                "INSERT INTO host_orphans (host_id, vps_id, what, seen_ms) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![host.as_str(), id, what, now_ms])?;
+            tracing::warn!(host_id = %host, vps_id = id, what,
+                "the host holds something no VPS owns; left for an operator");
+        }
+    }
+    Ok(())
+}
+
+fn leftovers(
+    c: &Connection,
+    one: Option<&HostId>,
+) -> Result<HashMap<String, Vec<Leftover>>, ApiError> {
+    let mut q = c.prepare_cached(&format!(
+        "SELECT host_id, vps_id, what, seen_ms FROM host_orphans {} ORDER BY host_id, vps_id",
+        one_host(one, "host_id")
+    ))?;
+    let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            Leftover {
+                vps_id: r.get(1)?,
+                what: r.get(2)?,
+                since_ms: r.get(3)?,
+            },
+        ))
+    })?;
+    let mut out: HashMap<String, Vec<Leftover>> = HashMap::new();
+    for row in rows {
+        let (h, l) = row?;
+        out.entry(h).or_default().push(l);
+    }
+    Ok(out)
 }
 
 /// Whether the host has been marked DOWN (silent for too long).
@@ -643,6 +733,7 @@ fn read(
 ) -> Result<Vec<Host>, ApiError> {
     let alloc = allocations(c, one)?;
     let mut imgs = images(c, one)?;
+    let mut left = leftovers(c, one)?;
     let mut q = c.prepare_cached(&format!(
         "SELECT id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                 last_heartbeat_ms, cpu_percent, mem_used_bytes, mem_total_bytes,
@@ -688,6 +779,7 @@ fn read(
             labels: parse_labels(&r.get::<_, String>(18)?).into_iter().collect(),
             weight: r.get(19)?,
             cordoned: r.get(20)?,
+            leftovers: Vec::new(),
         })
     })?;
     let mut out = Vec::new();
@@ -701,6 +793,7 @@ fn read(
         });
         h.vps_count = n;
         h.images = imgs.remove(&h.id).unwrap_or_default();
+        h.leftovers = left.remove(&h.id).unwrap_or_default();
         out.push(h);
     }
     Ok(out)
