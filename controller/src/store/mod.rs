@@ -85,15 +85,14 @@ impl Db {
         }
         let out = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| f(self)))
             .unwrap_or_else(|p| Err(ApiError::Store(StoreError::Task(batch::panic_text(&p)))));
-        if out.is_err() {
-            if let Err(e) = self
+        if out.is_err()
+            && let Err(e) = self
                 .conn
                 .prepare_cached("ROLLBACK TO betang_work")
                 .and_then(|mut s| s.execute([]))
-            {
-                self.poisoned = Some(format!("a failed call's writes could not be undone: {e}"));
-                return out;
-            }
+        {
+            self.poisoned = Some(format!("a failed call's writes could not be undone: {e}"));
+            return out;
         }
         if let Err(e) = self
             .conn

@@ -912,10 +912,55 @@ async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
     let used = s.run_sync(move |c| identity::used(c, &i)).unwrap();
     assert_eq!(used.vcpus, 4);
     s.run_sync(|c| {
-        Ok(assert_eq!(
-            super::totals::kept(c)?,
-            super::totals::recounted(c)?
-        ))
+        assert_eq!(super::totals::kept(c)?, super::totals::recounted(c)?);
+        Ok(())
     })
     .unwrap();
+}
+
+/// When a failed call's writes cannot be taken back (`ROLLBACK TO` failing,
+/// as on a full disk), nothing else runs in that transaction and nothing of
+/// it commits: not the calls before it, not the calls after.
+#[test]
+fn a_call_whose_writes_cannot_be_undone_fails_its_whole_batch() {
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let weight = |s: &Store| -> f64 {
+        s.run_sync(
+            |c| Ok(c.query_row("SELECT weight FROM hosts WHERE id = 'a'", [], |r| r.get(0))?),
+        )
+        .unwrap()
+    };
+    let mut db = s.db.lock().unwrap();
+    let outcome = super::batch::in_transaction(&mut db, |db| {
+        let before = db.work(|db| {
+            db.conn
+                .execute("UPDATE hosts SET weight = 2 WHERE id = 'a'", [])?;
+            Ok(())
+        });
+        let failed: Result<(), ApiError> = db.work(|db| {
+            db.conn
+                .execute("UPDATE hosts SET weight = 5 WHERE id = 'a'", [])?;
+            // What `work` records when its ROLLBACK TO fails.
+            db.poisoned = Some("disk I/O error".into());
+            Err(ApiError::invalid("x", "fails"))
+        });
+        let after = db.work(|db| {
+            db.conn
+                .execute("UPDATE hosts SET weight = 3 WHERE id = 'a'", [])?;
+            Ok(())
+        });
+        (before.is_ok(), failed.is_err(), after.is_err())
+    });
+    drop(db);
+    let e = outcome.unwrap_err();
+    assert!(e.to_string().contains("disk I/O error"), "{e}");
+    assert_eq!(weight(&s), 1.0, "nothing of the batch was committed");
+    // The store goes on: the next transaction is a clean one.
+    s.run_sync(|c| {
+        c.execute("UPDATE hosts SET weight = 4 WHERE id = 'a'", [])?;
+        Ok(())
+    })
+    .unwrap();
+    assert_eq!(weight(&s), 4.0);
 }

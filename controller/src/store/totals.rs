@@ -129,9 +129,12 @@ pub fn install(c: &mut Connection) -> Result<bool, ApiError> {
     Ok(true)
 }
 
+/// Per host, then per institution: rowid, vCPUs, memory, disk, VPS count.
+pub type Totals = (Vec<[i64; 5]>, Vec<[i64; 5]>);
+
 /// What the triggers should have counted, from the rows; for tests and for
 /// checking a store's bookkeeping.
-pub fn recounted(c: &Connection) -> Result<(Vec<[i64; 5]>, Vec<[i64; 5]>), ApiError> {
+pub fn recounted(c: &Connection) -> Result<Totals, ApiError> {
     let capacity = states_where(VpsState::holds_capacity);
     let quota = states_where(VpsState::holds_quota);
     let rows = |sql: &str| five_columns(c, sql);
@@ -152,7 +155,7 @@ pub fn recounted(c: &Connection) -> Result<(Vec<[i64; 5]>, Vec<[i64; 5]>), ApiEr
 }
 
 /// The totals as the triggers keep them, in the shape of `recounted`.
-pub fn kept(c: &Connection) -> Result<(Vec<[i64; 5]>, Vec<[i64; 5]>), ApiError> {
+pub fn kept(c: &Connection) -> Result<Totals, ApiError> {
     let rows = |sql: &str| five_columns(c, sql);
     Ok((
         rows(
