@@ -24,6 +24,11 @@ pub struct AgentConfig {
     /// machine. A simulated host needs `[capacity]`.
     #[serde(default)]
     pub hypervisor: HypervisorSetting,
+    /// With `simulated`: keep the simulated domains in `vm_dir` so they
+    /// outlive the agent's process, as libvirt's persistent domains do (the
+    /// fault-injection suite kills agents). Off for scale runs.
+    #[serde(default)]
+    pub simulated_persist: bool,
     /// `kvm`, `qemu`, or `auto` (probe: use KVM only if a KVM guest really starts).
     #[serde(default)]
     pub domain_type: DomainTypeSetting,

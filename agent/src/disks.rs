@@ -63,9 +63,11 @@ pub trait DiskTool: Send + Sync {
     fn create_overlay(&self, base: &Path, overlay: &Path, size_bytes: u64) -> Result<()>;
     /// Grows a disk to `size_bytes` if it is smaller; never shrinks it.
     fn grow(&self, path: &Path, size_bytes: u64) -> Result<()>;
-    /// True when `overlay` is backed by exactly `base`; decides whether a
-    /// leftover file from an interrupted ensure can be kept.
-    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool;
+    /// The base file a disk that is already there stands on, when it is a
+    /// plain overlay (qcow2, no external data file). Read without taking
+    /// QEMU's lock, so a running guest's disk can be looked at. Never changes
+    /// the file.
+    fn backing_of(&self, overlay: &Path) -> Result<std::path::PathBuf>;
     fn write_seed(&self, path: &Path, content: &SeedContent) -> Result<()>;
     /// Makes an overlay copied from another host use `base`, this host's copy
     /// of the same catalogue image. The data is not touched.
@@ -85,8 +87,8 @@ impl DiskTool for QemuImg {
     fn grow(&self, path: &Path, size_bytes: u64) -> Result<()> {
         grow(path, size_bytes)
     }
-    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool {
-        overlay_matches(base, overlay)
+    fn backing_of(&self, overlay: &Path) -> Result<std::path::PathBuf> {
+        backing_of(overlay)
     }
     fn write_seed(&self, path: &Path, content: &SeedContent) -> Result<()> {
         content.write_image(path)
@@ -188,19 +190,25 @@ fn grow(path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn overlay_matches(base: &Path, overlay: &Path) -> bool {
-    let Ok(out) = run(std::process::Command::new("qemu-img")
-        .args(["info", "--output=json", "-f", "qcow2", "--"])
-        .arg(overlay))
-    else {
-        return false;
-    };
-    let Ok(info) = serde_json::from_slice::<QemuImgInfo>(&out) else {
-        return false;
-    };
+fn backing_of(overlay: &Path) -> Result<std::path::PathBuf> {
+    let out = run(std::process::Command::new("qemu-img")
+        .args(["info", "-U", "--output=json", "-f", "qcow2", "--"])
+        .arg(overlay))?;
+    let info: QemuImgInfo = serde_json::from_slice(&out)
+        .map_err(|e| AgentError::Disk(format!("qemu-img info {}: {e}", overlay.display())))?;
+    let data_file = info
+        .format_specific
+        .and_then(|f| f.data)
+        .and_then(|d| d.get("data-file").cloned());
+    if info.format != "qcow2" || data_file.is_some() {
+        return Err(AgentError::Disk(
+            "it is not a plain qcow2 overlay".to_owned(),
+        ));
+    }
     info.full_backing_filename
         .or(info.backing_filename)
-        .is_some_and(|b| Path::new(&b) == base)
+        .map(std::path::PathBuf::from)
+        .ok_or_else(|| AgentError::Disk("it has no base image".to_owned()))
 }
 
 #[cfg(test)]
@@ -253,15 +261,18 @@ mod tests {
         assert_eq!(inspect_base(&base).unwrap().virtual_size, 64 << 20);
         let overlay = dir.path().join("root.qcow2");
         create_overlay(&base, &overlay, GIB).unwrap();
-        assert!(overlay_matches(&base, &overlay));
+        assert_eq!(backing_of(&overlay).unwrap(), base);
         // The overlay itself has a backing file, so it can never be a base.
         assert!(inspect_base(&overlay).is_err());
-        assert!(!overlay_matches(&dir.path().join("other.qcow2"), &overlay));
+        // A base is not an overlay; a file that is not qcow2 is not read as one.
+        assert!(backing_of(&base).is_err());
+        std::fs::write(dir.path().join("junk"), b"not qcow2").unwrap();
+        assert!(backing_of(&dir.path().join("junk")).is_err());
         // An overlay moved from another host is based on this host's image.
         let other_base = dir.path().join("other.qcow2");
         std::fs::copy(&base, &other_base).unwrap();
         rebase(&overlay, &other_base).unwrap();
-        assert!(overlay_matches(&other_base, &overlay));
+        assert_eq!(backing_of(&overlay).unwrap(), other_base);
         assert!(
             rebase(&base, &other_base).is_err(),
             "a base is not an overlay"

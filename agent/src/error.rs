@@ -15,8 +15,29 @@ pub enum AgentError {
     NoSuchVm(String),
     #[error("VPS {vps_id}: {rule}")]
     WrongState { vps_id: String, rule: &'static str },
+    /// libvirt did not answer, was busy or lost its connection: worth
+    /// trying again.
     #[error("libvirt: {0}")]
     Libvirt(String),
+    /// libvirt refused what it was asked (an invalid definition, something
+    /// unsupported, a missing file): trying again would not help.
+    #[error("libvirt refused: {0}")]
+    LibvirtRefused(String),
+    /// A disk that is already there does not match what the VPS was built
+    /// on, or cannot be read. It is kept as it is, and nothing may clean it up.
+    #[error("the disk {path} was kept, not used: {what}; an operator must decide")]
+    DiskMismatch { path: String, what: String },
+    /// The catalogue's image of that name is not the content the VPS was
+    /// built on (or asks for).
+    #[error(
+        "image {image} on this host is now sha256 {have} ({file}); this VPS was built on sha256 {want}"
+    )]
+    ImageChanged {
+        image: String,
+        have: String,
+        want: String,
+        file: String,
+    },
     #[error("libvirt did not answer within {0:?}")]
     HypervisorTimeout(std::time::Duration),
     #[error("disk: {0}")]
@@ -44,9 +65,45 @@ impl AgentError {
     }
 }
 
+pub use betang_proto::v1::DISK_KEPT_METADATA;
+
 impl From<virt::error::Error> for AgentError {
     fn from(e: virt::error::Error) -> Self {
-        AgentError::Libvirt(e.message().to_owned())
+        let message = e.message().to_owned();
+        if libvirt_error_is_transient(e.code()) {
+            AgentError::Libvirt(message)
+        } else {
+            AgentError::LibvirtRefused(message)
+        }
+    }
+}
+
+/// Whether libvirt's error says "not now" (the daemon, a guest or a lock did
+/// not answer) rather than "never" (the request itself is wrong). Unknown
+/// codes count as transient: a retry costs little, a wrong ERROR costs a
+/// person's time.
+fn libvirt_error_is_transient(code: virt::error::ErrorNumberEnum) -> bool {
+    use virt::error::ErrorNumber::*;
+    match code {
+        virt::enumutil::Enum::Known(n) => !matches!(
+            n,
+            XmlError
+                | XmlDetail
+                | ConfigUnsupported
+                | NoSupport
+                | InvalidArg
+                | NoStorageVolume
+                | NoStoragePool
+                | NoNetwork
+                | NoSecurityModel
+                | OperationUnsupported
+                | InvalidDomain
+                | InvalidNetwork
+                | DomExist
+                | MultipleInterfaces
+                | BuildFirewall
+        ),
+        virt::enumutil::Enum::Unknown(_) => true,
     }
 }
 
@@ -57,8 +114,17 @@ impl From<AgentError> for tonic::Status {
             AgentError::InvalidName(_) | AgentError::InvalidArgument { .. } => {
                 tonic::Status::invalid_argument(msg)
             }
-            AgentError::UnknownImage(_) | AgentError::WrongState { .. } => {
-                tonic::Status::failed_precondition(msg)
+            AgentError::UnknownImage(_)
+            | AgentError::WrongState { .. }
+            | AgentError::ImageChanged { .. }
+            | AgentError::LibvirtRefused(_) => tonic::Status::failed_precondition(msg),
+            AgentError::DiskMismatch { .. } => {
+                let mut s = tonic::Status::failed_precondition(msg);
+                s.metadata_mut().insert(
+                    DISK_KEPT_METADATA,
+                    tonic::metadata::MetadataValue::from_static("1"),
+                );
+                s
             }
             AgentError::NoSuchVm(_) => tonic::Status::not_found(msg),
             AgentError::HypervisorTimeout(_) => tonic::Status::deadline_exceeded(msg),
@@ -73,3 +139,65 @@ impl From<AgentError> for tonic::Status {
 }
 
 pub type Result<T, E = AgentError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virt::error::{ErrorNumber, ErrorNumberEnum};
+
+    #[test]
+    fn libvirt_errors_are_permanent_or_transient() {
+        for code in [
+            ErrorNumber::XmlError,
+            ErrorNumber::ConfigUnsupported,
+            ErrorNumber::NoSupport,
+            ErrorNumber::InvalidArg,
+            ErrorNumber::NoStorageVolume,
+        ] {
+            assert!(
+                !libvirt_error_is_transient(ErrorNumberEnum::from(code)),
+                "{code:?}"
+            );
+        }
+        for code in [
+            ErrorNumber::NoConnect,
+            ErrorNumber::Rpc,
+            ErrorNumber::OperationTimeout,
+            ErrorNumber::AgentUnresponsive,
+            ErrorNumber::ResourceBusy,
+            ErrorNumber::SystemError,
+            ErrorNumber::NoDomain,
+        ] {
+            assert!(
+                libvirt_error_is_transient(ErrorNumberEnum::from(code)),
+                "{code:?}"
+            );
+        }
+        let code = |e: AgentError| tonic::Status::from(e).code();
+        assert_eq!(
+            code(AgentError::Libvirt("busy".into())),
+            tonic::Code::Unavailable
+        );
+        assert_eq!(
+            code(AgentError::LibvirtRefused("bad XML".into())),
+            tonic::Code::FailedPrecondition
+        );
+    }
+
+    #[test]
+    fn a_kept_disk_says_so_to_the_controller() {
+        let s = tonic::Status::from(AgentError::DiskMismatch {
+            path: "/v/x/root.qcow2".into(),
+            what: "it is based on /i/b.qcow2".into(),
+        });
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert!(s.metadata().contains_key(DISK_KEPT_METADATA));
+        assert!(
+            s.message().contains("/v/x/root.qcow2 was kept"),
+            "{}",
+            s.message()
+        );
+        let s = tonic::Status::from(AgentError::UnknownImage("x".into()));
+        assert!(!s.metadata().contains_key(DISK_KEPT_METADATA));
+    }
+}

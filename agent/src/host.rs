@@ -87,6 +87,7 @@ impl HostReporter {
                 os: i.os.clone(),
                 min_disk_gib: i.min_disk_gib(),
                 size_bytes: i.size_bytes,
+                digest: i.digest.clone(),
             })
             .collect();
         Ok(HostInfoResponse {

@@ -10,6 +10,7 @@ use std::{
 use serde::Deserialize;
 
 use crate::{
+    digests::DigestCache,
     disks::{self, DiskTool},
     error::{AgentError, Result},
     names,
@@ -43,6 +44,8 @@ pub struct CatalogImage {
     pub description: String,
     pub virtual_size: u64,
     pub size_bytes: u64,
+    /// SHA-256 of the file: what a VPS built on it records.
+    pub digest: String,
 }
 
 impl CatalogImage {
@@ -61,7 +64,7 @@ pub struct Catalog {
 impl Catalog {
     /// Loads the catalogue. A bad entry is refused on its own and reported;
     /// it does not hide the good ones.
-    pub fn load(dir: &Path, disks: &dyn DiskTool) -> Result<Catalog> {
+    pub fn load(dir: &Path, disks: &dyn DiskTool, digests: &DigestCache) -> Result<Catalog> {
         let manifest_path = dir.join(MANIFEST);
         let text = match std::fs::read_to_string(&manifest_path) {
             Ok(t) => t,
@@ -75,7 +78,7 @@ impl Catalog {
             })?;
         let mut catalog = Catalog::default();
         for entry in manifest.image {
-            match Self::entry(dir, entry, disks) {
+            match Self::entry(dir, entry, disks, digests) {
                 Ok(img) => {
                     catalog.images.insert(img.name.clone(), img);
                 }
@@ -85,12 +88,19 @@ impl Catalog {
         Ok(catalog)
     }
 
-    fn entry(dir: &Path, e: ManifestEntry, disks: &dyn DiskTool) -> Result<CatalogImage> {
+    fn entry(
+        dir: &Path,
+        e: ManifestEntry,
+        disks: &dyn DiskTool,
+        digests: &DigestCache,
+    ) -> Result<CatalogImage> {
         names::check_image_name(&e.name)?;
         names::check_file_name("file", &e.file)?;
         let path = dir.join(&e.file);
         let facts = disks.inspect_base(&path)?;
+        let digest = digests.digest(&path)?;
         Ok(CatalogImage {
+            digest,
             name: e.name,
             path,
             os: e.os,
@@ -150,10 +160,19 @@ file = "missing.qcow2"
 "#,
         )
         .unwrap();
-        let c = Catalog::load(dir.path(), &crate::disks::QemuImg).unwrap();
+        let c = Catalog::load(
+            dir.path(),
+            &crate::disks::QemuImg,
+            &DigestCache::in_memory(),
+        )
+        .unwrap();
         let names: Vec<_> = c.images().map(|i| i.name.as_str()).collect();
         assert_eq!(names, ["debian-12"]);
         assert_eq!(c.get("debian-12").unwrap().min_disk_gib(), 1);
+        assert_eq!(
+            c.get("debian-12").unwrap().digest,
+            crate::digests::sha256_file(&dir.path().join("good.qcow2")).unwrap()
+        );
         assert_eq!(c.refused.len(), 3, "{:?}", c.refused);
         assert!(c.refused.iter().any(|r| r.starts_with("file:")));
         assert!(c.refused.iter().any(|r| r.starts_with("image:")));
@@ -163,10 +182,14 @@ file = "missing.qcow2"
     fn no_manifest_is_an_empty_catalogue() {
         let dir = tempfile::tempdir().unwrap();
         assert_eq!(
-            Catalog::load(dir.path(), &crate::disks::QemuImg)
-                .unwrap()
-                .images()
-                .count(),
+            Catalog::load(
+                dir.path(),
+                &crate::disks::QemuImg,
+                &DigestCache::in_memory()
+            )
+            .unwrap()
+            .images()
+            .count(),
             0
         );
     }

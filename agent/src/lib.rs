@@ -2,6 +2,7 @@
 //! controller asks for, and reports what they use.
 
 pub mod config;
+pub mod digests;
 pub mod disks;
 pub mod domain_xml;
 pub mod error;

@@ -38,6 +38,23 @@ pub fn check_institution_id(id: &str) -> Result<String, NameError> {
     }
 }
 
+/// An image digest is a SHA-256 in lower-case hex, or empty (a VPS recorded
+/// before digests were kept).
+pub fn check_digest(d: &str) -> Result<String, NameError> {
+    let ok = d.is_empty()
+        || (d.len() == 64
+            && d.chars()
+                .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)));
+    if ok {
+        Ok(d.to_owned())
+    } else {
+        Err(err(
+            "image_digest",
+            "must be a SHA-256 in lower-case hex (64 characters) or empty",
+        ))
+    }
+}
+
 /// A VPS id is a UUID in its canonical lower-case hyphenated form.
 pub fn check_vps_id(id: &str) -> Result<(), NameError> {
     let ok = id.len() == 36

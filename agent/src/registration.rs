@@ -57,11 +57,20 @@ impl Registration {
                     (Vec::new(), false)
                 }
             };
+            let (vm_dirs, vm_dirs_listed) = match self.vms.vm_dirs() {
+                Ok(d) => (d, true),
+                Err(e) => {
+                    warn!(error = %e, "cannot list VM directories for the heartbeat");
+                    (Vec::new(), false)
+                }
+            };
             let hb = HeartbeatRequest {
                 host_id: self.host.host_id().to_owned(),
                 usage: Some(self.host.usage(&self.vms)),
                 vms,
                 vms_listed,
+                vm_dirs,
+                vm_dirs_listed,
             };
             match client.heartbeat(hb).await {
                 Ok(_) => self.host.heartbeat_accepted(),

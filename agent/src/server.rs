@@ -52,10 +52,18 @@ pub fn simulated_for(cfg: &AgentConfig) -> anyhow::Result<SimulatedHypervisor> {
     let c = cfg
         .capacity
         .context("capacity: a simulated host needs [capacity]")?;
-    Ok(SimulatedHypervisor::new(NodeFacts {
+    let node = NodeFacts {
         cpus: c.vcpus,
         memory_kib: c.memory_mib.saturating_mul(1024),
-    }))
+    };
+    if cfg.simulated_persist {
+        std::fs::create_dir_all(&cfg.vm_dir)?;
+        return Ok(SimulatedHypervisor::persistent(
+            node,
+            cfg.vm_dir.join(crate::hypervisor::SIMULATED_STATE_FILE),
+        )?);
+    }
+    Ok(SimulatedHypervisor::new(node))
 }
 
 /// Resolves `auto` into the domain type that works on this host.

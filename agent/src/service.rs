@@ -62,6 +62,7 @@ impl AgentService for AgentApi {
                 image: m.image,
                 data: m.data,
                 total_bytes: m.total_bytes,
+                image_digest: m.image_digest,
             })
             .map_err(|s| AgentError::Internal(format!("disk stream: {}", s.message())))
         });
@@ -92,6 +93,7 @@ impl AgentService for AgentApi {
                 force_stop: r.force_stop,
                 institution_id: names::check_institution_id(&r.institution_id)
                     .map_err(AgentError::from)?,
+                image_digest: names::check_digest(&r.image_digest).map_err(AgentError::from)?,
             })
             .await?;
         Ok(Response::new(status))

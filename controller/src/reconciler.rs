@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use betang_proto::v1::{DeleteVmRequest, EnsureVmRequest};
+use betang_proto::v1::{DISK_KEPT_METADATA, DeleteVmRequest, EnsureVmRequest};
 use tokio::sync::{Notify, mpsc, oneshot};
 use tracing::{Instrument, info, info_span, warn};
 
@@ -25,11 +25,6 @@ use crate::{
 };
 
 const WAKE_GATHER: Duration = Duration::from_millis(5);
-
-/// The metadata an agent puts on a refusal when it kept a disk it would not
-/// use (it does not match what the VPS was built on): such a failure is never
-/// followed by a cleanup, which would remove that disk.
-pub const DISK_KEPT_METADATA: &str = "betang-disk-kept";
 
 /// Silent hosts are looked for at most this often. Passes come a hundred
 /// times a second under load, and each look reads every host row; a host is

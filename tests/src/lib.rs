@@ -29,7 +29,9 @@ use betang_proto::v1::{
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 pub mod bench;
+pub mod chaos;
 pub mod prometheus;
+pub mod real;
 
 pub const IMAGE: &str = "tiny";
 
@@ -394,6 +396,7 @@ impl Cluster {
                 } else {
                     HypervisorSetting::Libvirt
                 },
+                simulated_persist: false,
                 domain_type: DomainTypeSetting::Qemu,
                 image_dir: image_dir.clone(),
                 vm_dir: cluster.dir.path().join(format!("vms-{i}")),

@@ -5,64 +5,18 @@
 //! This test needs root and libvirtd; `deploy/test.sh` provides both. It
 //! fails (never skips) when they are missing.
 
-use std::{
-    os::unix::fs::PermissionsExt,
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::{path::Path, time::Duration};
 
 use anyhow::Context;
-use betang_agent::config::{AgentConfig, DomainTypeSetting, NetworkConfig};
 use betang_proto::v1::{
-    ApproveVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListAuditRequest,
-    ListHostsRequest, Quota, RebootVpsRequest, StartVpsRequest, StopVpsRequest, VpsSpec, VpsState,
+    ApproveVpsRequest, CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, ListAuditRequest, Quota,
+    RebootVpsRequest, StartVpsRequest, StopVpsRequest, VpsSpec, VpsState,
 };
 use betang_tests::{
-    Authed, Clients, agent_tls, application, controller_tls, eventually, init_tracing, make_people,
-    make_pki, prometheus::Prometheus, test_prefix, wait_state, workspace_root,
+    Authed, application, eventually, prometheus::Prometheus, real::RealHost, wait_state,
 };
-use virt::{connect::Connect, domain::Domain};
 
-const URI: &str = "qemu:///system";
 const BOOT: Duration = Duration::from_secs(240);
-
-/// Removes every domain this test created (by the VPS name prefix in the
-/// domain metadata) even when the test fails half-way.
-struct Cleanup {
-    prefix: String,
-    dirs: Vec<PathBuf>,
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        if let Ok(conn) = Connect::open(Some(URI)) {
-            for d in conn.list_all_domains(0).unwrap_or_default() {
-                let ours = d
-                    .xml_desc(0)
-                    .map(|x| x.contains(&format!("name=\"{}-", self.prefix)))
-                    .unwrap_or(false);
-                if ours {
-                    let _ = d.destroy();
-                    let _ = d.undefine();
-                }
-            }
-        }
-        for dir in &self.dirs {
-            let _ = std::fs::remove_dir_all(dir);
-        }
-    }
-}
-
-fn build_test_image() -> anyhow::Result<PathBuf> {
-    let out = std::process::Command::new("bash")
-        .arg(workspace_root().join("deploy/build-test-image.sh"))
-        .stderr(std::process::Stdio::inherit())
-        .output()
-        .context("running deploy/build-test-image.sh")?;
-    anyhow::ensure!(out.status.success(), "deploy/build-test-image.sh failed");
-    Ok(PathBuf::from(String::from_utf8(out.stdout)?.trim()))
-}
 
 fn serial(path: &Path) -> String {
     std::fs::read(path)
@@ -85,114 +39,23 @@ async fn wait_serial(path: &Path, needle: &str, count: usize) -> anyhow::Result<
     .map_err(|e| e.context(format!("console so far:\n{}", serial(path))))
 }
 
-fn domain(conn: &Connect, id: &str) -> Option<Domain> {
-    conn.lookup_domain_by_name(&format!("betang-{id}")).ok()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
-    init_tracing();
-    let conn = Connect::open(Some(URI)).with_context(|| {
-        format!(
-            "libvirtd must be running for this test ({URI}); run deploy/test.sh, which starts it"
-        )
-    })?;
-    let image = build_test_image()?;
-    let prefix = test_prefix();
-    // Under /var/lib so that QEMU, running as libvirt-qemu, can reach the files.
-    let root = PathBuf::from(format!("/var/lib/betang-test/{prefix}"));
-    let mut cleanup = Cleanup {
-        prefix: prefix.clone(),
-        dirs: vec![root.clone()],
-    };
-    let image_dir = root.join("images");
-    let vm_dir = root.join("vms");
-    std::fs::create_dir_all(&image_dir)?;
-    std::fs::create_dir_all(&vm_dir)?;
-    for d in [
-        Path::new("/var/lib/betang-test"),
-        &root,
-        &image_dir,
-        &vm_dir,
-    ] {
-        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755))?;
-    }
-    std::fs::copy(&image, image_dir.join("betang-test.qcow2"))?;
-    std::fs::write(
-        image_dir.join("catalog.toml"),
-        "[[image]]\nname = \"betang-test\"\nfile = \"betang-test.qcow2\"\nos = \"busybox\"\n",
-    )?;
-
-    // The default install: mutual TLS between controller and agent, tokens for people.
-    let dir = tempfile::tempdir()?;
-    let host_id = format!("{prefix}-host");
-    let pki = make_pki(&dir.path().join("pki"), std::slice::from_ref(&host_id))?;
-    let mut ccfg =
-        betang_controller::config::ControllerConfig::with_data_dir(dir.path().join("data"));
-    ccfg.usage_interval_ms = 0;
-    ccfg.reconcile_interval_ms = 500;
-    ccfg.metrics_listen = Some("127.0.0.1:0".parse()?);
-    ccfg.tls = Some(controller_tls(&pki));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let controller = betang_controller::server::start(ccfg, listener, agent_listener).await?;
-    let endpoint = format!("http://{}", controller.addr);
-    let now = betang_controller::now_ms();
-    let (_, admin) = controller.store.run_sync(|c| {
-        betang_controller::store::identity::bootstrap_admin(c, "dc", "Data center", "admin", now)
-    })?;
     let quota = Quota {
         vcpus: 4,
         memory_mib: 1024,
         disk_gib: 10,
         vps_count: 2,
     };
-    let people = make_people(&endpoint, &admin, &prefix, quota).await?;
-    let acfg = AgentConfig {
-        metrics_listen: Some("127.0.0.1:0".parse()?),
-        stats_interval_ms: 1000,
-        stats_deadline_ms: 10_000,
-        host_id: host_id.clone(),
-        listen: "127.0.0.1:0".parse()?,
-        advertise_endpoint: None,
-        controller_endpoint: format!("https://{}", controller.agent_addr),
-        libvirt_uri: URI.into(),
-        hypervisor: betang_agent::config::HypervisorSetting::Libvirt,
-        domain_type: DomainTypeSetting::Auto,
-        image_dir,
-        vm_dir: vm_dir.clone(),
-        heartbeat_interval_ms: 1000,
-        reconcile_interval_seconds: 5,
-        libvirt_call_timeout_seconds: 60,
-        capacity: None,
-        network: NetworkConfig::None,
-        zone: String::new(),
-        labels: Default::default(),
-        tls: Some(agent_tls(&pki, &host_id)),
-    };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let agent = betang_agent::server::start(acfg, listener).await?;
-
-    let operator = Clients::connect(&endpoint, Some(&people.operator)).await?;
-    let member = Clients::connect(&endpoint, Some(&people.member_a)).await?;
+    let host = RealHost::start(quota).await?;
+    let (prefix, people, host_id) = (&host.prefix, &host.people, &host.host_id);
+    let operator = host.operator().await?;
+    let member = host.member().await?;
     let mut c = member.vps.clone();
-    eventually(
-        Duration::from_secs(30),
-        "host registered over mutual TLS",
-        || {
-            let mut hosts = operator.hosts.clone();
-            let host_id = host_id.clone();
-            async move {
-                let l = hosts
-                    .list_hosts(ListHostsRequest {})
-                    .await
-                    .ok()?
-                    .into_inner();
-                l.hosts.iter().any(|h| h.id == host_id).then_some(())
-            }
-        },
-    )
-    .await?;
+    let (conn, controller, vm_dir) = (&host.conn, &host.controller, &host.vm_dir);
+    let agent = host.agent();
+    let domain = |_: &virt::connect::Connect, id: &str| host.domain(id);
+    let dir = &host.dir;
 
     // A member of institution A asks; an operator approves.
     let name = format!("{prefix}-e2e");
@@ -241,7 +104,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
     );
 
     // libvirt agrees with what was asked.
-    let dom = domain(&conn, &id).context("domain missing")?;
+    let dom = domain(conn, &id).context("domain missing")?;
     let info = dom.info()?;
     assert_eq!(info.nr_virt_cpu, 2);
     assert_eq!(info.max_mem, 128 * 1024);
@@ -323,7 +186,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         },
     )
     .await?;
-    assert_eq!(rules.len(), 6);
+    assert_eq!(rules.len(), 7);
     drop(prom);
 
     // Graceful stop: the test guest powers off on the ACPI button.
@@ -340,7 +203,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         t.elapsed().as_secs_f64()
     );
     assert!(serial(&console).contains("BETANG-POWER-BUTTON"));
-    let dom = domain(&conn, &id).context("domain missing after stop")?;
+    let dom = domain(conn, &id).context("domain missing after stop")?;
     assert!(!dom.is_active()?);
     assert!(!dom.autostart()?);
 
@@ -357,7 +220,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
 
     c.delete_vps(DeleteVpsRequest { id: id.clone() }).await?;
     wait_state(&c, &id, VpsState::Deleted, Duration::from_secs(120)).await?;
-    assert!(domain(&conn, &id).is_none(), "domain left behind");
+    assert!(domain(conn, &id).is_none(), "domain left behind");
     assert!(!vm_dir.join(&id).exists(), "disk or seed left behind");
 
     // Every step is in the audit trail, attributed to who did it.
@@ -382,11 +245,5 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
             "vps.delete"
         ]
     );
-
-    drop(agent);
-    drop(controller);
-    cleanup.dirs.push(dir.path().to_path_buf());
-    drop(cleanup);
-    let _ = Arc::new(());
     Ok(())
 }

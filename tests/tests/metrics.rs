@@ -56,6 +56,7 @@ async fn agent_on(
         controller_endpoint: "http://127.0.0.1:9".into(),
         libvirt_uri: "test:///default".into(),
         hypervisor: HypervisorSetting::Simulated,
+        simulated_persist: false,
         domain_type: DomainTypeSetting::Qemu,
         image_dir: images,
         vm_dir: dir.join("vms"),

@@ -8,7 +8,9 @@ use betang_proto::v1::{
     DrainHostRequest, GetVpsRequest, ListAuditRequest, MoveVpsRequest, StartVpsRequest,
     StopVpsRequest, UncordonHostRequest, VpsState,
 };
-use betang_tests::{Cluster, ClusterOptions, eventually, state_of, wait_on_host, wait_state};
+use betang_tests::{
+    Cluster, ClusterOptions, eventually, real::qemu_io, state_of, wait_on_host, wait_state,
+};
 use tonic::Code;
 
 /// Generous: a loaded two-core machine may run the whole suite beside a build.
@@ -20,19 +22,6 @@ fn root_disk(cluster: &Cluster, host: usize, vps_id: &str) -> PathBuf {
         .vm_dir
         .join(vps_id)
         .join("root.qcow2")
-}
-
-fn qemu_io(disk: &PathBuf, cmd: &str) -> anyhow::Result<String> {
-    let out = Command::new("qemu-io")
-        .args(["-f", "qcow2", "-c", cmd])
-        .arg(disk)
-        .output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "qemu-io {cmd}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 async fn move_vps(

@@ -209,6 +209,7 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
         controller_endpoint: cluster.agent_endpoint.clone(),
         libvirt_uri: uri.clone(),
         hypervisor: betang_agent::config::HypervisorSetting::Libvirt,
+        simulated_persist: false,
         domain_type: DomainTypeSetting::Qemu,
         image_dir,
         vm_dir: cluster.dir.path().join("vms"),

@@ -11,7 +11,7 @@ mod simulated;
 
 pub use blocking::Blocking;
 pub use libvirt::{LibvirtHypervisor, probe_domain_type};
-pub use simulated::{SimulatedDisks, SimulatedHypervisor};
+pub use simulated::{SIMULATED_STATE_FILE, SimulatedDisks, SimulatedHypervisor};
 
 use crate::{
     disks::{DiskTool, QemuImg},

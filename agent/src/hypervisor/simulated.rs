@@ -6,12 +6,12 @@
 
 use std::{
     collections::{BTreeMap, HashSet},
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
@@ -26,11 +26,29 @@ use crate::{
 /// the way a lightly loaded guest's do.
 const BUSY_SHARE: f64 = 0.25;
 
+/// Where a persistent simulated host keeps its domains, in its `vm_dir`.
+pub const SIMULATED_STATE_FILE: &str = ".simulated-domains.json";
+
 pub struct SimulatedHypervisor {
     node: NodeFacts,
     domains: Mutex<BTreeMap<String, SimDomain>>,
     /// Domains whose calls block until released, like a guest stuck in I/O.
     hung: Mutex<HashSet<String>>,
+    /// Written after every change when set, so the domains outlive the
+    /// agent's process as libvirt's persistent domains do.
+    state_file: Option<PathBuf>,
+}
+
+/// A domain as the state file keeps it; a running guest stays running
+/// across the agent's restart, as a QEMU process outlives its agent.
+#[derive(Serialize, Deserialize)]
+struct StoredDomain {
+    metadata: Option<VpsMetadata>,
+    autostart: bool,
+    vcpus: u32,
+    memory_kib: u64,
+    cpu_ns: u64,
+    running: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -106,7 +124,65 @@ impl SimulatedHypervisor {
             node,
             domains: Mutex::default(),
             hung: Mutex::default(),
+            state_file: None,
         }
+    }
+
+    /// A simulated host whose domains are kept in `path` (loaded now, written
+    /// atomically after every change).
+    pub fn persistent(node: NodeFacts, path: PathBuf) -> Result<Self> {
+        let stored: BTreeMap<String, StoredDomain> = match std::fs::read(&path) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map_err(|e| AgentError::Internal(format!("{}: {e}", path.display())))?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(AgentError::io(&path, e)),
+        };
+        let domains = stored
+            .into_iter()
+            .map(|(n, d)| {
+                let dom = SimDomain {
+                    metadata: d.metadata,
+                    autostart: d.autostart,
+                    vcpus: d.vcpus,
+                    memory_kib: d.memory_kib,
+                    cpu_ns: d.cpu_ns,
+                    running_since: d.running.then(Instant::now),
+                };
+                (n, dom)
+            })
+            .collect();
+        Ok(SimulatedHypervisor {
+            node,
+            domains: Mutex::new(domains),
+            hung: Mutex::default(),
+            state_file: Some(path),
+        })
+    }
+
+    /// Writes the domains to the state file (when there is one), under a
+    /// temporary name first so a kill half-way leaves the last good copy.
+    fn persist(&self, doms: &BTreeMap<String, SimDomain>) -> Result<()> {
+        let Some(path) = &self.state_file else {
+            return Ok(());
+        };
+        let stored: BTreeMap<&String, StoredDomain> = doms
+            .iter()
+            .map(|(n, d)| {
+                let s = StoredDomain {
+                    metadata: d.metadata.clone(),
+                    autostart: d.autostart,
+                    vcpus: d.vcpus,
+                    memory_kib: d.memory_kib,
+                    cpu_ns: d.cpu_time_ns(),
+                    running: d.running_since.is_some(),
+                };
+                (n, s)
+            })
+            .collect();
+        let text = serde_json::to_vec(&stored).map_err(|e| AgentError::Internal(e.to_string()))?;
+        let tmp = path.with_extension("json.part");
+        io(&tmp, std::fs::write(&tmp, text))?;
+        io(path, std::fs::rename(&tmp, path))
     }
 
     /// Makes every later call about `name` block until `release` is called.
@@ -130,7 +206,9 @@ impl SimulatedHypervisor {
         let d = doms
             .get_mut(name)
             .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))?;
-        Ok(f(d))
+        let out = f(d);
+        self.persist(&doms)?;
+        Ok(out)
     }
 
     fn describe(name: &str, d: &SimDomain) -> DomainState {
@@ -187,7 +265,7 @@ impl Hypervisor for SimulatedHypervisor {
         d.metadata = metadata;
         d.vcpus = parsed.vcpu;
         d.memory_kib = memory_kib;
-        Ok(())
+        self.persist(&doms)
     }
 
     fn set_metadata(&self, name: &str, meta: &VpsMetadata) -> Result<()> {
@@ -226,12 +304,19 @@ impl Hypervisor for SimulatedHypervisor {
 
     fn undefine(&self, name: &str) -> Result<()> {
         self.wait_while_hung(name);
-        lock(&self.domains).remove(name);
+        let mut doms = lock(&self.domains);
+        if doms.remove(name).is_some() {
+            self.persist(&doms)?;
+        }
         Ok(())
     }
 
     fn stats(&self, name: &str) -> Result<DomainStats> {
-        self.with(name, |d| simulated_stats(d))
+        self.wait_while_hung(name);
+        lock(&self.domains)
+            .get(name)
+            .map(simulated_stats)
+            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))
     }
 
     /// Like libvirt's no-wait pass: a hung domain is left out, not waited for.
@@ -322,11 +407,13 @@ impl DiskTool for SimulatedDisks {
         }
     }
 
-    fn overlay_matches(&self, base: &Path, overlay: &Path) -> bool {
-        std::fs::read_to_string(overlay).is_ok_and(|t| {
-            let mut l = t.lines();
-            l.next() == Some(OVERLAY_MAGIC) && l.next().map(Path::new) == Some(base)
-        })
+    fn backing_of(&self, overlay: &Path) -> Result<PathBuf> {
+        let text = io(overlay, std::fs::read_to_string(overlay))?;
+        let mut l = text.lines();
+        match (l.next(), l.next()) {
+            (Some(OVERLAY_MAGIC), Some(base)) => Ok(PathBuf::from(base)),
+            _ => Err(AgentError::Disk("it is not a simulated overlay".into())),
+        }
     }
 
     fn rebase(&self, overlay: &Path, base: &Path) -> Result<()> {
@@ -452,8 +539,8 @@ mod tests {
         let d = SimulatedDisks;
         assert_eq!(d.inspect_base(&base).unwrap().virtual_size, GIB);
         d.create_overlay(&base, &root, 2 * GIB).unwrap();
-        assert!(d.overlay_matches(&base, &root));
-        assert!(!d.overlay_matches(&dir.path().join("other"), &root));
+        assert_eq!(d.backing_of(&root).unwrap(), base);
+        assert!(d.backing_of(&base).is_err());
         d.grow(&root, GIB).unwrap();
         assert_eq!(simulated_overlay_size(&root), Some(2 * GIB));
         d.grow(&root, 5 * GIB).unwrap();
@@ -461,7 +548,7 @@ mod tests {
         assert!(d.grow(&base, GIB).is_err());
         let other = dir.path().join("other");
         d.rebase(&root, &other).unwrap();
-        assert!(d.overlay_matches(&other, &root));
+        assert_eq!(d.backing_of(&root).unwrap(), other);
         assert_eq!(simulated_overlay_size(&root), Some(5 * GIB));
         assert!(d.rebase(&base, &other).is_err());
     }

@@ -19,6 +19,7 @@ pub use transfer::{CHUNK_BYTES, Incoming};
 
 use crate::{
     config::NetworkConfig,
+    digests::{self, DigestCache},
     disks,
     domain_xml::{DomainSpec, DomainType, VpsMetadata},
     error::{AgentError, Result},
@@ -53,6 +54,9 @@ pub struct EnsureArgs {
     pub stop_timeout: Duration,
     pub force_stop: bool,
     pub institution_id: String,
+    /// SHA-256 of the image the VPS was built on ("" for VPS recorded
+    /// before digests were kept).
+    pub image_digest: String,
 }
 
 pub struct VmManager {
@@ -67,6 +71,7 @@ pub struct VmManager {
     pub rates: CpuRates,
     /// The background collector's snapshot, which heartbeats report from.
     pub stats: Arc<crate::metrics::StatsCache>,
+    digests: Arc<DigestCache>,
 }
 
 impl VmManager {
@@ -78,6 +83,7 @@ impl VmManager {
         network: NetworkConfig,
     ) -> Result<Self> {
         std::fs::create_dir_all(&vm_dir).map_err(|e| AgentError::io(&vm_dir, e))?;
+        let digests = Arc::new(DigestCache::open(vm_dir.join(digests::CACHE_FILE)));
         let m = VmManager {
             hv,
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -88,6 +94,7 @@ impl VmManager {
             locks: Mutex::new(HashMap::new()),
             rates: CpuRates::default(),
             stats: Arc::default(),
+            digests,
         };
         m.reload_catalog()?;
         Ok(m)
@@ -106,7 +113,11 @@ impl VmManager {
     }
 
     pub fn reload_catalog(&self) -> Result<Arc<Catalog>> {
-        let c = Arc::new(Catalog::load(&self.image_dir, self.hv.disk_tool())?);
+        let c = Arc::new(Catalog::load(
+            &self.image_dir,
+            self.hv.disk_tool(),
+            &self.digests,
+        )?);
         for r in &c.refused {
             warn!(entry = %r, "image refused");
         }
@@ -207,8 +218,11 @@ impl VmManager {
         vm_status(vps_id, state, usage)
     }
 
-    /// Disk, seed, define (and start when asked). Each step is undone if a
-    /// later one fails. Returns the new domain as the hypervisor then sees it.
+    /// Disk, seed, define (and start when asked). A disk the VPS already has
+    /// is used as it is, or not at all (`check_existing_disk`); a new one is
+    /// made from the catalogue. Each step this call took is undone if a later
+    /// one fails, and nothing else. Returns the new domain as the hypervisor
+    /// then sees it.
     async fn create(
         &self,
         args: &EnsureArgs,
@@ -216,6 +230,35 @@ impl VmManager {
         meta: &VpsMetadata,
         desired: PowerState,
     ) -> Result<DomainState> {
+        let dir = self.dir_of(&args.vps_id);
+        let root = dir.join("root.qcow2");
+        let has_disk = root.exists();
+        let new_disk = if has_disk {
+            self.check_existing_disk(&root, args).await?;
+            None
+        } else {
+            Some(self.image_for_new_disk(args)?)
+        };
+        let created_dir = !dir.exists();
+        let result = self
+            .create_steps(args, name, meta, desired, new_disk, &dir)
+            .await;
+        if let Err(e) = &result {
+            warn!(error = %e, "provisioning failed; undoing what this call did");
+            let undo_name = name.to_owned();
+            let _ = self.hv.call(move |hv| hv.undefine(&undo_name)).await;
+            if created_dir {
+                let _ = std::fs::remove_dir_all(&dir);
+            } else if !has_disk {
+                let _ = std::fs::remove_file(&root);
+            }
+        }
+        result
+    }
+
+    /// The catalogue image a new disk is made from: the one named, with the
+    /// content the VPS was built on, and large enough.
+    fn image_for_new_disk(&self, args: &EnsureArgs) -> Result<(PathBuf, u64)> {
         let image = match self.catalog().get(&args.spec.image).cloned() {
             Some(i) => i,
             None => self
@@ -224,6 +267,14 @@ impl VmManager {
                 .cloned()
                 .ok_or_else(|| AgentError::UnknownImage(args.spec.image.clone()))?,
         };
+        if !args.image_digest.is_empty() && image.digest != args.image_digest {
+            return Err(AgentError::ImageChanged {
+                image: image.name,
+                have: digests::short(&image.digest).to_owned(),
+                want: digests::short(&args.image_digest).to_owned(),
+                file: image.path.display().to_string(),
+            });
+        }
         let disk_bytes = args.spec.disk_gib.saturating_mul(disks::GIB);
         if disk_bytes < image.virtual_size {
             return Err(AgentError::InvalidArgument {
@@ -236,36 +287,77 @@ impl VmManager {
                 ),
             });
         }
-        let dir = self.dir_of(&args.vps_id);
-        let created_dir = !dir.exists();
-        let result = self.create_steps(args, name, meta, desired, &image.path, disk_bytes, &dir);
-        let result = result.await;
-        if let Err(e) = &result {
-            warn!(error = %e, "provisioning failed; undoing");
-            let undo_name = name.to_owned();
-            let _ = self.hv.call(move |hv| hv.undefine(&undo_name)).await;
-            if created_dir {
-                let _ = std::fs::remove_dir_all(&dir);
-            }
-        }
-        result
+        Ok((image.path, disk_bytes))
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// A disk that is already there (a domain lost from libvirt, an
+    /// interrupted ensure, a move) is used only when it stands on the base
+    /// the VPS was built on, known by its digest. Anything else is kept as it
+    /// is and refused with a reason for a person: it may hold the tenant's data.
+    async fn check_existing_disk(&self, root: &Path, args: &EnsureArgs) -> Result<()> {
+        let want = args.image_digest.clone();
+        let image_name = args.spec.image.clone();
+        let catalogue = self.catalog().get(&image_name).cloned();
+        let (root, cache) = (root.to_path_buf(), self.digests.clone());
+        self.hv
+            .disks(move |disks| {
+                let kept = |what: String| AgentError::DiskMismatch {
+                    path: root.display().to_string(),
+                    what,
+                };
+                let base = disks
+                    .backing_of(&root)
+                    .map_err(|e| kept(format!("it could not be read as a disk ({e})")))?;
+                let have = cache.digest(&base).map_err(|e| {
+                    kept(format!(
+                        "its base {} could not be read ({e})",
+                        base.display()
+                    ))
+                })?;
+                let matches = if want.is_empty() {
+                    catalogue
+                        .as_ref()
+                        .is_some_and(|i| i.path == base || i.digest == have)
+                } else {
+                    have == want
+                };
+                if matches {
+                    return Ok(());
+                }
+                let built_on = if want.is_empty() {
+                    match &catalogue {
+                        Some(i) => format!(
+                            "the catalogue's {} is sha256 {}",
+                            i.name,
+                            digests::short(&i.digest)
+                        ),
+                        None => format!("the catalogue has no image {image_name}"),
+                    }
+                } else {
+                    format!("the VPS was built on sha256 {}", digests::short(&want))
+                };
+                Err(kept(format!(
+                    "it is based on {} (sha256 {}), but {built_on}",
+                    base.display(),
+                    digests::short(&have)
+                )))
+            })
+            .await
+    }
+
     async fn create_steps(
         &self,
         args: &EnsureArgs,
         name: &str,
         meta: &VpsMetadata,
         desired: PowerState,
-        base: &Path,
-        disk_bytes: u64,
+        new_disk: Option<(PathBuf, u64)>,
         dir: &Path,
     ) -> Result<DomainState> {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
         let root = dir.join("root.qcow2");
         let seed = dir.join("seed.img");
-        let (b, r) = (base.to_path_buf(), root.clone());
+        let d = dir.to_path_buf();
         let content = SeedContent {
             instance_id: args.vps_id.clone(),
             hostname: args.spec.name.clone(),
@@ -274,16 +366,20 @@ impl VmManager {
         };
         // Both disks in one trip to the blocking pool (and the domain in
         // one more): the hand-over costs more than a simulated host's work.
+        // Each is made under a temporary name and renamed when complete, so
+        // a half-made file never looks like a disk.
         self.hv
             .disks(move |disks| {
-                // A disk left by an interrupted call is kept only if it is ours.
-                if r.exists() && !disks.overlay_matches(&b, &r) {
-                    std::fs::remove_file(&r).map_err(|e| AgentError::io(&r, e))?;
+                if let Some((base, bytes)) = new_disk {
+                    let part = d.join("root.qcow2.part");
+                    remove_temporary(&part)?;
+                    disks.create_overlay(&base, &part, bytes)?;
+                    commit_file(&part, &root, &d)?;
                 }
-                if !r.exists() {
-                    disks.create_overlay(&b, &r, disk_bytes)?;
-                }
-                disks.write_seed(&seed, &content)
+                let part = d.join("seed.img.part");
+                remove_temporary(&part)?;
+                disks.write_seed(&part, &content)?;
+                commit_file(&part, &seed, &d)
             })
             .await?;
         let xml = self.domain_xml(args, name, meta, dir)?;
@@ -476,6 +572,23 @@ impl VmManager {
             .collect())
     }
 
+    /// The VPS ids that have a directory under `vm_dir`, whatever is in it;
+    /// the controller shows those no VPS owns. A directory read is cheap.
+    pub fn vm_dirs(&self) -> Result<Vec<String>> {
+        let entries =
+            std::fs::read_dir(&self.vm_dir).map_err(|e| AgentError::io(&self.vm_dir, e))?;
+        let mut out = Vec::new();
+        for e in entries {
+            let e = e.map_err(|e| AgentError::io(&self.vm_dir, e))?;
+            let name = e.file_name().to_string_lossy().into_owned();
+            if names::check_vps_id(&name).is_ok() && e.path().is_dir() {
+                out.push(name);
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
     /// Adopts the domains libvirt already has (after an agent restart, a
     /// libvirtd restart or a host reboot) and restarts those that crashed
     /// while they should run. Desired power is what the last ensure recorded
@@ -512,6 +625,28 @@ impl VmManager {
     }
 }
 
+/// Removes a temporary file an interrupted call may have left. Only ever
+/// called with a `.part` name, which no disk has.
+fn remove_temporary(part: &Path) -> Result<()> {
+    match std::fs::remove_file(part) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(AgentError::io(part, e)),
+    }
+}
+
+/// Gives a finished file its real name, durably: its data, then the name.
+fn commit_file(part: &Path, to: &Path, dir: &Path) -> Result<()> {
+    let sync = |p: &Path| {
+        std::fs::File::open(p)
+            .and_then(|f| f.sync_all())
+            .map_err(|e| AgentError::io(p, e))
+    };
+    sync(part)?;
+    std::fs::rename(part, to).map_err(|e| AgentError::io(to, e))?;
+    sync(dir)
+}
+
 /// The agent checks what it relies on itself; the controller's validation is
 /// stricter and speaks to people.
 fn check_spec(spec: &VpsSpec) -> Result<()> {
@@ -533,4 +668,158 @@ fn check_spec(spec: &VpsSpec) -> Result<()> {
         return bad("disk_gib", "must be between 1 and 65536");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hypervisor::{Hypervisor, NodeFacts, SimulatedHypervisor};
+
+    struct Host {
+        _dir: tempfile::TempDir,
+        images: PathBuf,
+        vms: VmManager,
+        hv: Arc<SimulatedHypervisor>,
+    }
+
+    fn host() -> Host {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        std::fs::write(images.join("v1.img"), "the first build\n").unwrap();
+        std::fs::write(images.join("v2.img"), "a refreshed build\n").unwrap();
+        point_catalogue(&images, "v1.img");
+        let hv = Arc::new(SimulatedHypervisor::new(NodeFacts {
+            cpus: 4,
+            memory_kib: 4 << 20,
+        }));
+        let vms = VmManager::new(
+            Blocking::new(hv.clone(), Duration::from_secs(5)),
+            images.clone(),
+            dir.path().join("vms"),
+            DomainType::Qemu,
+            NetworkConfig::None,
+        )
+        .unwrap();
+        Host {
+            _dir: dir,
+            images,
+            vms,
+            hv,
+        }
+    }
+
+    fn point_catalogue(images: &Path, file: &str) {
+        std::fs::write(
+            images.join(crate::images::MANIFEST),
+            format!("[[image]]\nname = \"tiny\"\nfile = \"{file}\"\n"),
+        )
+        .unwrap();
+    }
+
+    fn args(id: &str, digest: &str) -> EnsureArgs {
+        EnsureArgs {
+            vps_id: id.into(),
+            spec: VpsSpec {
+                name: "web".into(),
+                vcpus: 1,
+                memory_mib: 256,
+                disk_gib: 1,
+                image: "tiny".into(),
+                ..Default::default()
+            },
+            desired: PowerState::Stopped,
+            generation: 1,
+            stop_timeout: Duration::from_secs(1),
+            force_stop: true,
+            institution_id: "inst".into(),
+            image_digest: digest.into(),
+        }
+    }
+
+    const ID: &str = "01234567-89ab-cdef-0123-456789abcdef";
+
+    /// The tenant's disk after a pattern was written into it.
+    fn write_pattern(h: &Host) -> (PathBuf, String) {
+        let root = h.vms.vm_dir().join(ID).join("root.qcow2");
+        let mut text = std::fs::read_to_string(&root).unwrap();
+        text.push_str("tenant data 0xab\n");
+        std::fs::write(&root, &text).unwrap();
+        (root, text)
+    }
+
+    #[tokio::test]
+    async fn a_lost_domain_comes_back_on_the_disk_it_had_after_an_image_refresh() {
+        let h = host();
+        let v1 = crate::digests::sha256_file(&h.images.join("v1.img")).unwrap();
+        h.vms.ensure(args(ID, &v1)).await.unwrap();
+        let (root, text) = write_pattern(&h);
+        // A refreshed image under the same name; the domain is lost.
+        point_catalogue(&h.images, "v2.img");
+        h.vms.reload_catalog().unwrap();
+        h.hv.undefine(&names::domain_name(ID)).unwrap();
+        let st = h.vms.ensure(args(ID, &v1)).await.unwrap();
+        assert_eq!(st.power, PowerState::Stopped as i32);
+        assert_eq!(std::fs::read_to_string(&root).unwrap(), text, "data kept");
+        // A new VPS asking for the old content is refused: the catalogue
+        // no longer has it, and nothing is made.
+        let other = "11234567-89ab-cdef-0123-456789abcdef";
+        let e = h.vms.ensure(args(other, &v1)).await.unwrap_err();
+        assert!(matches!(e, AgentError::ImageChanged { .. }), "{e}");
+        assert!(!h.vms.vm_dir().join(other).exists());
+    }
+
+    #[tokio::test]
+    async fn a_disk_that_does_not_match_is_kept_and_refused() {
+        let h = host();
+        let v1 = crate::digests::sha256_file(&h.images.join("v1.img")).unwrap();
+        h.vms.ensure(args(ID, &v1)).await.unwrap();
+        let (root, text) = write_pattern(&h);
+        h.hv.undefine(&names::domain_name(ID)).unwrap();
+        // The base overwritten in place: another digest under the same name.
+        std::fs::write(h.images.join("v1.img"), "overwritten in place\n").unwrap();
+        h.vms.reload_catalog().unwrap();
+        let e = h.vms.ensure(args(ID, &v1)).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AgentError::DiskMismatch { .. }), "{msg}");
+        assert!(
+            msg.contains("root.qcow2 was kept") && msg.contains("sha256"),
+            "{msg}"
+        );
+        assert_eq!(std::fs::read_to_string(&root).unwrap(), text, "not touched");
+        assert!(h.hv.lookup(&names::domain_name(ID)).unwrap().is_none());
+        // Nor is a file that is no disk at all replaced.
+        std::fs::write(&root, "not a disk").unwrap();
+        let e = h.vms.ensure(args(ID, "")).await.unwrap_err();
+        assert!(e.to_string().contains("could not be read"), "{e}");
+        assert_eq!(std::fs::read_to_string(&root).unwrap(), "not a disk");
+        // Only a delete removes it.
+        h.vms.delete(ID).await.unwrap();
+        assert!(!root.exists());
+    }
+
+    #[tokio::test]
+    async fn a_disk_arrives_only_on_the_same_image_and_never_over_another() {
+        let h = host();
+        let v1 = crate::digests::sha256_file(&h.images.join("v1.img")).unwrap();
+        let v2 = crate::digests::sha256_file(&h.images.join("v2.img")).unwrap();
+        let incoming = |digest: &str| {
+            let data = b"betang-simulated-overlay\n/elsewhere/v1.img\n1073741824\n".to_vec();
+            futures::stream::iter(vec![Ok(Incoming {
+                vps_id: ID.into(),
+                image: "tiny".into(),
+                total_bytes: data.len() as u64,
+                data,
+                image_digest: digest.into(),
+            })])
+        };
+        let e = h.vms.import_disk(incoming(&v2)).await.unwrap_err();
+        assert!(matches!(e, AgentError::ImageChanged { .. }), "{e}");
+        assert!(!h.vms.vm_dir().join(ID).exists(), "nothing left behind");
+        h.vms.import_disk(incoming(&v1)).await.unwrap();
+        let root = h.vms.vm_dir().join(ID).join("root.qcow2");
+        assert!(std::fs::read_to_string(&root).unwrap().contains("v1.img"));
+        let e = h.vms.import_disk(incoming(&v1)).await.unwrap_err();
+        assert!(e.to_string().contains("already has a disk"), "{e}");
+    }
 }

@@ -25,6 +25,8 @@ pub struct Incoming {
     pub image: String,
     pub data: Vec<u8>,
     pub total_bytes: u64,
+    /// The digest of the image the disk was built on ("" when unknown).
+    pub image_digest: String,
 }
 
 impl VmManager {
@@ -36,6 +38,9 @@ impl VmManager {
         vps_id: &str,
     ) -> Result<(u64, impl Stream<Item = Result<Vec<u8>>> + use<>)> {
         names::check_vps_id(vps_id)?;
+        // Held until the stream ends or is dropped: no ensure or delete of
+        // this VPS runs while its disk is being read.
+        let guard = self.lock_for(vps_id).lock_owned().await;
         let name = names::domain_name(vps_id);
         let state = self.hv.call(move |hv| hv.lookup(&name)).await?;
         if state.is_some_and(|s| s.power != Power::Stopped) {
@@ -56,14 +61,14 @@ impl VmManager {
             .await
             .map_err(|e| AgentError::io(&path, e))?
             .len();
-        let chunks = futures::stream::unfold(Some((file, path)), |state| async move {
-            let (mut file, path) = state?;
+        let chunks = futures::stream::unfold(Some((file, path, guard)), |state| async move {
+            let (mut file, path, guard) = state?;
             let mut buf = vec![0u8; CHUNK_BYTES];
             match file.read(&mut buf).await {
                 Ok(0) => None,
                 Ok(n) => {
                     buf.truncate(n);
-                    Some((Ok(buf), Some((file, path))))
+                    Some((Ok(buf), Some((file, path, guard))))
                 }
                 Err(e) => Some((Err(AgentError::io(&path, e)), None)),
             }
@@ -91,6 +96,15 @@ impl VmManager {
             .get(&first.image)
             .cloned()
             .ok_or_else(|| AgentError::UnknownImage(first.image.clone()))?;
+        let want = names::check_digest(&first.image_digest)?;
+        if !want.is_empty() && image.digest != want {
+            return Err(AgentError::ImageChanged {
+                image: image.name,
+                have: crate::digests::short(&image.digest).to_owned(),
+                want: crate::digests::short(&want).to_owned(),
+                file: image.path.display().to_string(),
+            });
+        }
         let name = names::domain_name(&vps_id);
         if self.hv.call(move |hv| hv.lookup(&name)).await?.is_some() {
             return Err(AgentError::WrongState {
@@ -99,6 +113,13 @@ impl VmManager {
             });
         }
         let dir = self.dir_of(&vps_id);
+        if dir.join("root.qcow2").exists() {
+            // Never written over: it may be a disk someone still needs.
+            return Err(AgentError::WrongState {
+                vps_id,
+                rule: "this host already has a disk for it",
+            });
+        }
         let created_dir = !dir.exists();
         std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
         let part = dir.join("root.qcow2.part");

@@ -136,6 +136,7 @@ async fn start_agent(
         controller_endpoint: registry.to_owned(),
         libvirt_uri: String::new(),
         hypervisor: HypervisorSetting::Simulated,
+        simulated_persist: false,
         domain_type: DomainTypeSetting::Qemu,
         image_dir: image_dir.to_owned(),
         vm_dir: dir.join(format!("vms-{i:04}")),
