@@ -162,9 +162,9 @@ pub fn request(
     if !matches!(v.state, VpsState::Running | VpsState::Stopped) {
         return Err(refuse(&v, "move (only a stopped or running VPS moves)"));
     }
-    if v.applied_generation < v.generation
-        || (v.state == VpsState::Running) != (v.desired == DesiredPower::Running)
-    {
+    // A start or stop still on its way is waited out (the VM must be still
+    // while its disk is read); a change of size is applied on the target.
+    if (v.state == VpsState::Running) != (v.desired == DesiredPower::Running) {
         return Err(refuse(
             &v,
             "move yet (its last change is still being applied; try again when it is done)",

@@ -878,14 +878,22 @@ async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
         .unwrap_err();
     assert!(e.to_string().contains("old copy"), "{e}");
     s.run_sync(move |c| moves::done(c, &id)).unwrap();
-    // Nor while the target has not applied its new definition yet.
+    // Nor while a start is on its way.
+    s.run_sync(move |c| {
+        c.execute(
+            "UPDATE vps SET desired_power = 'running' WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
     let e = s
-        .run_sync(move |c| moves::request(c, &Caller::system(), &id, false, &placement(), NOW))
+        .run_sync(move |c| moves::request(c, &Caller::system(), &id, true, &placement(), NOW))
         .unwrap_err();
     assert!(e.to_string().contains("still being applied"), "{e}");
     s.run_sync(move |c| {
         c.execute(
-            "UPDATE vps SET applied_generation = generation WHERE id = ?1",
+            "UPDATE vps SET desired_power = 'stopped' WHERE id = ?1",
             [id.to_string()],
         )?;
         Ok(())
