@@ -88,6 +88,7 @@ impl HostReporter {
                 min_disk_gib: i.min_disk_gib(),
                 size_bytes: i.size_bytes,
                 digest: i.digest.clone(),
+                ..Image::default()
             })
             .collect();
         Ok(HostInfoResponse {

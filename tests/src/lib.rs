@@ -438,7 +438,7 @@ impl Cluster {
     pub async fn wait_host_state(&self, host_id: &str, want: HostState) -> anyhow::Result<()> {
         let hosts = self.as_operator().await?.hosts;
         eventually(
-            Duration::from_secs(20),
+            Duration::from_secs(60),
             &format!("host {host_id} {want:?}"),
             || {
                 let mut hosts = hosts.clone();

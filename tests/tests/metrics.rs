@@ -260,7 +260,7 @@ async fn controller_metrics_follow_requests_vps_hosts_and_institutions() -> anyh
         .create_vps(cluster.create(cluster.spec("m")))
         .await?
         .into_inner();
-    let v = wait_state(&c, &v.id, VpsState::Running, Duration::from_secs(20)).await?;
+    let v = wait_state(&c, &v.id, VpsState::Running, Duration::from_secs(120)).await?;
     let stranger = cluster.clients("btg_not_a_real_token").await?;
     assert!(
         stranger

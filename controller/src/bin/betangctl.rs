@@ -297,6 +297,8 @@ enum ReportCmd {
 
 #[derive(Subcommand)]
 enum ImageCmd {
+    /// Every version of every image: how many hosts offer it and how many
+    /// VPS stand on it (a version's file must stay while VPS use it).
     List,
 }
 
@@ -962,13 +964,23 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             println!(
-                "{:<24}  {:<10}  {:>8}  DESCRIPTION",
-                "NAME", "OS", "MIN GiB"
+                "{:<24}  {:<12}  {:>5}  {:>5}  {:<10}  {:>7}  DESCRIPTION",
+                "NAME", "SHA256", "HOSTS", "VPS", "OS", "MIN GiB"
             );
             for i in &list.get_ref().images {
                 println!(
-                    "{:<24}  {:<10}  {:>8}  {}",
-                    i.name, i.os, i.min_disk_gib, i.description
+                    "{:<24}  {:<12}  {:>5}  {:>5}  {:<10}  {:>7}  {}",
+                    i.name,
+                    if i.digest.is_empty() {
+                        "-"
+                    } else {
+                        short_digest(&i.digest)
+                    },
+                    i.host_count,
+                    i.vps_count,
+                    i.os,
+                    i.min_disk_gib,
+                    i.description
                 );
             }
         }

@@ -489,6 +489,7 @@ fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Im
                 min_disk_gib: r.get::<_, i64>(4)? as u64,
                 size_bytes: r.get::<_, i64>(5)? as u64,
                 digest: r.get(6)?,
+                ..Image::default()
             },
         ))
     })?;
@@ -641,6 +642,7 @@ pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiE
             min_disk_gib: r.get::<_, i64>(3)? as u64,
             size_bytes: r.get::<_, i64>(4)? as u64,
             digest: r.get(5)?,
+            ..Image::default()
         })
     })
     .optional()?)
@@ -799,13 +801,42 @@ fn read(
     Ok(out)
 }
 
-/// The images offered by at least one host, each once.
+/// Every version of every image: those the hosts offer, with how many
+/// hosts offer each, and those VPS stand on, with how many VPS (a version no
+/// host offers any more shows while VPS still use it).
 pub fn catalogue(c: &Connection) -> Result<Vec<Image>, ApiError> {
-    let mut by_name: std::collections::BTreeMap<String, Image> = Default::default();
+    let mut versions: BTreeMap<(String, String), Image> = BTreeMap::new();
     for (_, imgs) in images(c, None)? {
         for i in imgs {
-            by_name.entry(i.name.clone()).or_insert(i);
+            versions
+                .entry((i.name.clone(), i.digest.clone()))
+                .or_insert_with(|| i.clone())
+                .host_count += 1;
         }
     }
-    Ok(by_name.into_values().collect())
+    let mut q = c.prepare_cached(
+        "SELECT image, image_digest, COUNT(*) FROM vps
+         WHERE state NOT IN ('DELETED', 'REJECTED', 'CANCELLED', 'PENDING_APPROVAL')
+         GROUP BY image, image_digest",
+    )?;
+    let rows = q.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    for row in rows {
+        let (name, digest, n) = row?;
+        let v = versions
+            .entry((name.clone(), digest.clone()))
+            .or_insert_with(|| Image {
+                name,
+                digest,
+                description: "no host offers this version any more".into(),
+                ..Image::default()
+            });
+        v.vps_count = n as u32;
+    }
+    Ok(versions.into_values().collect())
 }

@@ -972,3 +972,204 @@ fn a_call_whose_writes_cannot_be_undone_fails_its_whole_batch() {
     .unwrap();
     assert_eq!(weight(&s), 4.0);
 }
+
+/// The build clock starts at placement, not at the request, and stands
+/// still while the host is down; a failure whose disk was kept leaves no
+/// cleanup; a cleanup that waits says so, and stops saying it once done.
+#[test]
+fn builds_time_out_from_placement_and_never_while_their_host_is_down() {
+    use crate::lifecycle::VpsState;
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let member = Caller {
+        user_id: "u-siti".into(),
+        username: "siti".into(),
+        institution_id: inst.clone(),
+        role: crate::auth::Role::Member,
+    };
+    // Asked long ago, approved now: the clock starts at the approval.
+    let (m, i) = (member.clone(), inst.clone());
+    let asked = s
+        .run_sync(move |c| vps::create(c, &m, &new_vps(&i, 1, 1), &placement(), NOW - 3_600_000))
+        .unwrap();
+    let id = asked.id;
+    let none = || vps::Approval {
+        vcpus: 0,
+        memory_mib: 0,
+        disk_gib: 0,
+        pin: None,
+    };
+    let v = s
+        .run_sync(move |c| vps::approve(c, &Caller::system(), &id, &none(), &placement(), NOW))
+        .unwrap();
+    assert_eq!(v.build_since_ms, NOW);
+    let transient = |reason: &str| vps::CallFailure {
+        transient: true,
+        reason: reason.into(),
+        disk_kept: false,
+    };
+    let timeout = 600_000;
+    let fail = |f: vps::CallFailure, at: i64| {
+        s.run_sync(move |c| vps::call_failed(c, &id, &f, at, timeout))
+            .unwrap();
+        s.run_sync(move |c| vps::get_any(c, &id)).unwrap()
+    };
+    let v = fail(
+        transient("the agent on host a cannot be reached"),
+        NOW + 1000,
+    );
+    assert_eq!(v.state, VpsState::Scheduled, "a first hiccup is retried");
+    // The host goes down for an hour: no timeout, and the VPS says why.
+    s.run_sync(|c| {
+        c.execute(
+            "UPDATE hosts SET down_since_ms = ?1 WHERE id = 'a'",
+            [NOW + 2000],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let v = fail(
+        transient("the agent on host a cannot be reached"),
+        NOW + 3_600_000,
+    );
+    assert_eq!(v.state, VpsState::Scheduled);
+    assert!(
+        v.state_reason.starts_with("waiting for host a"),
+        "{}",
+        v.state_reason
+    );
+    // It comes back: the hour it was down does not count.
+    let info = HostInfoResponse {
+        host_id: "a".into(),
+        hostname: "a".into(),
+        capacity: Some(HostCapacity {
+            vcpus: 8,
+            memory_mib: 8192,
+            disk_gib: 1000,
+        }),
+        images: vec![Image {
+            name: "tiny".into(),
+            min_disk_gib: 1,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.run_sync(move |c| hosts::register(c, &info, "http://127.0.0.1:1", NOW + 3_602_000))
+        .unwrap();
+    let v = s.run_sync(move |c| vps::get_any(c, &id)).unwrap();
+    assert_eq!(v.build_since_ms, NOW + 3_600_000);
+    let v = fail(transient("slow"), NOW + 3_700_000);
+    assert_eq!(v.state, VpsState::Scheduled, "100 s of building so far");
+    // Past the timeout with the host up: ERROR, and the cleanup is pending.
+    let v = fail(transient("slow"), NOW + 4_300_000);
+    assert_eq!(v.state, VpsState::Error);
+    assert!(v.cleanup_pending);
+    assert!(
+        v.state_reason.ends_with("; cleanup pending on host a"),
+        "{}",
+        v.state_reason
+    );
+    let v = fail(
+        transient("the agent on host a cannot be reached"),
+        NOW + 4_400_000,
+    );
+    assert!(
+        v.state_reason.starts_with("provisioning took longer"),
+        "{}",
+        v.state_reason
+    );
+    assert_eq!(v.state_reason.matches("cleanup pending").count(), 1);
+    s.run_sync(move |c| vps::cleaned_up(c, &id, NOW + 4_500_000))
+        .unwrap();
+    let v = s.run_sync(move |c| vps::get_any(c, &id)).unwrap();
+    assert!(
+        !v.state_reason.contains("cleanup pending"),
+        "{}",
+        v.state_reason
+    );
+    assert!(v.host_id.is_none());
+
+    // A refusal whose disk was kept: ERROR without a cleanup.
+    let (m, i) = (member.clone(), inst.clone());
+    let asked = s
+        .run_sync(move |c| vps::create(c, &m, &new_vps(&i, 2, 1), &placement(), NOW))
+        .unwrap();
+    let id = asked.id;
+    s.run_sync(move |c| vps::approve(c, &Caller::system(), &id, &none(), &placement(), NOW))
+        .unwrap();
+    let kept = vps::CallFailure {
+        transient: false,
+        reason: "host a: the disk … was kept, not used".into(),
+        disk_kept: true,
+    };
+    s.run_sync(move |c| vps::call_failed(c, &id, &kept, NOW + 1, timeout))
+        .unwrap();
+    let v = s.run_sync(move |c| vps::get_any(c, &id)).unwrap();
+    assert_eq!(v.state, VpsState::Error);
+    assert!(!v.cleanup_pending, "nothing may remove a kept disk");
+    assert_eq!(v.host_id.as_ref().map(|h| h.as_str()), Some("a"));
+    let _ = inst;
+}
+
+/// A refreshed image is a new version: VPS keep the digest they were built
+/// on, and the catalogue lists both versions with who offers and who uses them.
+#[test]
+fn image_versions_are_listed_with_their_hosts_and_vps() {
+    let s = Store::open_in_memory().unwrap();
+    let offer = |digest: &str, at: i64| {
+        let info = HostInfoResponse {
+            host_id: "a".into(),
+            hostname: "a".into(),
+            capacity: Some(HostCapacity {
+                vcpus: 8,
+                memory_mib: 8192,
+                disk_gib: 1000,
+            }),
+            images: vec![Image {
+                name: "tiny".into(),
+                min_disk_gib: 1,
+                digest: digest.into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        s.run_sync(move |c| hosts::register(c, &info, "http://127.0.0.1:1", at))
+            .unwrap();
+    };
+    let (d1, d2) = ("1".repeat(64), "2".repeat(64));
+    offer(&d1, NOW);
+    let inst = institution(&s);
+    let i = inst.clone();
+    let v = s
+        .run_sync(move |c| vps::create(c, &Caller::system(), &new_vps(&i, 0, 1), &placement(), NOW))
+        .unwrap();
+    assert_eq!(v.image_digest, d1, "the VPS records what it is built on");
+    offer(&d2, NOW + 1);
+    let list = s.run_sync(|c| hosts::catalogue(c)).unwrap();
+    let row = |d: &str| {
+        list.iter()
+            .find(|i| i.digest == d)
+            .map(|i| (i.name.as_str(), i.host_count, i.vps_count))
+    };
+    assert_eq!(row(&d1), Some(("tiny", 0, 1)));
+    assert_eq!(row(&d2), Some(("tiny", 1, 0)));
+    // A move of that VPS needs a host with its version: there is none.
+    let id = v.id;
+    s.run_sync(move |c| {
+        c.execute(
+            "UPDATE vps SET state = 'STOPPED', desired_power = 'stopped',
+                 applied_generation = generation WHERE id = ?1",
+            [id.to_string()],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    register(&s, "b", 8);
+    let e = s
+        .run_sync(move |c| {
+            crate::store::moves::request(c, &Caller::system(), &id, false, &placement(), NOW + 2)
+        })
+        .unwrap_err();
+    assert!(e.to_string().contains("lack the image"), "{e}");
+}

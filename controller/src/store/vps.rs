@@ -1067,10 +1067,9 @@ pub fn call_failed(
     {
         let backoff = 500i64 << v.attempts.min(7);
         let reason = match (&v.host_id, host_down) {
+            // Its reason already says why it failed and that cleanup waits.
+            _ if v.state == VpsState::Error => v.state_reason.clone(),
             (Some(h), true) => format!("waiting for host {h}, which is not reporting: {message}"),
-            _ if v.state == VpsState::Error => {
-                format!("{}; cleanup pending: {message}", v.state_reason)
-            }
             _ => message.clone(),
         };
         tx.prepare_cached(
@@ -1091,17 +1090,17 @@ pub fn call_failed(
         } else {
             message.to_owned()
         };
+        let cleanup = building && !failure.disk_kept;
+        let reason = match (&v.host_id, cleanup) {
+            (Some(h), true) => format!("{reason}{CLEANUP_PENDING}{h}"),
+            _ => reason,
+        };
         transition(&v, VpsState::Error, "fail")?;
         tx.prepare_cached(
             "UPDATE vps SET state = 'ERROR', state_reason = ?2, cleanup_pending = ?3,
                  attempts = 0, next_attempt_ms = 0, updated_at_ms = ?4 WHERE id = ?1",
         )?
-        .execute(params![
-            id.to_string(),
-            reason,
-            building && !failure.disk_kept,
-            now_ms
-        ])?;
+        .execute(params![id.to_string(), reason, cleanup, now_ms])?;
     }
     tx.commit()?;
     Ok(())
@@ -1117,12 +1116,17 @@ pub fn deleted(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> 
     Ok(())
 }
 
+/// What an ERROR VPS's reason says, followed by the host, until the agent
+/// confirms that what the failed build left is gone.
+const CLEANUP_PENDING: &str = "; cleanup pending on host ";
+
 /// A failed VPS's leftovers are gone: release its claim on the host.
 pub fn cleaned_up(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> {
     c.prepare_cached(
         "UPDATE vps SET cleanup_pending = 0, host_id = NULL, observed_power = 'absent',
-             updated_at_ms = ?2 WHERE id = ?1 AND state = 'ERROR'",
+             state_reason = replace(state_reason, ?3 || host_id, ''), updated_at_ms = ?2
+         WHERE id = ?1 AND state = 'ERROR'",
     )?
-    .execute(params![id.to_string(), now_ms])?;
+    .execute(params![id.to_string(), now_ms, CLEANUP_PENDING])?;
     Ok(())
 }
