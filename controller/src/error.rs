@@ -13,7 +13,7 @@ pub enum ApiError {
     #[error("host {0} not found")]
     HostNotFound(String),
     #[error("{0}")]
-    NoHostFits(String),
+    NoHostFits(crate::scheduler::NoFit),
     #[error("VPS {id} is {state}; {action} is not possible now")]
     WrongState {
         id: String,
@@ -28,7 +28,7 @@ pub enum ApiError {
     PermissionDenied(String),
     /// Says which limit and by how much.
     #[error("quota: {0}")]
-    QuotaExceeded(String),
+    QuotaExceeded(QuotaExcess),
     #[error("{what} {id} not found")]
     NotFound { what: &'static str, id: String },
     #[error("{0}")]
@@ -43,6 +43,35 @@ impl ApiError {
             field,
             rule: rule.into(),
         }
+    }
+}
+
+/// Which of an institution's limits a request would pass, and the figures.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuotaExcess {
+    /// `vcpus`, `memory_mib`, `disk_gib` or `vps_count`.
+    pub limit_name: &'static str,
+    pub institution_code: String,
+    pub used: u64,
+    pub asked: u64,
+    pub limit: u64,
+    /// " MiB", " GiB" or "".
+    pub unit: &'static str,
+}
+
+impl std::fmt::Display for QuotaExcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (total, unit) = (self.used.saturating_add(self.asked), self.unit);
+        write!(
+            f,
+            "{} of institution {} would be {total}{unit}, {}{unit} over its limit of {}{unit} ({}{unit} in use, {}{unit} asked)",
+            self.limit_name,
+            self.institution_code,
+            total.saturating_sub(self.limit),
+            self.limit,
+            self.used,
+            self.asked
+        )
     }
 }
 

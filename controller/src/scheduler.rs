@@ -262,7 +262,7 @@ fn first_reject(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reje
 }
 
 /// The best host that passes every filter, or why none does.
-pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios, p: &Policy) -> Result<HostId, String> {
+pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios, p: &Policy) -> Result<HostId, NoFit> {
     let mut best: Option<(f64, &HostView)> = None;
     let mut rejects: BTreeMap<Reject, usize> = BTreeMap::new();
     for h in hosts {
@@ -277,23 +277,44 @@ pub fn place(hosts: &[HostView], d: &Demand, r: &Ratios, p: &Policy) -> Result<H
     }
     match best {
         Some((_, h)) => Ok(h.id.clone()),
-        None => Err(explain(hosts.len(), d, &rejects)),
+        None => Err(NoFit {
+            need: d.need,
+            image: d.image.clone(),
+            hosts: hosts.len(),
+            rejects,
+        }),
     }
 }
 
-fn explain(total: usize, d: &Demand, rejects: &BTreeMap<Reject, usize>) -> String {
-    let head = format!(
-        "no host fits {} vCPU / {} MiB memory / {} GiB disk with image {}",
-        d.need.vcpus, d.need.memory_mib, d.need.disk_gib, d.image
-    );
-    if total == 0 {
-        return format!("{head}: no hosts are registered");
+/// Why no host could take a VPS: what it needed and, per first reason, how
+/// many hosts refused it. Kept as figures so that each client (CLI, portal,
+/// in either language) can say it in its own words; `Display` is English.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NoFit {
+    pub need: Resources,
+    pub image: String,
+    /// Hosts looked at.
+    pub hosts: usize,
+    pub rejects: BTreeMap<Reject, usize>,
+}
+
+impl std::fmt::Display for NoFit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "no host fits {} vCPU / {} MiB memory / {} GiB disk with image {}",
+            self.need.vcpus, self.need.memory_mib, self.need.disk_gib, self.image
+        )?;
+        if self.hosts == 0 {
+            return f.write_str(": no hosts are registered");
+        }
+        let parts: Vec<String> = self
+            .rejects
+            .iter()
+            .map(|(r, n)| format!("{n} {}", r.label()))
+            .collect();
+        write!(f, ": {}", parts.join(", "))
     }
-    let parts: Vec<String> = rejects
-        .iter()
-        .map(|(r, n)| format!("{n} {}", r.label()))
-        .collect();
-    format!("{head}: {}", parts.join(", "))
 }
 
 #[cfg(test)]
@@ -520,11 +541,12 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(
-            e,
+            e.to_string(),
             "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 cordoned, 1 lack the image, 1 lack vCPUs, 2 lack memory"
         );
+        assert_eq!((e.hosts, e.rejects[&Reject::Memory]), (6, 2));
         let e = place(&[], &demand(1, 1), &Ratios::default(), &Policy::default()).unwrap_err();
-        assert!(e.ends_with(": no hosts are registered"), "{e}");
+        assert!(e.to_string().ends_with(": no hosts are registered"), "{e}");
     }
 
     #[test]

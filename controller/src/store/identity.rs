@@ -278,10 +278,14 @@ pub fn check_quota(
         // Shrinking or keeping a resource never trips its limit, even when an
         // operator has since lowered the quota below what is in use.
         if add > 0 && total > limit {
-            return Err(ApiError::QuotaExceeded(format!(
-                "{name} of institution {code} would be {total}{unit}, {}{unit} over its limit of {limit}{unit} ({used}{unit} in use, {add}{unit} asked)",
-                total - limit
-            )));
+            return Err(ApiError::QuotaExceeded(crate::error::QuotaExcess {
+                limit_name: name,
+                institution_code: code,
+                used,
+                asked: add,
+                limit,
+                unit,
+            }));
         }
     }
     Ok(())

@@ -303,7 +303,10 @@ fn two_controllers_on_one_file_never_double_book() {
         let r = s.run_sync(|c| vps::create(c, &Caller::system(), &new_vps(&inst, n, 2), &p, NOW));
         match r {
             Ok(_) => placed += 1,
-            Err(ApiError::NoHostFits(why)) => assert!(why.contains("3 lack vCPUs"), "{why}"),
+            Err(ApiError::NoHostFits(why)) => {
+                assert_eq!(why.rejects.get(&crate::scheduler::Reject::Cpu), Some(&3));
+                assert!(why.to_string().contains("3 lack vCPUs"), "{why}");
+            }
             Err(e) => panic!("{e}"),
         }
     }
