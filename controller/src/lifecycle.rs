@@ -80,7 +80,9 @@ impl VpsState {
             (Stopped, Running | Migrating | Error) => true,
             // An ERROR VPS can be tried again; it goes back through provisioning.
             (Error, Provisioning) => true,
-            (Pending, Deleted) => true,
+            // Nothing of it is on any host (never placed, or a failed build
+            // already cleaned up): deleting it has nothing to wait for.
+            (Pending | Error, Deleted) => true,
             _ => false,
         }
     }
@@ -185,7 +187,7 @@ mod tests {
             (Migrating, &[Stopped, Error]),
             (Deleting, &[Deleted, Error]),
             (Deleted, &[]),
-            (Error, &[Provisioning, Deleting]),
+            (Error, &[Provisioning, Deleting, Deleted]),
         ];
         for (from, tos) in allowed {
             for to in ALL_STATES {

@@ -14,6 +14,7 @@ pub mod hosts;
 pub mod identity;
 pub mod moves;
 pub mod totals;
+pub mod transitions;
 pub mod vps;
 
 use std::{
@@ -154,6 +155,7 @@ impl Store {
                 "allocation totals' triggers written from the lifecycle; totals recounted"
             );
         }
+        transitions::install(&conn).map_err(|e| StoreError::Task(e.to_string()))?;
         conn.execute_batch(host_index::DIRTY_TRACKING)?;
         let callers = caller_cache::CallerCache::default();
         callers.track(&conn)?;
