@@ -599,19 +599,16 @@ fn domains_on(vm_dir: &Path) -> anyhow::Result<BTreeSet<String>> {
 }
 
 fn dirs_on(vm_dir: &Path) -> anyhow::Result<BTreeSet<String>> {
-    let mut out = BTreeSet::new();
-    let entries = match std::fs::read_dir(vm_dir) {
-        Ok(e) => e,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
-        Err(e) => return Err(e.into()),
-    };
-    for e in entries {
-        let e = e?;
-        if e.file_type()?.is_dir() {
-            out.insert(e.file_name().to_string_lossy().into_owned());
+    match crate::vm_dir_entries(vm_dir) {
+        Ok(v) => Ok(v.into_iter().collect()),
+        Err(e)
+            if e.downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.kind() == std::io::ErrorKind::NotFound) =>
+        {
+            Ok(BTreeSet::new())
         }
+        Err(e) => Err(e),
     }
-    Ok(out)
 }
 
 impl World {

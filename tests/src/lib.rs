@@ -621,6 +621,20 @@ pub async fn wait_on_host(
     .await
 }
 
+/// What a host's `vm_dir` holds for VPS: every entry but the agent's own
+/// hidden files (its image digest cache, a simulated host's domains).
+pub fn vm_dir_entries(dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let name = e?.file_name().to_string_lossy().into_owned();
+        if !name.starts_with('.') {
+            out.push(name);
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The workspace root, for scripts in deploy/.
 pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
