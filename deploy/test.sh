@@ -20,5 +20,7 @@ ensure_libvirtd
 cd "$repo"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The fault-injection test starts the real controller and agent binaries.
+cargo build --workspace --bins --locked
 # A hung test fails the run instead of eating the whole CI budget.
 timeout --signal=KILL 2700 cargo test --workspace --locked

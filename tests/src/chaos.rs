@@ -49,6 +49,8 @@ pub struct ChaosReport {
     pub rounds: usize,
     pub faults: u64,
     pub requests: u64,
+    /// Requests sent, by kind (create, approve, start, stop, resize, delete, move).
+    pub requests_by_kind: BTreeMap<&'static str, u64>,
     pub acknowledged: u64,
     pub violations: BTreeMap<String, u64>,
     /// The first few violations in words, for the person reading.
@@ -74,6 +76,7 @@ impl ChaosReport {
             "seed": seed,
             "faults": self.faults,
             "requests": self.requests,
+            "requests_by_kind": self.requests_by_kind,
             "acknowledged": self.acknowledged,
             "violations": self.total_violations(),
             "violations_by_kind": self.violations,
@@ -377,6 +380,21 @@ enum Op {
     Resize(String),
     Delete(String),
     Move { id: String, restart: bool },
+}
+
+impl Op {
+    fn kind(&self) -> &'static str {
+        match self {
+            Op::Create { .. } => "create",
+            Op::Approve(_) => "approve",
+            Op::Start(_) => "start",
+            Op::Stop { .. } => "stop",
+            Op::Resize(_) => "resize",
+            Op::Delete(_) => "delete",
+            Op::Move { restart: false, .. } => "move",
+            Op::Move { restart: true, .. } => "move_restart",
+        }
+    }
 }
 
 fn pick_ops(rng: &mut fastrand::Rng, vps: &[Vps], round: usize) -> Vec<Op> {
@@ -708,6 +726,9 @@ pub async fn run(opts: ChaosOptions) -> anyhow::Result<ChaosReport> {
         let vps = world.list().await.unwrap_or_default();
         let ops = pick_ops(&mut rng, &vps, round);
         report.requests += ops.len() as u64;
+        for op in &ops {
+            *report.requests_by_kind.entry(op.kind()).or_default() += 1;
+        }
         let tasks: Vec<_> = ops
             .iter()
             .cloned()
