@@ -16,7 +16,10 @@ use std::{
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use crate::error::{AgentError, Result};
+use crate::{
+    disks::DiskTool,
+    error::{AgentError, Result},
+};
 
 /// Where the cache is kept, in the agent's `vm_dir`.
 pub const CACHE_FILE: &str = ".image-digests.json";
@@ -102,15 +105,16 @@ impl DigestCache {
         }
     }
 
-    /// The digest of `path`, from the cache while the file is unchanged.
-    pub fn digest(&self, path: &Path) -> Result<String> {
+    /// The digest of `path`, from the cache while the file is unchanged;
+    /// otherwise `disks` hashes it (a simulated host's files are small).
+    pub fn digest(&self, disks: &dyn DiskTool, path: &Path) -> Result<String> {
         let now = stamp(path)?;
         if let Some(e) = self.lock().get(path)
             && e.stamp == now
         {
             return Ok(e.sha256.clone());
         }
-        let sha256 = sha256_file(path)?;
+        let sha256 = disks.digest(path)?;
         self.hashed
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         // Stamped again after hashing: a file that changed meanwhile is not
@@ -161,33 +165,77 @@ mod tests {
 
     #[test]
     fn digests_are_computed_once_per_version_of_a_file() {
+        let disks = &crate::disks::QemuImg;
         let dir = tempfile::tempdir().unwrap();
         let img = dir.path().join("a.img");
         std::fs::write(&img, b"first").unwrap();
         let cache_file = dir.path().join(CACHE_FILE);
         let c = DigestCache::open(cache_file.clone());
-        let first = c.digest(&img).unwrap();
+        let first = c.digest(disks, &img).unwrap();
         assert_eq!(
             first,
             "a7937b64b8caa58f03721bb6bacf5c78cb235febe0e70b1b84cd99541461a08e"
         );
-        assert_eq!(c.digest(&img).unwrap(), first);
+        assert_eq!(c.digest(disks, &img).unwrap(), first);
         assert_eq!(c.hashed(), 1, "the second answer came from the cache");
+        let kept = std::fs::read_to_string(&cache_file).unwrap();
+        assert!(kept.contains(&first), "{kept}");
         // A restarted agent reads the cache file instead of hashing again.
-        let again = DigestCache::open(cache_file);
-        assert_eq!(again.digest(&img).unwrap(), first);
+        let again = DigestCache::open(cache_file.clone());
+        assert_eq!(again.digest(disks, &img).unwrap(), first);
         assert_eq!(again.hashed(), 0);
         // A file overwritten in place gets its new digest.
         std::thread::sleep(std::time::Duration::from_millis(10));
         std::fs::write(&img, b"second, longer").unwrap();
-        let second = again.digest(&img).unwrap();
+        let second = again.digest(disks, &img).unwrap();
         assert_ne!(second, first);
         assert_eq!(second, sha256_file(&img).unwrap());
         assert_eq!(again.hashed(), 1);
+        // Same size, only a new modification time: hashed again, since
+        // nothing cheaper tells what changed.
+        std::fs::write(&img, b"third, samelen").unwrap();
+        std::fs::File::options()
+            .write(true)
+            .open(&img)
+            .unwrap()
+            .set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+            .unwrap();
+        let third = again.digest(disks, &img).unwrap();
+        assert_eq!(third, sha256_file(&img).unwrap());
+        assert_ne!(third, second);
+        assert_eq!(again.hashed(), 2);
+        // A replaced file (a new inode, as `cp` then `mv` makes) too.
+        let copy = dir.path().join("copy");
+        std::fs::write(&copy, b"fourth").unwrap();
+        std::fs::rename(&copy, &img).unwrap();
+        assert_eq!(
+            again.digest(disks, &img).unwrap(),
+            sha256_file(&img).unwrap()
+        );
+        assert_eq!(again.hashed(), 3);
+        // A cache file that cannot be read is an empty cache, not an error.
+        std::fs::write(&cache_file, b"{not json").unwrap();
+        let fresh = DigestCache::open(cache_file);
+        assert_eq!(
+            fresh.digest(disks, &img).unwrap(),
+            sha256_file(&img).unwrap()
+        );
+        assert_eq!(fresh.hashed(), 1);
         assert!(
             DigestCache::in_memory()
-                .digest(&dir.path().join("missing"))
+                .digest(disks, &dir.path().join("missing"))
                 .is_err()
         );
+    }
+
+    #[test]
+    fn a_simulated_host_hashes_its_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let img = dir.path().join("a.img");
+        std::fs::write(&img, b"first").unwrap();
+        let c = DigestCache::in_memory();
+        let sim = &crate::hypervisor::SimulatedDisks;
+        assert_eq!(c.digest(sim, &img).unwrap(), sha256_file(&img).unwrap());
+        assert_eq!(c.hashed(), 1);
     }
 }

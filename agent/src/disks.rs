@@ -31,6 +31,8 @@ struct QemuImgInfo {
     backing_filename: Option<String>,
     #[serde(rename = "full-backing-filename", default)]
     full_backing_filename: Option<String>,
+    #[serde(rename = "backing-filename-format", default)]
+    backing_format: Option<String>,
     #[serde(rename = "format-specific", default)]
     format_specific: Option<FormatSpecific>,
 }
@@ -72,6 +74,10 @@ pub trait DiskTool: Send + Sync {
     /// Makes an overlay copied from another host use `base`, this host's copy
     /// of the same catalogue image. The data is not touched.
     fn rebase(&self, overlay: &Path, base: &Path) -> Result<()>;
+    /// The SHA-256 of a file, lower-case hex. Images are known by this;
+    /// callers go through `DigestCache`, which hashes a file only when it
+    /// changed.
+    fn digest(&self, path: &Path) -> Result<String>;
 }
 
 /// Disks as QEMU reads them: qcow2 files made with `qemu-img`, FAT seeds.
@@ -95,6 +101,9 @@ impl DiskTool for QemuImg {
     }
     fn rebase(&self, overlay: &Path, base: &Path) -> Result<()> {
         rebase(overlay, base)
+    }
+    fn digest(&self, path: &Path) -> Result<String> {
+        crate::digests::sha256_file(path)
     }
 }
 
@@ -190,12 +199,20 @@ fn grow(path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
+/// `-U` (force-share): a disk a running QEMU holds is locked, and reading its
+/// header must not fail (or wait) because of that.
 fn backing_of(overlay: &Path) -> Result<std::path::PathBuf> {
     let out = run(std::process::Command::new("qemu-img")
-        .args(["info", "-U", "--output=json", "-f", "qcow2", "--"])
+        .args(["info", "--output=json", "-U", "-f", "qcow2", "--"])
         .arg(overlay))?;
-    let info: QemuImgInfo = serde_json::from_slice(&out)
-        .map_err(|e| AgentError::Disk(format!("qemu-img info {}: {e}", overlay.display())))?;
+    backing_in(&out)
+}
+
+/// The base a plain overlay names, from its `qemu-img info`. An external data
+/// file, or a base read as anything but qcow2, is not what the agent makes.
+fn backing_in(json: &[u8]) -> Result<std::path::PathBuf> {
+    let info: QemuImgInfo = serde_json::from_slice(json)
+        .map_err(|e| AgentError::Disk(format!("qemu-img info said something unexpected: {e}")))?;
     let data_file = info
         .format_specific
         .and_then(|f| f.data)
@@ -204,6 +221,13 @@ fn backing_of(overlay: &Path) -> Result<std::path::PathBuf> {
         return Err(AgentError::Disk(
             "it is not a plain qcow2 overlay".to_owned(),
         ));
+    }
+    if let Some(f) = info.backing_format.as_deref()
+        && f != "qcow2"
+    {
+        return Err(AgentError::Disk(format!(
+            "its base is read as {f}, not qcow2"
+        )));
     }
     info.full_backing_filename
         .or(info.backing_filename)
@@ -289,5 +313,75 @@ mod tests {
         .unwrap();
         let info: QemuImgInfo = serde_json::from_slice(&out).unwrap();
         assert_eq!(info.virtual_size, 2 * GIB);
+    }
+
+    #[test]
+    fn only_a_plain_overlay_on_a_qcow2_base_has_a_base() {
+        let ok = br#"{"format":"qcow2","virtual-size":1,"backing-filename":"b.qcow2","full-backing-filename":"/i/b.qcow2","backing-filename-format":"qcow2"}"#;
+        assert_eq!(backing_in(ok).unwrap(), Path::new("/i/b.qcow2"));
+        let raw_base = br#"{"format":"qcow2","virtual-size":1,"full-backing-filename":"/i/b.qcow2","backing-filename-format":"raw"}"#;
+        assert!(
+            backing_in(raw_base)
+                .unwrap_err()
+                .to_string()
+                .contains("read as raw")
+        );
+        let data = br#"{"format":"qcow2","virtual-size":1,"full-backing-filename":"/i/b.qcow2","format-specific":{"type":"qcow2","data":{"data-file":"/dev/sda"}}}"#;
+        assert!(backing_in(data).is_err());
+        let none = br#"{"format":"qcow2","virtual-size":1}"#;
+        assert!(
+            backing_in(none)
+                .unwrap_err()
+                .to_string()
+                .contains("no base")
+        );
+    }
+
+    /// A running guest's QEMU holds a lock on its disk; the agent still reads
+    /// the disk's header (`-U`) and never waits for or breaks the lock.
+    #[test]
+    fn an_overlay_in_use_is_read_without_its_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().join("base.qcow2");
+        run(std::process::Command::new("qemu-img")
+            .args(["create", "-q", "-f", "qcow2", "--"])
+            .arg(&base)
+            .arg("64M"))
+        .unwrap();
+        let overlay = dir.path().join("root.qcow2");
+        create_overlay(&base, &overlay, GIB).unwrap();
+        // qemu-io holds the image open (and locked) while it waits for
+        // commands on its standard input; once it has written, it surely
+        // holds it. (Probing the lock meanwhile could make qemu-io fail to
+        // take it.)
+        let mut holder = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "--"])
+            .arg(&overlay)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        {
+            use std::io::{BufRead, Write};
+            let stdin = holder.stdin.as_mut().unwrap();
+            stdin.write_all(b"write -P 0xab 0 64k\n").unwrap();
+            stdin.flush().unwrap();
+            let mut out = std::io::BufReader::new(holder.stdout.as_mut().unwrap());
+            let mut line = String::new();
+            while !line.contains("wrote") {
+                line.clear();
+                assert_ne!(out.read_line(&mut line).unwrap(), 0, "qemu-io ended");
+            }
+        }
+        let locked = run(std::process::Command::new("qemu-img")
+            .args(["info", "--output=json", "-f", "qcow2", "--"])
+            .arg(&overlay));
+        assert!(locked.is_err(), "qemu-io holds the disk's lock");
+        let before = crate::digests::sha256_file(&overlay).unwrap();
+        assert_eq!(backing_of(&overlay).unwrap(), base);
+        assert_eq!(crate::digests::sha256_file(&overlay).unwrap(), before);
+        drop(holder.stdin.take());
+        holder.wait().unwrap();
     }
 }

@@ -98,7 +98,7 @@ impl Catalog {
         names::check_file_name("file", &e.file)?;
         let path = dir.join(&e.file);
         let facts = disks.inspect_base(&path)?;
-        let digest = digests.digest(&path)?;
+        let digest = digests.digest(disks, &path)?;
         Ok(CatalogImage {
             digest,
             name: e.name,

@@ -10,7 +10,7 @@ use betang_proto::v1::{
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::{host::HostReporter, vms::VmManager};
+use crate::{error::AgentError, host::HostReporter, vms::VmManager};
 
 pub struct Registration {
     pub controller: Channel,
@@ -57,7 +57,12 @@ impl Registration {
                     (Vec::new(), false)
                 }
             };
-            let (vm_dirs, vm_dirs_listed) = match self.vms.vm_dirs() {
+            // Cheap, but a directory read still blocks: off the runtime.
+            let vms_of = self.vms.clone();
+            let dirs = tokio::task::spawn_blocking(move || vms_of.vm_dirs())
+                .await
+                .unwrap_or_else(|e| Err(AgentError::Internal(format!("listing task: {e}"))));
+            let (vm_dirs, vm_dirs_listed) = match dirs {
                 Ok(d) => (d, true),
                 Err(e) => {
                     warn!(error = %e, "cannot list VM directories for the heartbeat");

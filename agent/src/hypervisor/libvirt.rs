@@ -15,7 +15,7 @@ use virt::{
 use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
     domain_xml::{DomainType, METADATA_KEY, METADATA_URI, VpsMetadata},
-    error::{AgentError, Result},
+    error::{AgentError, Asked, Result, libvirt_error},
     names,
 };
 
@@ -138,7 +138,9 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn define(&self, xml: &str) -> Result<()> {
-        self.conn()?.define_domain_xml(xml)?;
+        self.conn()?
+            .define_domain_xml(xml)
+            .map_err(|e| libvirt_error(&e, Asked::Define))?;
         Ok(())
     }
 

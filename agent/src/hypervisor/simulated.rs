@@ -436,6 +436,12 @@ impl DiskTool for SimulatedDisks {
             std::fs::write(path, content.meta_data() + &content.user_data()),
         )
     }
+
+    /// Simulated images are small files, hashed as real ones are, so a
+    /// refreshed image or a move onto another build behaves as on a real host.
+    fn digest(&self, path: &Path) -> Result<String> {
+        crate::digests::sha256_file(path)
+    }
 }
 
 /// The virtual size a simulated overlay records.

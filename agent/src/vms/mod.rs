@@ -6,7 +6,10 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -24,7 +27,7 @@ use crate::{
     domain_xml::{DomainSpec, DomainType, VpsMetadata},
     error::{AgentError, Result},
     hypervisor::{Blocking, DomainState, Power},
-    images::Catalog,
+    images::{Catalog, CatalogImage},
     names,
     seed::SeedContent,
     usage::CpuRates,
@@ -148,7 +151,7 @@ impl VmManager {
 
     pub fn serial_log(&self, vps_id: &str) -> Result<PathBuf> {
         names::check_vps_id(vps_id)?;
-        Ok(self.dir_of(vps_id).join("console.log"))
+        Ok(self.dir_of(vps_id).join(SERIAL_LOG))
     }
 
     #[instrument(skip_all, fields(vps_id = %args.vps_id, generation = args.generation))]
@@ -231,50 +234,64 @@ impl VmManager {
         desired: PowerState,
     ) -> Result<DomainState> {
         let dir = self.dir_of(&args.vps_id);
-        let root = dir.join("root.qcow2");
-        let has_disk = root.exists();
-        let new_disk = if has_disk {
+        let root = dir.join(ROOT_DISK);
+        // Only "not found" means there is no disk: a file that cannot even be
+        // looked at may still be one.
+        let had_disk = present(&root).map_err(|e| AgentError::DiskMismatch {
+            path: root.display().to_string(),
+            what: format!("it could not be looked at ({e})"),
+        })?;
+        let new_disk = if had_disk {
             self.check_existing_disk(&root, args).await?;
             None
         } else {
             Some(self.image_for_new_disk(args)?)
         };
-        let created_dir = !dir.exists();
+        let created_dir = !present(&dir)?;
+        let made_disk = Arc::new(AtomicBool::new(false));
         let result = self
-            .create_steps(args, name, meta, desired, new_disk, &dir)
+            .create_steps(args, name, meta, desired, new_disk, &dir, made_disk.clone())
             .await;
-        if let Err(e) = &result {
-            warn!(error = %e, "provisioning failed; undoing what this call did");
-            let undo_name = name.to_owned();
-            let _ = self.hv.call(move |hv| hv.undefine(&undo_name)).await;
-            if created_dir {
-                let _ = std::fs::remove_dir_all(&dir);
-            } else if !has_disk {
-                let _ = std::fs::remove_file(&root);
-            }
+        let Err(e) = result else {
+            return result;
+        };
+        warn!(error = %e, "provisioning failed; undoing what this call did");
+        let undo_name = name.to_owned();
+        match self.hv.call(move |hv| hv.undefine(&undo_name)).await {
+            Ok(()) => undo_files(&dir, made_disk.load(Ordering::SeqCst), created_dir),
+            // The domain may still stand on the new disk: both stay, and the
+            // next ensure finds the domain and carries on from there.
+            Err(u) => warn!(error = %u, "the domain could not be undefined; its files stay"),
         }
-        result
+        if had_disk {
+            // Not the disk's fault, but the controller must not clean up
+            // after this failure: that would remove the disk.
+            return Err(AgentError::KeptDisk {
+                path: root.display().to_string(),
+                source: Box::new(e),
+            });
+        }
+        Err(e)
+    }
+
+    /// The catalogue's image of that name, reading the catalogue again when
+    /// it does not have it (an image added since the agent started).
+    fn catalogue_image(&self, name: &str) -> Result<CatalogImage> {
+        match self.catalog().get(name).cloned() {
+            Some(i) => Ok(i),
+            None => self
+                .reload_catalog()?
+                .get(name)
+                .cloned()
+                .ok_or_else(|| AgentError::UnknownImage(name.to_owned())),
+        }
     }
 
     /// The catalogue image a new disk is made from: the one named, with the
     /// content the VPS was built on, and large enough.
     fn image_for_new_disk(&self, args: &EnsureArgs) -> Result<(PathBuf, u64)> {
-        let image = match self.catalog().get(&args.spec.image).cloned() {
-            Some(i) => i,
-            None => self
-                .reload_catalog()?
-                .get(&args.spec.image)
-                .cloned()
-                .ok_or_else(|| AgentError::UnknownImage(args.spec.image.clone()))?,
-        };
-        if !args.image_digest.is_empty() && image.digest != args.image_digest {
-            return Err(AgentError::ImageChanged {
-                image: image.name,
-                have: digests::short(&image.digest).to_owned(),
-                want: digests::short(&args.image_digest).to_owned(),
-                file: image.path.display().to_string(),
-            });
-        }
+        let image = self.catalogue_image(&args.spec.image)?;
+        check_image_digest(&image, &args.image_digest)?;
         let disk_bytes = args.spec.disk_gib.saturating_mul(disks::GIB);
         if disk_bytes < image.virtual_size {
             return Err(AgentError::InvalidArgument {
@@ -291,9 +308,10 @@ impl VmManager {
     }
 
     /// A disk that is already there (a domain lost from libvirt, an
-    /// interrupted ensure, a move) is used only when it stands on the base
-    /// the VPS was built on, known by its digest. Anything else is kept as it
-    /// is and refused with a reason for a person: it may hold the tenant's data.
+    /// interrupted ensure, a move) is used only when it is a plain overlay
+    /// standing on the base the VPS was built on, known by its digest.
+    /// Anything else is kept as it is and refused with a reason for a person:
+    /// it may hold the tenant's data. Nothing here writes to the disk.
     async fn check_existing_disk(&self, root: &Path, args: &EnsureArgs) -> Result<()> {
         let want = args.image_digest.clone();
         let image_name = args.spec.image.clone();
@@ -305,16 +323,25 @@ impl VmManager {
                     path: root.display().to_string(),
                     what,
                 };
+                // The agent makes disks as regular files; a link or anything
+                // else was put there by someone else.
+                let meta = std::fs::symlink_metadata(&root)
+                    .map_err(|e| kept(format!("it could not be looked at ({e})")))?;
+                if !meta.is_file() {
+                    return Err(kept("it is not a regular file".to_owned()));
+                }
                 let base = disks
                     .backing_of(&root)
                     .map_err(|e| kept(format!("it could not be read as a disk ({e})")))?;
-                let have = cache.digest(&base).map_err(|e| {
+                let have = cache.digest(disks, &base).map_err(|e| {
                     kept(format!(
                         "its base {} could not be read ({e})",
                         base.display()
                     ))
                 })?;
                 let matches = if want.is_empty() {
+                    // Recorded before digests were kept: the catalogue's
+                    // file, or a file with the same content.
                     catalogue
                         .as_ref()
                         .is_some_and(|i| i.path == base || i.digest == have)
@@ -327,8 +354,9 @@ impl VmManager {
                 let built_on = if want.is_empty() {
                     match &catalogue {
                         Some(i) => format!(
-                            "the catalogue's {} is sha256 {}",
+                            "the catalogue's {} is {} (sha256 {})",
                             i.name,
+                            i.path.display(),
                             digests::short(&i.digest)
                         ),
                         None => format!("the catalogue has no image {image_name}"),
@@ -345,6 +373,7 @@ impl VmManager {
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn create_steps(
         &self,
         args: &EnsureArgs,
@@ -353,10 +382,11 @@ impl VmManager {
         desired: PowerState,
         new_disk: Option<(PathBuf, u64)>,
         dir: &Path,
+        made_disk: Arc<AtomicBool>,
     ) -> Result<DomainState> {
         std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
-        let root = dir.join("root.qcow2");
-        let seed = dir.join("seed.img");
+        let root = dir.join(ROOT_DISK);
+        let seed = dir.join(SEED_DISK);
         let d = dir.to_path_buf();
         let content = SeedContent {
             instance_id: args.vps_id.clone(),
@@ -371,12 +401,14 @@ impl VmManager {
         self.hv
             .disks(move |disks| {
                 if let Some((base, bytes)) = new_disk {
-                    let part = d.join("root.qcow2.part");
+                    let part = d.join(ROOT_PART);
                     remove_temporary(&part)?;
                     disks.create_overlay(&base, &part, bytes)?;
-                    commit_file(&part, &root, &d)?;
+                    commit_new_file(&part, &root, &d, &made_disk)?;
                 }
-                let part = d.join("seed.img.part");
+                // The seed holds no tenant data and is written anew each
+                // time, so it may replace the one there.
+                let part = d.join(SEED_PART);
                 remove_temporary(&part)?;
                 disks.write_seed(&part, &content)?;
                 commit_file(&part, &seed, &d)
@@ -414,9 +446,9 @@ impl VmManager {
             metadata: meta.clone(),
             vcpus: args.spec.vcpus,
             memory_mib: args.spec.memory_mib,
-            root_disk: dir.join("root.qcow2"),
-            seed_disk: dir.join("seed.img"),
-            serial_log: dir.join("console.log"),
+            root_disk: dir.join(ROOT_DISK),
+            seed_disk: dir.join(SEED_DISK),
+            serial_log: dir.join(SERIAL_LOG),
             network: self.network.clone(),
         }
         .to_xml()
@@ -445,7 +477,7 @@ impl VmManager {
                 "resized"
             );
         }
-        let root = dir.join("root.qcow2");
+        let root = dir.join(ROOT_DISK);
         let want = args.spec.disk_gib.saturating_mul(disks::GIB);
         self.hv.disks(move |disks| disks.grow(&root, want)).await?;
         Ok(())
@@ -625,6 +657,39 @@ impl VmManager {
     }
 }
 
+/// The names of a VPS's files in its directory.
+const ROOT_DISK: &str = "root.qcow2";
+const ROOT_PART: &str = "root.qcow2.part";
+const SEED_DISK: &str = "seed.img";
+const SEED_PART: &str = "seed.img.part";
+const SERIAL_LOG: &str = "console.log";
+
+/// Whether something is at `path`, whatever it is (a dangling link counts).
+/// Only "not found" is an answer of no: a directory that cannot be read
+/// never passes for an empty one.
+fn present(path: &Path) -> Result<bool> {
+    match std::fs::symlink_metadata(path) {
+        Ok(_) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(AgentError::io(path, e)),
+    }
+}
+
+/// A new image that is not the content the VPS was built on is refused
+/// before anything is made. An empty digest (a VPS recorded before digests
+/// were kept, or a new one) takes the catalogue's image as it is.
+fn check_image_digest(image: &CatalogImage, want: &str) -> Result<()> {
+    if want.is_empty() || image.digest == want {
+        return Ok(());
+    }
+    Err(AgentError::ImageChanged {
+        image: image.name.clone(),
+        have: digests::short(&image.digest).to_owned(),
+        want: digests::short(want).to_owned(),
+        file: image.path.display().to_string(),
+    })
+}
+
 /// Removes a temporary file an interrupted call may have left. Only ever
 /// called with a `.part` name, which no disk has.
 fn remove_temporary(part: &Path) -> Result<()> {
@@ -635,16 +700,61 @@ fn remove_temporary(part: &Path) -> Result<()> {
     }
 }
 
+fn sync_path(p: &Path) -> Result<()> {
+    std::fs::File::open(p)
+        .and_then(|f| f.sync_all())
+        .map_err(|e| AgentError::io(p, e))
+}
+
 /// Gives a finished file its real name, durably: its data, then the name.
+/// Replaces what had that name; only for files that hold no tenant data.
 fn commit_file(part: &Path, to: &Path, dir: &Path) -> Result<()> {
-    let sync = |p: &Path| {
-        std::fs::File::open(p)
-            .and_then(|f| f.sync_all())
-            .map_err(|e| AgentError::io(p, e))
-    };
-    sync(part)?;
+    sync_path(part)?;
     std::fs::rename(part, to).map_err(|e| AgentError::io(to, e))?;
-    sync(dir)
+    sync_path(dir)
+}
+
+/// Gives a finished new disk its real name, durably, and never in place of
+/// a file already there: a hard link fails when the name is taken, where a
+/// rename would replace it. `made` is set once the name is this call's, so
+/// an undo removes the disk only then.
+fn commit_new_file(part: &Path, to: &Path, dir: &Path, made: &AtomicBool) -> Result<()> {
+    sync_path(part)?;
+    std::fs::hard_link(part, to).map_err(|e| match e.kind() {
+        std::io::ErrorKind::AlreadyExists => AgentError::DiskMismatch {
+            path: to.display().to_string(),
+            what: "it appeared while a new disk was being made, and was not replaced".to_owned(),
+        },
+        _ => AgentError::io(to, e),
+    })?;
+    made.store(true, Ordering::SeqCst);
+    remove_temporary(part)?;
+    sync_path(dir)
+}
+
+/// Removes what a failed create made, by name, and nothing else: the new
+/// disk when this call made it (never one that was there before), the
+/// temporary files, and, in a directory this call made, the seed, the
+/// console log and then the directory, which stays if anything else is in it.
+fn undo_files(dir: &Path, made_disk: bool, created_dir: bool) {
+    let mut made = vec![ROOT_PART, SEED_PART];
+    if made_disk {
+        made.push(ROOT_DISK);
+    }
+    if created_dir {
+        made.extend([SEED_DISK, SERIAL_LOG]);
+    }
+    for f in made {
+        let p = dir.join(f);
+        if let Err(e) = std::fs::remove_file(&p)
+            && e.kind() != std::io::ErrorKind::NotFound
+        {
+            warn!(path = %p.display(), error = %e, "could not remove a file this call made");
+        }
+    }
+    if created_dir && let Err(e) = std::fs::remove_dir(dir) {
+        warn!(path = %dir.display(), error = %e, "the VPS's directory stays");
+    }
 }
 
 /// The agent checks what it relies on itself; the controller's validation is
@@ -673,7 +783,10 @@ fn check_spec(spec: &VpsSpec) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hypervisor::{Hypervisor, NodeFacts, SimulatedHypervisor};
+    use crate::{
+        disks::DiskTool,
+        hypervisor::{Hypervisor, NodeFacts, SimulatedHypervisor},
+    };
 
     struct Host {
         _dir: tempfile::TempDir,
@@ -815,11 +928,260 @@ mod tests {
         };
         let e = h.vms.import_disk(incoming(&v2)).await.unwrap_err();
         assert!(matches!(e, AgentError::ImageChanged { .. }), "{e}");
+        assert_eq!(
+            tonic::Status::from(e).code(),
+            tonic::Code::FailedPrecondition
+        );
+        assert!(!h.vms.vm_dir().join(ID).exists(), "nothing left behind");
+        // A transfer cut short leaves no temporary file either.
+        let short = futures::stream::iter(vec![Ok(Incoming {
+            vps_id: ID.into(),
+            image: "tiny".into(),
+            total_bytes: 1 << 20,
+            data: b"betang-simulated-overlay\n".to_vec(),
+            image_digest: v1.clone(),
+        })]);
+        let e = h.vms.import_disk(short).await.unwrap_err();
+        assert!(e.to_string().contains("were announced"), "{e}");
         assert!(!h.vms.vm_dir().join(ID).exists(), "nothing left behind");
         h.vms.import_disk(incoming(&v1)).await.unwrap();
         let root = h.vms.vm_dir().join(ID).join("root.qcow2");
         assert!(std::fs::read_to_string(&root).unwrap().contains("v1.img"));
         let e = h.vms.import_disk(incoming(&v1)).await.unwrap_err();
         assert!(e.to_string().contains("already has a disk"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn a_failed_build_undoes_only_what_it_made() {
+        let h = host();
+        let v1 = crate::digests::sha256_file(&h.images.join("v1.img")).unwrap();
+        // A directory with something of someone else's in it, and a seed
+        // that cannot be written (its temporary name taken by a directory).
+        let dir = h.vms.vm_dir().join(ID);
+        std::fs::create_dir_all(dir.join(SEED_PART)).unwrap();
+        std::fs::write(dir.join("notes.txt"), "an operator's").unwrap();
+        let e = h.vms.ensure(args(ID, &v1)).await.unwrap_err();
+        assert!(!matches!(e, AgentError::KeptDisk { .. }), "{e}");
+        assert!(!dir.join(ROOT_DISK).exists(), "the new disk is undone");
+        assert_eq!(
+            std::fs::read_to_string(dir.join("notes.txt")).unwrap(),
+            "an operator's"
+        );
+        assert!(h.hv.lookup(&names::domain_name(ID)).unwrap().is_none());
+        // With a disk that was there, the same failure keeps it and says so.
+        std::fs::remove_dir(dir.join(SEED_PART)).unwrap();
+        h.vms.ensure(args(ID, &v1)).await.unwrap();
+        let (root, text) = write_pattern(&h);
+        h.hv.undefine(&names::domain_name(ID)).unwrap();
+        std::fs::create_dir_all(dir.join(SEED_PART)).unwrap();
+        let e = h.vms.ensure(args(ID, &v1)).await.unwrap_err();
+        assert!(matches!(e, AgentError::KeptDisk { .. }), "{e}");
+        let status = tonic::Status::from(e);
+        assert!(
+            status
+                .metadata()
+                .contains_key(crate::error::DISK_KEPT_METADATA)
+        );
+        assert_eq!(std::fs::read_to_string(&root).unwrap(), text, "not touched");
+    }
+
+    /// Real qcow2 files made and read by `qemu-img`, on libvirt's test
+    /// driver: base A, and A2, a copy of it with other content.
+    struct RealHost {
+        _dir: tempfile::TempDir,
+        images: PathBuf,
+        vms: VmManager,
+        hv: Arc<crate::hypervisor::LibvirtHypervisor>,
+        a: String,
+        a2: String,
+    }
+
+    fn qemu(program: &str, args: &[&str], file: &Path) {
+        let out = std::process::Command::new(program)
+            .args(args)
+            .arg(file)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} {}: {}",
+            file.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn write_bytes(file: &Path, pattern: &str) {
+        let cmd = format!("write -P {pattern} 0 64k");
+        qemu("qemu-io", &["-f", "qcow2", "-c", &cmd], file);
+    }
+
+    fn reads_bytes(file: &Path, pattern: &str) -> bool {
+        let cmd = format!("read -P {pattern} 0 64k");
+        // qemu-io fails a read whose bytes differ from the pattern.
+        std::process::Command::new("qemu-io")
+            .args(["-r", "-U", "-f", "qcow2", "-c", &cmd])
+            .arg(file)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    }
+
+    fn real_host() -> RealHost {
+        let dir = tempfile::tempdir().unwrap();
+        let images = dir.path().join("images");
+        std::fs::create_dir_all(&images).unwrap();
+        let a = images.join("a.qcow2");
+        qemu(
+            "qemu-img",
+            &["create", "-q", "-f", "qcow2", "-o", "size=64M"],
+            &a,
+        );
+        write_bytes(&a, "0x11");
+        let a2 = images.join("a2.qcow2");
+        std::fs::copy(&a, &a2).unwrap();
+        write_bytes(&a2, "0x22");
+        point_catalogue(&images, "a.qcow2");
+        let hv = Arc::new(crate::hypervisor::LibvirtHypervisor::new("test:///default").unwrap());
+        let vms = VmManager::new(
+            Blocking::new(hv.clone(), Duration::from_secs(10)),
+            images.clone(),
+            dir.path().join("vms"),
+            DomainType::Qemu,
+            NetworkConfig::None,
+        )
+        .unwrap();
+        RealHost {
+            a: crate::digests::sha256_file(&a).unwrap(),
+            a2: crate::digests::sha256_file(&a2).unwrap(),
+            _dir: dir,
+            images,
+            vms,
+            hv,
+        }
+    }
+
+    fn sha(p: &Path) -> String {
+        crate::digests::sha256_file(p).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_real_disk_is_used_again_on_its_old_base_or_kept_byte_for_byte() {
+        let id = "31234567-89ab-cdef-0123-456789abcdef";
+        let h = real_host();
+        assert_ne!(h.a, h.a2);
+        h.vms.ensure(args(id, &h.a)).await.unwrap();
+        let root = h.vms.vm_dir().join(id).join(ROOT_DISK);
+        write_bytes(&root, "0xab");
+        let before = sha(&root);
+        let domain = names::domain_name(id);
+        // The image is refreshed (the entry now names A2) and the domain is
+        // lost: the disk still stands on A, which the VPS was built on.
+        point_catalogue(&h.images, "a2.qcow2");
+        h.vms.reload_catalog().unwrap();
+        h.hv.undefine(&domain).unwrap();
+        h.vms.ensure(args(id, &h.a)).await.unwrap();
+        assert!(h.hv.lookup(&domain).unwrap().is_some(), "defined again");
+        assert_eq!(sha(&root), before, "the disk is used as it is");
+        assert!(reads_bytes(&root, "0xab"), "the tenant's data is there");
+        assert!(!reads_bytes(&root, "0x22"), "and not A2's");
+        // A VPS said to be built on A2 does not take a disk based on A.
+        h.hv.undefine(&domain).unwrap();
+        let e = h.vms.ensure(args(id, &h.a2)).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AgentError::DiskMismatch { .. }), "{msg}");
+        assert!(
+            msg.contains(&root.display().to_string())
+                && msg.contains(&h.images.join("a.qcow2").display().to_string())
+                && msg.contains(crate::digests::short(&h.a))
+                && msg.contains(crate::digests::short(&h.a2)),
+            "{msg}"
+        );
+        let status = tonic::Status::from(e);
+        assert_eq!(status.code(), tonic::Code::FailedPrecondition);
+        assert!(
+            status
+                .metadata()
+                .contains_key(crate::error::DISK_KEPT_METADATA)
+        );
+        assert_eq!(sha(&root), before, "kept byte for byte");
+        assert!(h.hv.lookup(&domain).unwrap().is_none(), "nothing defined");
+        // Recorded before digests were kept: neither A2's file nor its
+        // content is what the disk stands on.
+        let e = h.vms.ensure(args(id, "")).await.unwrap_err();
+        assert!(matches!(e, AgentError::DiskMismatch { .. }), "{e}");
+        assert_eq!(sha(&root), before);
+        // ... but the catalogue's file is.
+        point_catalogue(&h.images, "a.qcow2");
+        h.vms.reload_catalog().unwrap();
+        h.vms.ensure(args(id, "")).await.unwrap();
+        assert_eq!(sha(&root), before);
+        h.vms.delete(id).await.unwrap();
+        assert!(!h.vms.vm_dir().join(id).exists());
+    }
+
+    /// An ensure that must refuse the disk there, say `what` and keep it.
+    async fn refused(vms: &VmManager, id: &str, digest: &str, root: &Path, what: String) {
+        let before = sha(root);
+        let e = vms.ensure(args(id, digest)).await.unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, AgentError::DiskMismatch { .. }), "{msg}");
+        assert!(msg.contains(&what), "{msg}");
+        assert_eq!(sha(root), before, "kept byte for byte");
+    }
+
+    #[tokio::test]
+    async fn a_real_file_that_is_no_usable_overlay_is_kept_and_refused() {
+        let id = "41234567-89ab-cdef-0123-456789abcdef";
+        let h = real_host();
+        let dir = h.vms.vm_dir().join(id);
+        std::fs::create_dir_all(&dir).unwrap();
+        let root = dir.join(ROOT_DISK);
+        let refused = |what: &str| refused(&h.vms, id, &h.a, &root, what.to_owned());
+        // Not qcow2 at all.
+        std::fs::write(&root, b"not a disk").unwrap();
+        refused("could not be read as a disk").await;
+        // A qcow2 standing on nothing.
+        std::fs::copy(h.images.join("a.qcow2"), &root).unwrap();
+        refused("it has no base image").await;
+        // An overlay whose base is gone.
+        std::fs::remove_file(&root).unwrap();
+        let gone = dir.join("gone.qcow2");
+        std::fs::copy(h.images.join("a.qcow2"), &gone).unwrap();
+        disks::QemuImg
+            .create_overlay(&gone, &root, disks::GIB)
+            .unwrap();
+        std::fs::remove_file(&gone).unwrap();
+        refused(&format!("its base {} could not be read", gone.display())).await;
+        // A link to a disk elsewhere is nothing the agent made.
+        std::fs::remove_file(&root).unwrap();
+        let elsewhere = dir.join("elsewhere.qcow2");
+        disks::QemuImg
+            .create_overlay(&h.images.join("a.qcow2"), &elsewhere, disks::GIB)
+            .unwrap();
+        std::os::unix::fs::symlink(&elsewhere, &root).unwrap();
+        refused("not a regular file").await;
+        assert!(h.hv.lookup(&names::domain_name(id)).unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_real_build_whose_base_is_gone_leaves_nothing() {
+        let id = "51234567-89ab-cdef-0123-456789abcdef";
+        let h = real_host();
+        std::fs::remove_file(h.images.join("a.qcow2")).unwrap();
+        let e = h.vms.ensure(args(id, &h.a)).await.unwrap_err();
+        assert!(matches!(e, AgentError::Disk(_)), "{e}");
+        assert!(!h.vms.vm_dir().join(id).exists(), "{e}");
+        // A new disk on the image the VPS asks for, and no other.
+        let e = h.vms.ensure(args(id, &h.a2)).await.unwrap_err();
+        assert!(matches!(e, AgentError::ImageChanged { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!(
+                "this VPS was built on sha256 {}",
+                crate::digests::short(&h.a2)
+            )),
+            "{e}"
+        );
+        assert!(!h.vms.vm_dir().join(id).exists());
     }
 }

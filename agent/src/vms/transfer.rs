@@ -3,13 +3,19 @@
 //! temporary name, bases it on its own copy of the catalogue image and only
 //! then gives it its real name, so a broken transfer never looks like a disk.
 
-use std::path::Path;
+use std::{
+    path::Path,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+};
 
 use futures::{Stream, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing::{info, instrument};
 
-use super::VmManager;
+use super::{ROOT_DISK, ROOT_PART, VmManager, check_image_digest, commit_new_file, present};
 use crate::{
     error::{AgentError, Result},
     hypervisor::Power,
@@ -49,7 +55,7 @@ impl VmManager {
                 rule: "its VM must be stopped before its disk can be moved",
             });
         }
-        let path = self.dir_of(vps_id).join("root.qcow2");
+        let path = self.dir_of(vps_id).join(ROOT_DISK);
         let file = tokio::fs::File::open(&path)
             .await
             .map_err(|e| match e.kind() {
@@ -77,7 +83,9 @@ impl VmManager {
     }
 
     /// Writes a disk sent by another host. Refused while this host has a VM
-    /// for the VPS, so a move can never overwrite a guest's disk.
+    /// or a disk for the VPS, so a move can never overwrite a guest's disk,
+    /// and refused unless this host's image has the content the disk was
+    /// built on. A refused or broken transfer leaves nothing behind.
     #[instrument(skip_all)]
     pub async fn import_disk(
         &self,
@@ -89,22 +97,11 @@ impl VmManager {
         })??;
         let vps_id = first.vps_id.clone();
         names::check_vps_id(&vps_id)?;
+        names::check_image_name(&first.image)?;
         let lock = self.lock_for(&vps_id);
         let _guard = lock.lock().await;
-        let image = self
-            .catalog()
-            .get(&first.image)
-            .cloned()
-            .ok_or_else(|| AgentError::UnknownImage(first.image.clone()))?;
-        let want = names::check_digest(&first.image_digest)?;
-        if !want.is_empty() && image.digest != want {
-            return Err(AgentError::ImageChanged {
-                image: image.name,
-                have: crate::digests::short(&image.digest).to_owned(),
-                want: crate::digests::short(&want).to_owned(),
-                file: image.path.display().to_string(),
-            });
-        }
+        let image = self.catalogue_image(&first.image)?;
+        check_image_digest(&image, &names::check_digest(&first.image_digest)?)?;
         let name = names::domain_name(&vps_id);
         if self.hv.call(move |hv| hv.lookup(&name)).await?.is_some() {
             return Err(AgentError::WrongState {
@@ -113,16 +110,17 @@ impl VmManager {
             });
         }
         let dir = self.dir_of(&vps_id);
-        if dir.join("root.qcow2").exists() {
+        let root = dir.join(ROOT_DISK);
+        if present(&root)? {
             // Never written over: it may be a disk someone still needs.
             return Err(AgentError::WrongState {
                 vps_id,
                 rule: "this host already has a disk for it",
             });
         }
-        let created_dir = !dir.exists();
+        let created_dir = !present(&dir)?;
         std::fs::create_dir_all(&dir).map_err(|e| AgentError::io(&dir, e))?;
-        let part = dir.join("root.qcow2.part");
+        let part = dir.join(ROOT_PART);
         let result = match receive(&part, first.data, &mut chunks).await {
             Ok(n) if n == first.total_bytes => Ok(n),
             Ok(n) => Err(AgentError::InvalidArgument {
@@ -131,27 +129,38 @@ impl VmManager {
             }),
             Err(e) => Err(e),
         };
+        let made = Arc::new(AtomicBool::new(false));
         let result = match result {
             Ok(bytes) => {
-                let (p, base) = (part.clone(), image.path.clone());
+                let (p, base, r, d, m) = (
+                    part.clone(),
+                    image.path.clone(),
+                    root.clone(),
+                    dir.clone(),
+                    made.clone(),
+                );
                 self.hv
-                    .disks(move |d| d.rebase(&p, &base))
+                    .disks(move |disks| {
+                        disks.rebase(&p, &base)?;
+                        commit_new_file(&p, &r, &d, &m)
+                    })
                     .await
                     .map(|()| bytes)
             }
             Err(e) => Err(e),
         };
-        let root = dir.join("root.qcow2");
-        let result = result.and_then(|bytes| {
-            std::fs::rename(&part, &root).map_err(|e| AgentError::io(&root, e))?;
-            Ok(bytes)
-        });
         match &result {
             Ok(bytes) => info!(%vps_id, bytes, "disk imported"),
+            // Only what this call wrote: the temporary file, the disk when
+            // it got its name (a later step failed), the directory if this
+            // call made it and it is empty again.
             Err(_) => {
                 let _ = std::fs::remove_file(&part);
+                if made.load(Ordering::SeqCst) {
+                    let _ = std::fs::remove_file(&root);
+                }
                 if created_dir {
-                    let _ = std::fs::remove_dir_all(&dir);
+                    let _ = std::fs::remove_dir(&dir);
                 }
             }
         }
