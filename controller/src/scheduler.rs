@@ -87,6 +87,20 @@ pub struct HostView {
     pub groups: BTreeSet<String>,
 }
 
+/// What may be placed on a host of `cap`: capacity less the reserve, times
+/// the overcommit ratios.
+pub fn allocatable(
+    cap: &betang_proto::v1::HostCapacity,
+    r: &Ratios,
+    p: &Policy,
+) -> betang_proto::v1::HostCapacity {
+    betang_proto::v1::HostCapacity {
+        vcpus: u32::try_from(limit(cap.vcpus.into(), p.reserved.vcpus, r.cpu)).unwrap_or(u32::MAX),
+        memory_mib: limit(cap.memory_mib, p.reserved.memory_mib, r.memory),
+        disk_gib: limit(cap.disk_gib, p.reserved.disk_gib, r.disk),
+    }
+}
+
 /// How a host's image set names one version of an image: the name alone
 /// matches any version, `name@digest` only that content.
 pub fn image_key(name: &str, digest: &str) -> String {

@@ -241,6 +241,7 @@ async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code
         id.set_quota(SetQuotaRequest {
             institution_id: a.clone(),
             quota: Some(ClusterOptions::default().quota),
+            change: None,
         })
         .await,
     ));

@@ -693,6 +693,7 @@ async fn a_stopped_vps_is_resized_within_quota_and_host() -> anyhow::Result<()> 
                 vcpus: used.vcpus,
                 ..ClusterOptions::default().quota
             }),
+            change: None,
         })
         .await?;
     let err = c.clone().resize_vps(resize(4, 0, 0)).await.unwrap_err();

@@ -40,6 +40,7 @@ impl HostService for HostApi {
             .store
             .run(move |c| hosts::list(c, now, down))
             .await?;
+        let hosts = hosts.into_iter().map(|h| self.ctx.shown(h)).collect();
         Ok(Response::new(ListHostsResponse { hosts }))
     }
 
@@ -57,7 +58,7 @@ impl HostService for HostApi {
             .store
             .run(move |c| hosts::get(c, &id, now, down))
             .await?;
-        Ok(Response::new(host))
+        Ok(Response::new(self.ctx.shown(host)))
     }
 
     async fn cordon_host(&self, req: Request<CordonHostRequest>) -> Result<Response<Host>, Status> {
@@ -142,7 +143,7 @@ impl HostService for HostApi {
             .run(move |c| hosts::get(c, &id, now, down))
             .await?;
         Ok(Response::new(DrainHostResponse {
-            host: Some(host),
+            host: Some(self.ctx.shown(host)),
             vps: drained,
         }))
     }
@@ -178,6 +179,6 @@ impl HostApi {
                 hosts::get(c, &id, now, down)
             })
             .await?;
-        Ok(Response::new(host))
+        Ok(Response::new(self.ctx.shown(host)))
     }
 }

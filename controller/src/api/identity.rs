@@ -103,14 +103,43 @@ impl IdentityService for IdentityApi {
         let caller = self.ctx.caller(&req).await?;
         caller.require(Permission::SetQuota)?;
         let r = req.into_inner();
-        let quota = r
-            .quota
-            .ok_or_else(|| ApiError::invalid("quota", "is required"))?;
+        let change = match (r.change, r.quota) {
+            (Some(ch), None) => ch,
+            (None, Some(q)) => identity::whole(&q),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "quota",
+                    "give either the whole quota or the change, not both",
+                )
+                .into());
+            }
+            (None, None) => {
+                return Err(ApiError::invalid(
+                    "change",
+                    "name at least one limit to set: vcpus, memory_mib, disk_gib or vps_count",
+                )
+                .into());
+            }
+        };
+        if change.vcpus.is_none()
+            && change.memory_mib.is_none()
+            && change.disk_gib.is_none()
+            && change.vps_count.is_none()
+        {
+            return Err(ApiError::invalid(
+                "change",
+                "name at least one limit to set: vcpus, memory_mib, disk_gib or vps_count",
+            )
+            .into());
+        }
         let now = now_ms();
         let inst = self
             .ctx
             .store
-            .run(move |c| identity::set_quota(c, &caller, &r.institution_id, &quota, now))
+            .run(move |c| {
+                let id = identity::institution_id_of(c, &r.institution_id)?;
+                identity::set_quota(c, &caller, &id, &change, now)
+            })
             .await?;
         Ok(Response::new(inst))
     }

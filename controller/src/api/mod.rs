@@ -46,6 +46,14 @@ impl Ctx {
         }
     }
 
+    /// A host as operators see it, with what may be placed on it.
+    pub fn shown(&self, mut h: betang_proto::v1::Host) -> betang_proto::v1::Host {
+        h.allocatable = h
+            .capacity
+            .map(|c| crate::scheduler::allocatable(&c, &self.cfg.overcommit, &self.cfg.placement));
+        h
+    }
+
     pub fn agent_timeout(&self) -> Duration {
         Duration::from_secs(60)
     }

@@ -8,8 +8,8 @@ use betang_proto::v1::{
     CreateUserRequest, CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetInstitutionRequest,
     GetVpsRequest, Host, Institution, ListAuditRequest, ListHostsRequest, ListImagesRequest,
     ListInstitutionsRequest, ListTokensRequest, ListUsersRequest, ListVpsRequest, Quota,
-    RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetQuotaRequest, StartVpsRequest,
-    StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
+    QuotaChange, RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetQuotaRequest,
+    StartVpsRequest, StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
     audit_service_client::AuditServiceClient, host_service_client::HostServiceClient,
     identity_service_client::IdentityServiceClient, vps_service_client::VpsServiceClient,
 };
@@ -304,13 +304,17 @@ enum ImageCmd {
 
 #[derive(clap::Args)]
 struct QuotaArgs {
-    #[arg(long, default_value_t = 0)]
+    /// vCPUs the institution's VPS may hold in all (0: none).
+    #[arg(long)]
     vcpus: u32,
-    #[arg(long, default_value_t = 0)]
+    /// Memory in MiB, in all.
+    #[arg(long)]
     memory_mib: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Disk in GiB, in all.
+    #[arg(long)]
     disk_gib: u64,
-    #[arg(long, default_value_t = 0)]
+    /// Number of VPS.
+    #[arg(long)]
     vps: u32,
 }
 
@@ -323,6 +327,23 @@ impl QuotaArgs {
             vps_count: self.vps,
         }
     }
+}
+
+/// The limits to change; those not given keep their value.
+#[derive(clap::Args)]
+struct QuotaChangeArgs {
+    /// vCPUs the institution's VPS may hold in all (0: none).
+    #[arg(long)]
+    vcpus: Option<u32>,
+    /// Memory in MiB, in all.
+    #[arg(long)]
+    memory_mib: Option<u64>,
+    /// Disk in GiB, in all.
+    #[arg(long)]
+    disk_gib: Option<u64>,
+    /// Number of VPS.
+    #[arg(long)]
+    vps: Option<u32>,
 }
 
 #[derive(Subcommand)]
@@ -346,11 +367,13 @@ enum InstitutionCmd {
     Get {
         id: String,
     },
-    /// Set an institution's quota (operators).
+    /// Change an institution's limits (operators); only the limits given
+    /// change.
     Quota {
+        /// The institution's id or code.
         id: String,
         #[command(flatten)]
-        quota: QuotaArgs,
+        quota: QuotaChangeArgs,
     },
 }
 
@@ -751,9 +774,16 @@ fn print_host(h: &Host) {
     );
     println!("endpoint:   {}", h.agent_endpoint);
     println!("guests:     {} ({} domains)", h.vps_count, h.domain_type);
+    // Measured against what may be placed (after reserve and overcommit),
+    // as placement measures it; the hardware's own figures beside.
+    let room = h.allocatable.unwrap_or(cap);
     println!(
-        "allocated:  {}/{} vCPU, {}/{} MiB, {}/{} GiB",
-        alloc.vcpus, cap.vcpus, alloc.memory_mib, cap.memory_mib, alloc.disk_gib, cap.disk_gib
+        "allocated:  {}/{} vCPU, {}/{} MiB, {}/{} GiB (of what may be placed)",
+        alloc.vcpus, room.vcpus, alloc.memory_mib, room.memory_mib, alloc.disk_gib, room.disk_gib
+    );
+    println!(
+        "capacity:   {} vCPU, {} MiB, {} GiB",
+        cap.vcpus, cap.memory_mib, cap.disk_gib
     );
     if let Some(u) = &h.usage {
         println!(
@@ -1196,7 +1226,13 @@ async fn institution(
             let i = c
                 .set_quota(SetQuotaRequest {
                     institution_id: id,
-                    quota: Some(quota.quota()),
+                    quota: None,
+                    change: Some(QuotaChange {
+                        vcpus: quota.vcpus,
+                        memory_mib: quota.memory_mib,
+                        disk_gib: quota.disk_gib,
+                        vps_count: quota.vps,
+                    }),
                 })
                 .await
                 .map_err(status_error)?;

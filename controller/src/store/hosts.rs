@@ -782,6 +782,7 @@ fn read(
             weight: r.get(19)?,
             cordoned: r.get(20)?,
             leftovers: Vec::new(),
+            allocatable: None,
         })
     })?;
     let mut out = Vec::new();

@@ -1,6 +1,6 @@
 //! Institutions, users, tokens, quotas and the audit trail.
 
-use betang_proto::v1::{AuditRecord, Institution, Quota, Token, User};
+use betang_proto::v1::{AuditRecord, Institution, Quota, QuotaChange, Token, User};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
@@ -389,15 +389,45 @@ pub fn create_institution(
     Ok(inst)
 }
 
+/// The id of an institution named by its id or by its code.
+pub fn institution_id_of(c: &Connection, id_or_code: &str) -> Result<String, ApiError> {
+    c.prepare_cached(
+        "SELECT id FROM institutions WHERE id = ?1 OR code = ?1 ORDER BY id = ?1 DESC",
+    )?
+    .query_row([id_or_code], |r| r.get(0))
+    .optional()?
+    .ok_or_else(|| ApiError::NotFound {
+        what: "institution",
+        id: id_or_code.to_owned(),
+    })
+}
+
+/// A change that sets every limit: the whole quota.
+pub fn whole(q: &Quota) -> QuotaChange {
+    QuotaChange {
+        vcpus: Some(q.vcpus),
+        memory_mib: Some(q.memory_mib),
+        disk_gib: Some(q.disk_gib),
+        vps_count: Some(q.vps_count),
+    }
+}
+
+/// Sets the limits named in `change`; the others keep their value.
 pub fn set_quota(
     c: &mut Connection,
     actor: &Caller,
     id: &str,
-    q: &Quota,
+    change: &QuotaChange,
     now_ms: i64,
 ) -> Result<Institution, ApiError> {
     let tx = c.savepoint()?;
-    get_institution(&tx, id)?;
+    let old = get_institution(&tx, id)?.quota.unwrap_or_default();
+    let q = Quota {
+        vcpus: change.vcpus.unwrap_or(old.vcpus),
+        memory_mib: change.memory_mib.unwrap_or(old.memory_mib),
+        disk_gib: change.disk_gib.unwrap_or(old.disk_gib),
+        vps_count: change.vps_count.unwrap_or(old.vps_count),
+    };
     tx.prepare_cached(
         "UPDATE institutions SET quota_vcpus = ?2, quota_memory_mib = ?3, quota_disk_gib = ?4,
              quota_vps = ?5 WHERE id = ?1",

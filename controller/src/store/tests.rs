@@ -58,8 +58,16 @@ fn institution(s: &Store) -> String {
         disk_gib: 1 << 30,
         vps_count: 1000,
     };
-    s.run_sync(|c| identity::set_quota(c, &Caller::system(), &admin.institution_id, &room, NOW))
-        .unwrap();
+    s.run_sync(|c| {
+        identity::set_quota(
+            c,
+            &Caller::system(),
+            &admin.institution_id,
+            &identity::whole(&room),
+            NOW,
+        )
+    })
+    .unwrap();
     admin.institution_id
 }
 
@@ -817,8 +825,10 @@ async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
         vps_count: 100,
     };
     let i = inst.clone();
-    s.run_sync(move |c| identity::set_quota(c, &Caller::system(), &i, &tight, NOW))
-        .unwrap();
+    s.run_sync(move |c| {
+        identity::set_quota(c, &Caller::system(), &i, &identity::whole(&tight), NOW)
+    })
+    .unwrap();
     let i = inst.clone();
     let v = s
         .run_sync(move |c| vps::create(c, &Caller::system(), &new_vps(&i, 0, 4), &placement(), NOW))
