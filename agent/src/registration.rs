@@ -12,6 +12,10 @@ use tracing::{info, warn};
 
 use crate::{error::AgentError, host::HostReporter, vms::VmManager};
 
+/// VM directories go with one heartbeat in this many (every 30 s at the
+/// default 2 s interval).
+const DIRS_EVERY: u64 = 15;
+
 pub struct Registration {
     pub controller: Channel,
     pub advertise: String,
@@ -37,6 +41,7 @@ impl Registration {
     pub async fn run(self) {
         let mut client = RegistryServiceClient::new(self.controller.clone());
         let mut registered = false;
+        let mut beats: u64 = 0;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -57,18 +62,26 @@ impl Registration {
                     (Vec::new(), false)
                 }
             };
-            // Cheap, but a directory read still blocks: off the runtime.
-            let vms_of = self.vms.clone();
-            let dirs = tokio::task::spawn_blocking(move || vms_of.vm_dirs())
-                .await
-                .unwrap_or_else(|e| Err(AgentError::Internal(format!("listing task: {e}"))));
-            let (vm_dirs, vm_dirs_listed) = match dirs {
-                Ok(d) => (d, true),
-                Err(e) => {
-                    warn!(error = %e, "cannot list VM directories for the heartbeat");
-                    (Vec::new(), false)
+            // Leftovers are looked for on the first heartbeat and then every
+            // DIRS_EVERY-th: an operator hears of them within a minute, and
+            // hundreds of hosts do not read their directories twice a second.
+            let (vm_dirs, vm_dirs_listed) = if beats.is_multiple_of(DIRS_EVERY) {
+                // Cheap, but a directory read still blocks: off the runtime.
+                let vms_of = self.vms.clone();
+                let dirs = tokio::task::spawn_blocking(move || vms_of.vm_dirs())
+                    .await
+                    .unwrap_or_else(|e| Err(AgentError::Internal(format!("listing task: {e}"))));
+                match dirs {
+                    Ok(d) => (d, true),
+                    Err(e) => {
+                        warn!(error = %e, "cannot list VM directories for the heartbeat");
+                        (Vec::new(), false)
+                    }
                 }
+            } else {
+                (Vec::new(), false)
             };
+            beats += 1;
             let hb = HeartbeatRequest {
                 host_id: self.host.host_id().to_owned(),
                 usage: Some(self.host.usage(&self.vms)),

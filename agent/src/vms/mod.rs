@@ -613,7 +613,9 @@ impl VmManager {
         for e in entries {
             let e = e.map_err(|e| AgentError::io(&self.vm_dir, e))?;
             let name = e.file_name().to_string_lossy().into_owned();
-            if names::check_vps_id(&name).is_ok() && e.path().is_dir() {
+            // The entry's own type: no stat per directory.
+            let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+            if is_dir && names::check_vps_id(&name).is_ok() {
                 out.push(name);
             }
         }

@@ -104,12 +104,10 @@ impl RegistryService for RegistryApi {
                     r.usage.as_ref(),
                     &r.vms,
                     r.vms_listed,
+                    r.vm_dirs_listed.then_some(r.vm_dirs.as_slice()),
                     usage_every,
                     now,
                 )?;
-                if r.vms_listed && r.vm_dirs_listed {
-                    hosts::record_leftovers(db, &host, &r.vms, &r.vm_dirs, now)?;
-                }
                 db.hosts.beat(&host, now);
                 Ok(())
             })

@@ -127,13 +127,16 @@ struct VpsOnHost {
 /// Applies a heartbeat: host usage, and each VM's usage and power. A report
 /// older than the VPS's generation changes no state.
 /// Only what changed is written: a VM's usage once per `usage_every_ms`, its
-/// power when it differs from what is recorded.
+/// power when it differs from what is recorded. `vm_dirs`, when the agent
+/// sent them, are checked for leftovers.
+#[allow(clippy::too_many_arguments)]
 pub fn heartbeat(
     c: &mut Connection,
     host_id: &HostId,
     usage: Option<&HostUsage>,
     vms: &[VmStatus],
     vms_listed: bool,
+    vm_dirs: Option<&[String]>,
     usage_every_ms: i64,
     now_ms: i64,
 ) -> Result<(), ApiError> {
@@ -257,29 +260,46 @@ pub fn heartbeat(
                     .execute([&v.id])?;
             }
         }
+        if let Some(dirs) = vm_dirs {
+            record_leftovers(
+                &tx,
+                host_id,
+                vms,
+                dirs,
+                &|id| placed.contains_key(id),
+                now_ms,
+            )?;
+        }
     }
     tx.commit()?;
     Ok(())
 }
 
 /// Records what the host holds that no live VPS owns: a domain or a VM
-/// directory named after a VPS that is not placed there (nor moving there,
-/// nor being cleaned up there). Written only when it changed.
-pub fn record_leftovers(
+/// directory named after a VPS that is not placed there (`placed_here`), nor
+/// moving there, nor being cleaned up there. Runs with every heartbeat, so
+/// the usual case (everything placed here) costs one statement.
+fn record_leftovers(
     c: &Connection,
     host: &HostId,
     vms: &[VmStatus],
     dirs: &[String],
+    placed_here: &dyn Fn(&str) -> bool,
     now_ms: i64,
 ) -> Result<(), ApiError> {
     let mut found: BTreeMap<&str, (bool, bool)> = BTreeMap::new();
-    for v in vms {
+    for v in vms.iter().filter(|v| !placed_here(&v.vps_id)) {
         found.entry(v.vps_id.as_str()).or_default().0 = true;
     }
-    for d in dirs {
+    for d in dirs.iter().filter(|d| !placed_here(d)) {
         found.entry(d.as_str()).or_default().1 = true;
     }
-    if !found.is_empty() {
+    if found.is_empty() {
+        c.prepare_cached("DELETE FROM host_orphans WHERE host_id = ?1")?
+            .execute([host.as_str()])?;
+        return Ok(());
+    }
+    {
         let mut owned = c.prepare_cached(
             "SELECT EXISTS (SELECT 1 FROM vps WHERE id = ?1 AND (
                  (host_id = ?2 AND state <> 'DELETED')

@@ -409,7 +409,7 @@ fn heartbeats_write_only_what_changed() {
         };
         s.run_sync(|c| {
             c.execute("DELETE FROM temp.vps_writes", [])?;
-            hosts::heartbeat(c, &host, None, &[vm], true, 30_000, at)?;
+            hosts::heartbeat(c, &host, None, &[vm], true, Some(&[]), 30_000, at)?;
             Ok(
                 c.query_row("SELECT count(*) FROM temp.vps_writes", [], |r| {
                     r.get::<_, i64>(0)
