@@ -38,6 +38,7 @@ if ! grep -qs '^name = "betang-test"' "$images/catalog.toml"; then
 name = "betang-test"
 file = "betang-test.qcow2"
 os = "busybox"
+min_memory_mib = 128
 description = "Betang's offline test guest: boots, reads its cloud-init seed, prints its hostname on the serial console"
 TOML
 fi

@@ -88,6 +88,7 @@ impl HostReporter {
                 min_disk_gib: i.min_disk_gib(),
                 size_bytes: i.size_bytes,
                 digest: i.digest.clone(),
+                min_memory_mib: i.min_memory_mib,
                 ..Image::default()
             })
             .collect();

@@ -34,6 +34,9 @@ struct ManifestEntry {
     os: String,
     #[serde(default)]
     description: String,
+    /// The least memory a guest of this image boots with (0: no minimum).
+    #[serde(default)]
+    min_memory_mib: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,6 +49,7 @@ pub struct CatalogImage {
     pub size_bytes: u64,
     /// SHA-256 of the file: what a VPS built on it records.
     pub digest: String,
+    pub min_memory_mib: u64,
 }
 
 impl CatalogImage {
@@ -101,6 +105,7 @@ impl Catalog {
         let digest = digests.digest(disks, &path)?;
         Ok(CatalogImage {
             digest,
+            min_memory_mib: e.min_memory_mib,
             name: e.name,
             path,
             os: e.os,

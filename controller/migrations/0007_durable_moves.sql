@@ -1,6 +1,8 @@
 -- Images are known by content: each host's catalogue entry carries the
 -- SHA-256 of its file, and each VPS the digest it was built on.
 ALTER TABLE host_images ADD COLUMN digest TEXT NOT NULL DEFAULT '';
+-- The least memory a guest of the image boots with, from the catalogue.
+ALTER TABLE host_images ADD COLUMN min_memory_mib INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE vps ADD COLUMN image_digest TEXT NOT NULL DEFAULT '';
 
 -- While a VPS is MIGRATING it holds capacity on the host it moves to as well

@@ -123,10 +123,12 @@ impl Caller {
         if allowed(self.role, p) {
             Ok(())
         } else {
-            Err(ApiError::PermissionDenied(format!(
-                "a {} may not do this",
-                self.role.as_str()
-            )))
+            let who = match self.role {
+                Role::Member => "a member",
+                Role::Operator => "an operator",
+                Role::Admin => "an admin",
+            };
+            Err(ApiError::PermissionDenied(format!("{who} may not do this")))
         }
     }
 

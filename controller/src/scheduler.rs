@@ -134,16 +134,24 @@ pub enum Reject {
 }
 
 impl Reject {
-    fn label(self) -> &'static str {
+    /// What `n` hosts are, said of one host or of several.
+    fn label(self, n: usize) -> &'static str {
+        let one = n == 1;
         match self {
             Reject::Down => "down",
             Reject::Cordoned => "cordoned",
             Reject::Zone => "in another zone",
+            Reject::Labels if one => "lacks the labels",
             Reject::Labels => "lack the labels",
+            Reject::Image if one => "lacks the image",
             Reject::Image => "lack the image",
+            Reject::AntiAffinity if one => "already holds its anti-affinity group",
             Reject::AntiAffinity => "already hold its anti-affinity group",
+            Reject::Cpu if one => "lacks vCPUs",
             Reject::Cpu => "lack vCPUs",
+            Reject::Memory if one => "lacks memory",
             Reject::Memory => "lack memory",
+            Reject::Disk if one => "lacks disk",
             Reject::Disk => "lack disk",
         }
     }
@@ -325,7 +333,7 @@ impl std::fmt::Display for NoFit {
         let parts: Vec<String> = self
             .rejects
             .iter()
-            .map(|(r, n)| format!("{n} {}", r.label()))
+            .map(|(r, n)| format!("{n} {}", r.label(*n)))
             .collect();
         write!(f, ": {}", parts.join(", "))
     }
@@ -556,7 +564,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 cordoned, 1 lack the image, 1 lack vCPUs, 2 lack memory"
+            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 cordoned, 1 lacks the image, 1 lacks vCPUs, 2 lack memory"
         );
         assert_eq!((e.hosts, e.rejects[&Reject::Memory]), (6, 2));
         let e = place(&[], &demand(1, 1), &Ratios::default(), &Policy::default()).unwrap_err();

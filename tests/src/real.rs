@@ -231,7 +231,10 @@ impl RealHost {
 pub fn write_catalogue(dir: &Path, file: &str) -> anyhow::Result<()> {
     std::fs::write(
         dir.join("catalog.toml"),
-        format!("[[image]]\nname = \"{IMAGE_NAME}\"\nfile = \"{file}\"\nos = \"busybox\"\n"),
+        format!(
+            "[[image]]\nname = \"{IMAGE_NAME}\"\nfile = \"{file}\"\nos = \"busybox\"\n\
+             min_memory_mib = 128\n"
+        ),
     )?;
     Ok(())
 }

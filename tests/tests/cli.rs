@@ -106,3 +106,144 @@ async fn host_allocation_reads_against_what_may_be_placed() -> anyhow::Result<()
     );
     Ok(())
 }
+
+/// Audit filters as the listing shows them: a username, an action family
+/// without its dot, a time written as people write it; seconds given where
+/// milliseconds are asked for are refused instead of matching everything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_filters_take_usernames_families_and_times() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.people.operator.clone();
+    let admin = cluster.people.admin.clone();
+    let code = format!("{}-a", cluster.prefix);
+    betangctl(
+        &cluster,
+        &admin,
+        &["institution", "quota", &code, "--vcpus", "99"],
+    )
+    .await?;
+    let list = |args: Vec<String>| {
+        let (cluster, op) = (&cluster, op.clone());
+        async move {
+            let mut all = vec!["audit".to_owned(), "list".to_owned()];
+            all.extend(args);
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            betangctl(cluster, &op, &refs).await
+        }
+    };
+    let by_name = list(vec!["--actor".into(), "admin".into()]).await?;
+    let (stdout, stderr) = text(&by_name);
+    assert!(by_name.status.success(), "{stderr}");
+    assert!(stdout.contains("institution.set_quota"), "{stdout}");
+    let family = list(vec![
+        "--action".into(),
+        "institution".into(),
+        "--since".into(),
+        "1h".into(),
+    ])
+    .await?;
+    let (stdout, _) = text(&family);
+    assert!(stdout.contains("institution.set_quota"), "{stdout}");
+    assert!(stdout.contains("institution.create"), "{stdout}");
+    assert!(!stdout.contains("user.create"), "{stdout}");
+    let future = list(vec!["--since".into(), "2999-01-01".into()]).await?;
+    assert!(future.status.success());
+    assert!(
+        !text(&future).0.contains("institution."),
+        "{}",
+        text(&future).0
+    );
+    let seconds = list(vec!["--since-ms".into(), "1764547200".into()]).await?;
+    assert!(!seconds.status.success());
+    assert!(
+        text(&seconds).1.contains("looks like seconds"),
+        "{}",
+        text(&seconds).1
+    );
+    let nonsense = list(vec!["--since".into(), "yesterday-ish".into()]).await?;
+    assert!(!nonsense.status.success());
+    assert!(
+        text(&nonsense).1.contains("--since"),
+        "{}",
+        text(&nonsense).1
+    );
+    Ok(())
+}
+
+/// What a new user meets first: a hint to log in, a login that checks the
+/// token before saving it, errors that say what to do instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn first_contact_says_what_to_do() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let bin = betang_tests::chaos::default_bin_dir()?.join("betangctl");
+    let config = cluster.dir.path().join("betangctl.toml");
+    let run = |args: &[&str], token: Option<&str>, stdin: &str| {
+        let mut cmd = std::process::Command::new(&bin);
+        cmd.args(args)
+            .env("BETANG_ENDPOINT", &cluster.endpoint)
+            .env("BETANG_CONFIG", &config)
+            .env("HOME", cluster.dir.path())
+            .env_remove("BETANG_TOKEN")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped());
+        if let Some(t) = token {
+            cmd.env("BETANG_TOKEN", t);
+        }
+        let mut child = cmd.spawn().expect("betangctl");
+        use std::io::Write;
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().expect("betangctl output")
+    };
+    let out = run(&["--version"], None, "");
+    assert!(text(&out).0.starts_with("betangctl "), "{}", text(&out).0);
+    let out = run(&["vps", "list"], None, "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("betangctl login --token-stdin"),
+        "{}",
+        text(&out).1
+    );
+    // A good login is saved; a bad one is refused and changes nothing.
+    let member = cluster.people.member_a.clone();
+    let out = run(&["login", "--token-stdin"], None, &format!("{member}\n"));
+    assert!(out.status.success(), "{}", text(&out).1);
+    assert!(text(&out).0.contains("logged in as"), "{}", text(&out).0);
+    let saved = std::fs::read_to_string(&config)?;
+    let out = run(&["login", "--token-stdin"], None, "garbage\n");
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("unchanged"), "{}", text(&out).1);
+    assert_eq!(std::fs::read_to_string(&config)?, saved);
+    // A bad token: an error, and no table header before it.
+    let out = run(&["vps", "list"], Some("not-a-token"), "");
+    assert!(!out.status.success());
+    assert!(text(&out).0.is_empty(), "{}", text(&out).0);
+    // A waiting request is withdrawn with cancel, and the error says so.
+    let mut c = cluster.clients(&member).await?.vps;
+    let mut req = cluster.create(cluster.spec("waits"));
+    req.institution_id = String::new();
+    let v = c.create_vps(req).await?.into_inner();
+    let out = run(&["vps", "delete", &v.id], None, "");
+    assert!(!out.status.success());
+    assert!(
+        text(&out).1.contains("betangctl vps cancel"),
+        "{}",
+        text(&out).1
+    );
+    let out = run(&["vps", "wait", &v.id, "FOO"], None, "");
+    assert!(!out.status.success());
+    assert!(text(&out).1.contains("not a state"), "{}", text(&out).1);
+    // Grammar in refusals.
+    let out = run(&["host", "list"], None, "");
+    assert!(
+        text(&out).1.contains("a member may not do this"),
+        "{}",
+        text(&out).1
+    );
+    Ok(())
+}

@@ -2,7 +2,7 @@ use betang_proto::v1::{ListAuditRequest, ListAuditResponse, audit_service_server
 use tonic::{Request, Response, Status};
 
 use super::{Ctx, page_after, page_size};
-use crate::{auth::Permission, store::identity};
+use crate::{auth::Permission, error::ApiError, store::identity};
 
 pub struct AuditApi {
     pub ctx: Ctx,
@@ -20,8 +20,24 @@ impl AuditService for AuditApi {
             .require(Permission::ViewAudit)?;
         let r = req.into_inner();
         let size = page_size(r.page_size, 100, 1000)?;
+        for (field, v) in [("since_ms", r.since_ms), ("until_ms", r.until_ms)] {
+            if v < 0 {
+                return Err(
+                    ApiError::invalid(field, "must be Unix milliseconds, not negative").into(),
+                );
+            }
+        }
+        let institution = r.institution_id.clone();
+        let institution_id = if institution.is_empty() {
+            String::new()
+        } else {
+            self.ctx
+                .store
+                .run(move |c| identity::institution_id_of(c, &institution))
+                .await?
+        };
         let filter = identity::AuditFilter {
-            institution_id: r.institution_id,
+            institution_id,
             actor_user_id: r.actor_user_id,
             action: r.action,
             target: r.target,

@@ -18,7 +18,11 @@ use serde::{Deserialize, Serialize};
 use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 #[derive(Parser)]
-#[command(version, about = "Manage Betang virtual private servers")]
+#[command(
+    name = "betangctl",
+    version,
+    about = "Manage Betang virtual private servers"
+)]
 struct Cli {
     /// The controller's gRPC endpoint [default: from the config file, else http://127.0.0.1:7000].
     #[arg(long, global = true, env = "BETANG_ENDPOINT")]
@@ -175,8 +179,10 @@ enum VpsCmd {
         #[arg(long, default_value_t = 60)]
         history: u32,
     },
+    /// Start a stopped VPS.
     Start {
         id: String,
+        /// Wait until it is RUNNING (or fails).
         #[arg(long)]
         wait: bool,
     },
@@ -188,17 +194,22 @@ enum VpsCmd {
         /// Power off at once.
         #[arg(long)]
         force: bool,
+        /// Wait until it is STOPPED.
         #[arg(long)]
         wait: bool,
     },
+    /// Restart a running VPS: the guest is asked to reboot.
     Reboot {
         id: String,
         /// Hard reset instead of asking the guest.
         #[arg(long)]
         force: bool,
     },
+    /// Delete a VPS: its VM, its disk and its seed are removed for good.
+    /// (A request still waiting for approval is withdrawn with `cancel`.)
     Delete {
         id: String,
+        /// Wait until it is DELETED.
         #[arg(long)]
         wait: bool,
     },
@@ -233,11 +244,15 @@ enum VpsCmd {
         disk_gib: u64,
     },
     /// Operators: move a stopped VPS to another host the scheduler picks.
+    /// The move runs in the background; the VPS is MIGRATING meanwhile.
     Move {
         id: String,
         /// Also move a running VPS: it is stopped, moved and started again.
         #[arg(long)]
         restart: bool,
+        /// Wait until the move has ended (and print where the VPS is).
+        #[arg(long)]
+        wait: bool,
     },
     /// Wait until a VPS reaches a state (RUNNING, STOPPED, DELETED, ...).
     Wait {
@@ -421,18 +436,31 @@ enum TokenCmd {
 
 #[derive(Subcommand)]
 enum AuditCmd {
+    /// What was done, by whom, to what, oldest first (operators).
     List {
+        /// Only this institution's records (its id or code).
         #[arg(long, default_value = "")]
         institution: String,
+        /// Only what this user did (a username or a user id).
         #[arg(long, default_value = "")]
         actor: String,
-        /// An action, or a prefix ending in '.', e.g. vps.
+        /// An action (vps.stop), or a family of them (vps).
         #[arg(long, default_value = "")]
         action: String,
+        /// Only records about this VPS, host, user or institution id.
         #[arg(long, default_value = "")]
         target: String,
+        /// From this time on: 2026-12-01, 2026-12-01T08:00 (UTC), or a
+        /// while ago such as 30m, 2h, 7d.
+        #[arg(long)]
+        since: Option<String>,
+        /// Up to (not including) this time, written as for --since.
+        #[arg(long)]
+        until: Option<String>,
+        /// From this Unix time in milliseconds (seconds are refused).
         #[arg(long, default_value_t = 0)]
         since_ms: i64,
+        /// Up to this Unix time in milliseconds.
         #[arg(long, default_value_t = 0)]
         until_ms: i64,
     },
@@ -530,6 +558,20 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
         .unwrap_or_else(|| "http://127.0.0.1:7000".into());
     let token = cli.token.clone().or(file.token);
     let ca = cli.ca.clone().or(file.ca);
+    if token.is_none() {
+        bail!(
+            "no token: log in first with `betangctl login --token-stdin` (your administrator \
+             gives you a token), or set BETANG_TOKEN"
+        );
+    }
+    connect_to(endpoint, token, ca).await
+}
+
+async fn connect_to(
+    endpoint: String,
+    token: Option<String>,
+    ca: Option<PathBuf>,
+) -> anyhow::Result<Clients> {
     let mut ep = tonic::transport::Endpoint::from_shared(endpoint.clone())
         .context("endpoint")?
         .connect_timeout(Duration::from_secs(5));
@@ -636,6 +678,14 @@ fn state_name(v: &Vps) -> &'static str {
         .trim_start_matches("VPS_STATE_")
 }
 
+/// The state as a person reads it: with what is under way, if anything.
+fn state_shown(v: &Vps) -> String {
+    match v.power_change.as_str() {
+        "" => state_name(v).to_owned(),
+        change => format!("{} ({change})", state_name(v)),
+    }
+}
+
 fn gib(bytes: u64) -> String {
     format!("{:.2} GiB", bytes as f64 / (1u64 << 30) as f64)
 }
@@ -645,10 +695,15 @@ fn mib(bytes: u64) -> String {
 }
 
 fn print_vps(v: &Vps) {
+    print_vps_of(v, &v.institution_id);
+}
+
+/// The VPS, with its institution as `institution` names it.
+fn print_vps_of(v: &Vps, institution: &str) {
     let spec = v.spec.clone().unwrap_or_default();
     println!("id:        {}", v.id);
     println!("name:      {}", spec.name);
-    println!("state:     {}", state_name(v));
+    println!("state:     {}", state_shown(v));
     if !v.state_reason.is_empty() {
         println!("reason:    {}", v.state_reason);
     }
@@ -678,6 +733,41 @@ fn print_vps(v: &Vps) {
             format!(", moving to {}", v.move_target)
         }
     );
+    if !institution.is_empty() {
+        println!("institution: {institution}");
+    }
+    if let Some(a) = v.application.as_ref().filter(|a| !a.name.is_empty()) {
+        let kind = if a.kind.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", a.kind)
+        };
+        println!(
+            "application: {}{kind}{}",
+            a.name,
+            if a.domain.is_empty() {
+                String::new()
+            } else {
+                format!(", {}", a.domain)
+            }
+        );
+        let nip = if a.responsible_nip.is_empty() {
+            String::new()
+        } else {
+            format!(", NIP {}", a.responsible_nip)
+        };
+        println!("responsible: {}{nip}", a.responsible_name);
+    }
+    if !v.requested_by.is_empty() {
+        println!(
+            "requested:   by {} at {}",
+            v.requested_by,
+            ms_to_text(v.created_at_ms)
+        );
+    }
+    if !v.decided_by.is_empty() {
+        println!("decided:     by {}", v.decided_by);
+    }
     if let Some(u) = &v.usage {
         println!(
             "cpu:       {:.1}% of one vCPU ({:.1} s in total)",
@@ -732,6 +822,54 @@ fn print_history(points: &[betang_proto::v1::UsagePoint]) {
             kib(p.net_tx_bytes_per_second)
         );
     }
+}
+
+/// One of --since/--since-ms (or --until/--until-ms), as Unix ms (0: none).
+fn audit_time(field: &str, text: Option<&str>, ms: i64) -> anyhow::Result<i64> {
+    match (text, ms) {
+        (Some(_), ms) if ms != 0 => bail!("--{field} and --{field}-ms: give one of them"),
+        (Some(t), _) => parse_when_or_ago(field, t),
+        // Before 2001 in milliseconds is what seconds since 1970 look like.
+        (None, ms) if ms > 0 && ms < 1_000_000_000_000 => bail!(
+            "--{field}-ms: {ms} looks like seconds; give milliseconds, or use --{field} \
+             (e.g. --{field} 2026-12-01 or --{field} 2h)"
+        ),
+        (None, ms) if ms < 0 => bail!("--{field}-ms: must not be negative"),
+        (None, ms) => Ok(ms),
+    }
+}
+
+/// A time as people write it: a date or date and time (UTC), Unix
+/// milliseconds, or a while ago (`30m`, `2h`, `7d`).
+fn parse_when_or_ago(field: &str, v: &str) -> anyhow::Result<i64> {
+    let ago = v
+        .strip_suffix('m')
+        .map(|n| (n, 60_000))
+        .or_else(|| v.strip_suffix('h').map(|n| (n, 3_600_000)))
+        .or_else(|| v.strip_suffix('d').map(|n| (n, 86_400_000)));
+    if let Some((n, unit)) = ago
+        && let Ok(n) = n.parse::<i64>()
+        && n >= 0
+    {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_millis() as i64;
+        return Ok(now - n * unit);
+    }
+    if let Some((date, hm)) = v.split_once('T') {
+        let day = parse_when(field, date)?;
+        let bad = || anyhow::anyhow!("--{field}: {v:?} is not YYYY-MM-DDTHH:MM");
+        let (h, m) = hm.split_once(':').ok_or_else(bad)?;
+        let (h, m): (i64, i64) = (h.parse().map_err(|_| bad())?, m.parse().map_err(|_| bad())?);
+        anyhow::ensure!((0..24).contains(&h) && (0..60).contains(&m), bad());
+        return Ok(day + (h * 60 + m) * 60_000);
+    }
+    parse_when(field, v).map_err(|_| {
+        anyhow::anyhow!(
+            "--{field}: {v:?} is not a time; write 2026-12-01, 2026-12-01T08:00 (UTC), \
+             Unix milliseconds, or a while ago such as 30m, 2h or 7d"
+        )
+    })
 }
 
 /// `YYYY-MM-DD` (midnight UTC) or Unix milliseconds.
@@ -892,15 +1030,50 @@ async fn main() -> anyhow::Result<()> {
             if let Some(ca) = ca {
                 c.ca = Some(ca.clone());
             }
+            // Saved only once the controller accepts it: a mistyped token
+            // never replaces a working one.
+            let endpoint = c
+                .endpoint
+                .clone()
+                .unwrap_or_else(|| "http://127.0.0.1:7000".into());
+            anyhow::ensure!(
+                c.token.as_deref().is_some_and(|t| !t.is_empty()),
+                "no token given; pipe it in with --token-stdin"
+            );
+            let me = connect_to(endpoint.clone(), c.token.clone(), c.ca.clone())
+                .await?
+                .identity
+                .who_am_i(WhoAmIRequest {})
+                .await
+                .map_err(|s| {
+                    anyhow::anyhow!(
+                        "{endpoint} did not accept that token ({}); {} is unchanged",
+                        s.message(),
+                        path.display()
+                    )
+                })?
+                .into_inner();
             save_config(&path, &c)?;
-            println!("saved {}", path.display());
+            println!(
+                "logged in as {} ({}); saved {}",
+                me.username,
+                role_name(me.role),
+                path.display()
+            );
             return Ok(());
         }
         _ => {}
     }
     let mut c = connect(&cli).await?;
     match cli.cmd {
-        Cmd::Vps(cmd) => vps(&mut c.vps, *cmd).await?,
+        Cmd::Vps(cmd) => {
+            let names = if cmd.names_institutions() {
+                institution_names(&mut c.identity).await
+            } else {
+                Default::default()
+            };
+            vps(&mut c.vps, *cmd, &names).await?
+        }
         Cmd::Host(HostCmd::List) => {
             let list = c
                 .hosts
@@ -961,6 +1134,16 @@ async fn main() -> anyhow::Result<()> {
                     "{:<36}  {:<20}  {:<12}  {:<20}  {}",
                     v.vps_id, v.name, v.state, v.to_host, v.outcome
                 );
+            }
+            // The exit status says whether every move asked for was taken on.
+            let refused = r
+                .get_ref()
+                .vps
+                .iter()
+                .filter(|v| v.outcome != "moving" && v.outcome != "left")
+                .count();
+            if refused > 0 {
+                bail!("{refused} VPS could not be moved (see OUTCOME)");
             }
         }
         Cmd::Host(HostCmd::Get { id }) => {
@@ -1117,9 +1300,13 @@ async fn main() -> anyhow::Result<()> {
             actor,
             action,
             target,
+            since,
+            until,
             since_ms,
             until_ms,
         }) => {
+            let since_ms = audit_time("since", since.as_deref(), since_ms)?;
+            let until_ms = audit_time("until", until.as_deref(), until_ms)?;
             let mut token = String::new();
             loop {
                 let page = c
@@ -1242,7 +1429,44 @@ async fn institution(
     Ok(())
 }
 
-async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()> {
+/// "code (name)" of each institution the caller may see, by id; empty when
+/// they may see none (ids are shown then).
+async fn institution_names(
+    c: &mut IdentityServiceClient<Authed>,
+) -> std::collections::HashMap<String, String> {
+    c.list_institutions(ListInstitutionsRequest {})
+        .await
+        .map(|r| {
+            r.into_inner()
+                .institutions
+                .into_iter()
+                .map(|i| (i.id, format!("{} ({})", i.code, i.name)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl VpsCmd {
+    /// Whether the output names institutions (and so needs their names).
+    fn names_institutions(&self) -> bool {
+        matches!(
+            self,
+            VpsCmd::List { pending: true, .. } | VpsCmd::Get { .. }
+        )
+    }
+}
+
+async fn vps(
+    c: &mut VpsServiceClient<Authed>,
+    cmd: VpsCmd,
+    institutions: &std::collections::HashMap<String, String>,
+) -> anyhow::Result<()> {
+    let institution_of = |id: &str| {
+        institutions
+            .get(id)
+            .cloned()
+            .unwrap_or_else(|| id.to_owned())
+    };
     match cmd {
         VpsCmd::Create {
             name,
@@ -1318,11 +1542,8 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
             institution,
             host,
         } => {
-            println!(
-                "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}",
-                "ID", "NAME", "STATE", "VCPU", "MEM MiB", "DISK G", "HOST", "CPU %"
-            );
             let mut token = String::new();
+            let mut header = true;
             loop {
                 let page = c
                     .list_vps(ListVpsRequest {
@@ -1340,13 +1561,47 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                     .await
                     .map_err(status_error)?
                     .into_inner();
+                // Only once the first page came: a refusal prints no table.
+                if std::mem::take(&mut header) {
+                    if pending {
+                        println!(
+                            "{:<36}  {:<20}  {:<24}  {:<20}  {:<20}  {:<12}  ASKED (UTC)",
+                            "ID",
+                            "NAME",
+                            "INSTITUTION",
+                            "APPLICATION",
+                            "RESPONSIBLE",
+                            "REQUESTED BY"
+                        );
+                    } else {
+                        println!(
+                            "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}",
+                            "ID", "NAME", "STATE", "VCPU", "MEM MiB", "DISK G", "HOST", "CPU %"
+                        );
+                    }
+                }
                 for v in &page.vps {
                     let s = v.spec.clone().unwrap_or_default();
+                    if pending {
+                        // What an operator decides on: who asks, for what.
+                        let a = v.application.clone().unwrap_or_default();
+                        println!(
+                            "{:<36}  {:<20}  {:<24}  {:<20}  {:<20}  {:<12}  {}",
+                            v.id,
+                            s.name,
+                            institution_of(&v.institution_id),
+                            a.name,
+                            a.responsible_name,
+                            v.requested_by,
+                            ms_to_text(v.created_at_ms)
+                        );
+                        continue;
+                    }
                     println!(
                         "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6.1}",
                         v.id,
                         s.name,
-                        state_name(v),
+                        state_shown(v),
                         s.vcpus,
                         s.memory_mib,
                         s.disk_gib,
@@ -1368,7 +1623,7 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                 })
                 .await
                 .map_err(status_error)?;
-            print_vps(v.get_ref());
+            print_vps_of(v.get_ref(), &institution_of(&v.get_ref().institution_id));
             print_history(&v.get_ref().history);
         }
         VpsCmd::Start { id, wait } => {
@@ -1460,11 +1715,37 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
                 .map_err(status_error)?;
             print_vps(v.get_ref());
         }
-        VpsCmd::Move { id, restart } => {
-            let mut req = tonic::Request::new(betang_proto::v1::MoveVpsRequest { id, restart });
-            req.set_timeout(Duration::from_secs(24 * 3600));
-            let v = c.move_vps(req).await.map_err(status_error)?;
-            print_vps(v.get_ref());
+        VpsCmd::Move { id, restart, wait } => {
+            let v = c
+                .move_vps(betang_proto::v1::MoveVpsRequest {
+                    id: id.clone(),
+                    restart,
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            if !wait {
+                print_vps(&v);
+                return Ok(());
+            }
+            let v = loop {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                let v = c
+                    .get_vps(GetVpsRequest {
+                        id: id.clone(),
+                        history_minutes: 0,
+                    })
+                    .await
+                    .map_err(status_error)?
+                    .into_inner();
+                if state_name(&v) != "MIGRATING" {
+                    break v;
+                }
+            };
+            print_vps(&v);
+            if v.state_reason.starts_with("moving to") {
+                bail!("the move did not happen: {}", v.state_reason);
+            }
         }
         VpsCmd::Cancel { id } => {
             let v = c
@@ -1478,13 +1759,15 @@ async fn vps(c: &mut VpsServiceClient<Authed>, cmd: VpsCmd) -> anyhow::Result<()
             state,
             timeout_seconds,
         } => {
-            let v = wait_for(
-                c,
-                &id,
-                &state.to_uppercase(),
-                Duration::from_secs(timeout_seconds),
-            )
-            .await?;
+            let want = state.to_uppercase();
+            if betang_controller::lifecycle::VpsState::parse(&want).is_none() {
+                let names: Vec<&str> = betang_controller::lifecycle::ALL_STATES
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect();
+                bail!("{state:?} is not a state; one of {}", names.join(", "));
+            }
+            let v = wait_for(c, &id, &want, Duration::from_secs(timeout_seconds)).await?;
             print_vps(&v);
         }
     }

@@ -53,8 +53,8 @@ pub fn register(
     for img in &info.images {
         tx.prepare_cached(
             "INSERT INTO host_images (host_id, name, description, os, min_disk_gib, size_bytes,
-                 digest)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                 digest, min_memory_mib)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             id.as_str(),
@@ -63,7 +63,8 @@ pub fn register(
             img.os,
             img.min_disk_gib as i64,
             img.size_bytes as i64,
-            img.digest
+            img.digest,
+            img.min_memory_mib as i64
         ])?;
     }
     let down_since = record_beat(&tx, &id, now_ms, info.usage.as_ref())?.unwrap_or(0);
@@ -495,7 +496,8 @@ fn host_param(one: Option<&HostId>) -> Vec<String> {
 
 fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Image>>, ApiError> {
     let mut q = c.prepare_cached(&format!(
-        "SELECT host_id, name, description, os, min_disk_gib, size_bytes, digest FROM host_images {}
+        "SELECT host_id, name, description, os, min_disk_gib, size_bytes, digest, min_memory_mib
+         FROM host_images {}
          ORDER BY host_id, name",
         one_host(one, "host_id")
     ))?;
@@ -509,6 +511,7 @@ fn images(c: &Connection, one: Option<&HostId>) -> Result<HashMap<String, Vec<Im
                 min_disk_gib: r.get::<_, i64>(4)? as u64,
                 size_bytes: r.get::<_, i64>(5)? as u64,
                 digest: r.get(6)?,
+                min_memory_mib: r.get::<_, i64>(7)? as u64,
                 ..Image::default()
             },
         ))
@@ -651,8 +654,8 @@ pub fn view(
 /// An image of the catalogue by name, as one of the hosts offering it describes it.
 pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiError> {
     Ok(c.prepare_cached(
-        "SELECT name, description, os, min_disk_gib, size_bytes, digest FROM host_images
-         WHERE name = ?1 LIMIT 1",
+        "SELECT name, description, os, min_disk_gib, size_bytes, digest, min_memory_mib
+         FROM host_images WHERE name = ?1 LIMIT 1",
     )?
     .query_row([name], |r| {
         Ok(Image {
@@ -662,6 +665,7 @@ pub fn catalogue_image(c: &Connection, name: &str) -> Result<Option<Image>, ApiE
             min_disk_gib: r.get::<_, i64>(3)? as u64,
             size_bytes: r.get::<_, i64>(4)? as u64,
             digest: r.get(5)?,
+            min_memory_mib: r.get::<_, i64>(6)? as u64,
             ..Image::default()
         })
     })

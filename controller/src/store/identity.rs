@@ -41,14 +41,23 @@ pub struct AuditFilter {
     pub limit: u32,
 }
 
+/// Records matching every filter given. The actor is a user id or a
+/// username; an action is matched whole (`vps.stop`), or as a family by its
+/// first word (`vps` or `vps.` match every `vps.…`).
 pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, ApiError> {
-    let action_prefix = f.action.ends_with('.');
+    let family = f.action.trim_end_matches('.');
+    let action_prefix = !family.contains('.');
+    let action = if action_prefix {
+        format!("{family}.")
+    } else {
+        f.action.clone()
+    };
     let mut q = c.prepare_cached(
         "SELECT id, at_ms, actor_user_id, actor_username, institution_id, action, target, result
          FROM audit
          WHERE id > ?1
            AND (?2 = '' OR institution_id = ?2)
-           AND (?3 = '' OR actor_user_id = ?3)
+           AND (?3 = '' OR actor_user_id = ?3 OR actor_username = ?3)
            AND (?4 = '' OR (?5 AND substr(action, 1, length(?4)) = ?4) OR (NOT ?5 AND action = ?4))
            AND (?6 = '' OR target = ?6)
            AND (?7 = 0 OR at_ms >= ?7)
@@ -60,7 +69,11 @@ pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, A
             f.after_id,
             f.institution_id,
             f.actor_user_id,
-            f.action,
+            if f.action.is_empty() {
+                ""
+            } else {
+                action.as_str()
+            },
             action_prefix,
             f.target,
             f.since_ms,

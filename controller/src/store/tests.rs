@@ -1206,7 +1206,7 @@ fn image_versions_are_listed_with_their_hosts_and_vps() {
             crate::store::moves::request(c, &Caller::system(), &id, false, &placement(), NOW + 2)
         })
         .unwrap_err();
-    assert!(e.to_string().contains("lack the image"), "{e}");
+    assert!(e.to_string().ends_with("1 lacks the image"), "{e}");
 }
 
 /// The store refuses every change of state the lifecycle's table does not
@@ -1229,4 +1229,51 @@ fn the_store_enforces_the_lifecycle_for_every_pair_of_states() {
         Ok(())
     })
     .unwrap();
+}
+
+/// A VPS smaller than its image needs is refused when it is asked for, by a
+/// member as by an operator, naming the field and the image's minimum.
+#[test]
+fn a_vps_below_its_images_memory_is_refused_at_request_time() {
+    let s = Store::open_in_memory().unwrap();
+    let info = HostInfoResponse {
+        host_id: "a".into(),
+        hostname: "a".into(),
+        capacity: Some(HostCapacity {
+            vcpus: 8,
+            memory_mib: 8192,
+            disk_gib: 1000,
+        }),
+        images: vec![Image {
+            name: "tiny".into(),
+            min_disk_gib: 1,
+            min_memory_mib: 128,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    s.run_sync(move |c| hosts::register(c, &info, "http://127.0.0.1:1", NOW))
+        .unwrap();
+    let inst = institution(&s);
+    let member = Caller {
+        user_id: "u-siti".into(),
+        username: "siti".into(),
+        institution_id: inst.clone(),
+        role: crate::auth::Role::Member,
+    };
+    for who in [member, Caller::system()] {
+        let mut n = new_vps(&inst, 7, 1);
+        n.spec.memory_mib = 64;
+        let e = s
+            .run_sync(move |c| vps::create(c, &who, &n, &placement(), NOW))
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "memory_mib: image tiny needs at least 128 MiB of memory to boot, 64 MiB was asked"
+        );
+    }
+    let none: i64 = s
+        .run_sync(|c| Ok(c.query_row("SELECT COUNT(*) FROM vps", [], |r| r.get(0))?))
+        .unwrap();
+    assert_eq!(none, 0, "nothing was created");
 }

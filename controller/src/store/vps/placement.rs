@@ -62,17 +62,7 @@ pub(in crate::store) fn place(
     placement: &Placement,
     now_ms: i64,
 ) -> Result<HostId, ApiError> {
-    let image =
-        hosts::catalogue_image(c, &spec.image)?.ok_or_else(|| no_such_image(&spec.image))?;
-    if spec.disk_gib < image.min_disk_gib {
-        return Err(ApiError::invalid(
-            "disk_gib",
-            format!(
-                "image {} needs a disk of at least {} GiB, {} GiB was asked",
-                image.name, image.min_disk_gib, spec.disk_gib
-            ),
-        ));
-    }
+    check_image_needs(c, spec)?;
     let demand = demand(spec, wish, institution, digest);
     let (r, p, down) = (
         &placement.ratios,
@@ -102,6 +92,32 @@ pub(in crate::store) fn place(
     tracing::warn!(host_id = %chosen, "host index was out of step with the store; reloading it");
     index.reload(c)?;
     judge(index.hosts(c, now_ms, down)?).map_err(ApiError::NoHostFits)
+}
+
+/// The image exists and the VPS is big enough for it (disk and memory): a
+/// guest with less memory than its image needs never boots.
+pub(super) fn check_image_needs(c: &Connection, spec: &VpsSpec) -> Result<(), ApiError> {
+    let image =
+        hosts::catalogue_image(c, &spec.image)?.ok_or_else(|| no_such_image(&spec.image))?;
+    if spec.disk_gib < image.min_disk_gib {
+        return Err(ApiError::invalid(
+            "disk_gib",
+            format!(
+                "image {} needs a disk of at least {} GiB, {} GiB was asked",
+                image.name, image.min_disk_gib, spec.disk_gib
+            ),
+        ));
+    }
+    if spec.memory_mib < image.min_memory_mib {
+        return Err(ApiError::invalid(
+            "memory_mib",
+            format!(
+                "image {} needs at least {} MiB of memory to boot, {} MiB was asked",
+                image.name, image.min_memory_mib, spec.memory_mib
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Where `place` may put a VPS.

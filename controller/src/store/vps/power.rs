@@ -84,7 +84,12 @@ pub fn mark_deleting(
     if matches!(v.state, VpsState::Deleting | VpsState::Deleted) {
         return Ok(v);
     }
-    transition(&v, VpsState::Deleting, "delete")?;
+    let action = if v.state == VpsState::PendingApproval {
+        "delete (a request still waiting for approval is withdrawn with `betangctl vps cancel`)"
+    } else {
+        "delete"
+    };
+    transition(&v, VpsState::Deleting, action)?;
     // Nothing on any host (never placed, or a failure already cleaned up):
     // DELETING has nothing to wait for.
     let next = if v.host_id.is_none() {

@@ -6,7 +6,7 @@ use betang_proto::v1::{Application, PlacementRequest, VpsSpec};
 use rusqlite::{Connection, params};
 
 use super::{
-    placement::{Placement, Target, need, no_such_image, place},
+    placement::{Placement, Target, check_image_needs, need, place},
     rows::{COLS, VpsRecord, by_request, from_row, get, get_any, transition},
 };
 use crate::{
@@ -99,9 +99,7 @@ pub fn create(
         (VpsState::Scheduled, Some(host))
     } else {
         // Checked now so the member hears of a bad image at once, not after approval.
-        if hosts::catalogue_image(&tx, &n.spec.image)?.is_none() {
-            return Err(no_such_image(&n.spec.image));
-        }
+        check_image_needs(&tx, &n.spec)?;
         (VpsState::PendingApproval, None)
     };
     let digest = match &host {

@@ -164,6 +164,11 @@ impl VpsRecord {
             decided_by: self.decided_by.clone(),
             placement: Some(self.placement.clone()),
             image_digest: self.image_digest.clone(),
+            power_change: match (self.state, self.desired) {
+                (VpsState::Running, DesiredPower::Stopped) => "stopping".into(),
+                (VpsState::Stopped, DesiredPower::Running) => "starting".into(),
+                _ => String::new(),
+            },
             move_target: self
                 .move_target
                 .as_ref()
