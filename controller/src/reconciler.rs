@@ -132,8 +132,9 @@ impl Reconciler {
             .collect();
         if !building.is_empty() {
             let now = now_ms();
+            // Lost in a power cut, they are simply built again.
             self.store
-                .run(move |c| vps::begin_provisioning(c, &building, now))
+                .run_relaxed(move |c| vps::begin_provisioning(c, &building, now))
                 .await?;
         }
         // Each host's endpoint once per pass, not once per VPS.
@@ -298,8 +299,9 @@ async fn record_answers(store: Store, mut rx: mpsc::UnboundedReceiver<Answer>) {
         let (answers, waiters): (Vec<Ensured>, Vec<oneshot::Sender<()>>) =
             std::mem::take(&mut batch).into_iter().unzip();
         let now = now_ms();
+        // Lost in a power cut, an answer is asked for again.
         if let Err(e) = store
-            .run(move |c| vps::ensure_succeeded(c, &answers, now))
+            .run_relaxed(move |c| vps::ensure_succeeded(c, &answers, now))
             .await
         {
             // Not recorded: the next pass sees the VPS unchanged and asks again.

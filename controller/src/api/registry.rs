@@ -95,9 +95,10 @@ impl RegistryService for RegistryApi {
         let host = HostId::parse(&r.host_id)?;
         self.check_peer(&host, &peer)?;
         let (now, usage_every) = (now_ms(), self.ctx.cfg.usage_interval_ms as i64);
+        // The next heartbeat says it all again: no flush of its own.
         self.ctx
             .store
-            .run(move |db| {
+            .run_relaxed(move |db| {
                 hosts::heartbeat(
                     db,
                     &host,

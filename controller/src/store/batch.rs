@@ -5,6 +5,14 @@
 //! are shared by many calls; when calls come one at a time each gets its own
 //! transaction at once, as before. A call that fails takes back only its own
 //! writes (`Db::work`); a commit that fails fails every call in it.
+//!
+//! Acknowledged means durable: when a call that wrote something is to be
+//! answered, the write-ahead log is flushed to disk (fsync) after the commit
+//! and before any answer, as `synchronous = FULL` would. Calls whose writes
+//! may be lost in a power cut without harm — a heartbeat, an agent's answer,
+//! which the next heartbeat or ensure brings again — are run `relaxed`: they
+//! pay no flush of their own, and the next durable commit carries them too,
+//! since the log is written in order.
 
 use std::sync::{
     Arc, Mutex,
@@ -27,9 +35,16 @@ type Reply = Box<dyn FnOnce(Option<&str>) + Send>;
 /// A call: run on the connection, or told why the transaction never began.
 type Job = Box<dyn for<'a> FnOnce(Result<&'a mut Db, &'a str>) -> Reply + Send>;
 
+/// Whether a call's writes must be on disk before it is answered.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Durability {
+    Durable,
+    Relaxed,
+}
+
 #[derive(Clone)]
 pub(super) struct Queue {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<(Durability, Job)>,
     /// Transactions committed for queued calls.
     commits: Arc<AtomicU64>,
 }
@@ -45,7 +60,7 @@ fn not_committed(why: &str) -> ApiError {
 }
 
 impl Queue {
-    pub(super) async fn run<T, F>(&self, f: F) -> Result<T, ApiError>
+    pub(super) async fn run<T, F>(&self, durability: Durability, f: F) -> Result<T, ApiError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
@@ -63,7 +78,7 @@ impl Queue {
                 });
             })
         });
-        self.jobs.send(job).map_err(|_| gone())?;
+        self.jobs.send((durability, job)).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 
@@ -75,7 +90,7 @@ impl Queue {
 /// The store's thread. It ends when the last `Store` (and so the last
 /// sender) is dropped, and with it its hold on the connection.
 pub(super) fn spawn(db: Arc<Mutex<Db>>) -> Result<Queue, StoreError> {
-    let (jobs, rx) = mpsc::channel::<Job>();
+    let (jobs, rx) = mpsc::channel::<(Durability, Job)>();
     let commits = Arc::new(AtomicU64::new(0));
     let counted = commits.clone();
     std::thread::Builder::new()
@@ -85,7 +100,7 @@ pub(super) fn spawn(db: Arc<Mutex<Db>>) -> Result<Queue, StoreError> {
     Ok(Queue { jobs, commits })
 }
 
-fn serve(db: &Mutex<Db>, rx: &mpsc::Receiver<Job>, commits: &AtomicU64) {
+fn serve(db: &Mutex<Db>, rx: &mpsc::Receiver<(Durability, Job)>, commits: &AtomicU64) {
     while let Ok(first) = rx.recv() {
         let mut jobs = vec![first];
         while jobs.len() < MAX_PER_COMMIT {
@@ -98,8 +113,21 @@ fn serve(db: &Mutex<Db>, rx: &mpsc::Receiver<Job>, commits: &AtomicU64) {
             let mut db = db.lock().unwrap_or_else(|p| p.into_inner());
             match begin(&mut db) {
                 Ok(()) => {
-                    let replies = jobs.into_iter().map(|j| j(Ok(&mut db))).collect();
-                    let failed = commit(&mut db).err().map(|e| e.to_string());
+                    let mut must_sync = false;
+                    let replies = jobs
+                        .into_iter()
+                        .map(|(durability, j)| {
+                            let before = db.conn.total_changes();
+                            let reply = j(Ok(&mut db));
+                            must_sync |= durability == Durability::Durable
+                                && db.conn.total_changes() != before;
+                            reply
+                        })
+                        .collect();
+                    let failed = commit(&mut db)
+                        .and_then(|()| if must_sync { db.sync_log() } else { Ok(()) })
+                        .err()
+                        .map(|e| e.to_string());
                     if failed.is_none() {
                         commits.fetch_add(1, Ordering::Relaxed);
                     }
@@ -107,7 +135,7 @@ fn serve(db: &Mutex<Db>, rx: &mpsc::Receiver<Job>, commits: &AtomicU64) {
                 }
                 Err(e) => {
                     let why = e.to_string();
-                    (jobs.into_iter().map(|j| j(Err(&why))).collect(), None)
+                    (jobs.into_iter().map(|(_, j)| j(Err(&why))).collect(), None)
                 }
             }
         };
@@ -145,11 +173,16 @@ fn commit(db: &mut Db) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Runs `f` in a transaction of its own.
+/// Runs `f` in a transaction of its own, durably.
 pub(super) fn in_transaction<T>(db: &mut Db, f: impl FnOnce(&mut Db) -> T) -> Result<T, ApiError> {
     begin(db)?;
+    let before = db.conn.total_changes();
     let out = f(db);
+    let wrote = db.conn.total_changes() != before;
     commit(db)?;
+    if wrote {
+        db.sync_log()?;
+    }
     Ok(out)
 }
 

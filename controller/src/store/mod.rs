@@ -50,6 +50,11 @@ pub struct Db {
     /// failed: disk full, I/O error): the transaction then holds writes of a
     /// call that failed, so nothing more runs in it and none of it commits.
     poisoned: Option<String>,
+    /// The write-ahead log, flushed before a durable call is answered; none
+    /// for a store in memory.
+    wal: Option<std::path::PathBuf>,
+    /// Flushes of the log so far.
+    log_flushes: u64,
 }
 
 impl Deref for Db {
@@ -66,6 +71,23 @@ impl DerefMut for Db {
 }
 
 impl Db {
+    /// Flushes the write-ahead log to disk: every commit made so far
+    /// survives a power cut from now on (the log is written in order).
+    fn sync_log(&mut self) -> Result<(), ApiError> {
+        self.log_flushes += 1;
+        let Some(wal) = &self.wal else {
+            return Ok(());
+        };
+        std::fs::File::open(wal)
+            .and_then(|f| f.sync_data())
+            .map_err(|e| {
+                ApiError::Store(StoreError::Task(format!(
+                    "flushing {} to disk: {e}",
+                    wal.display()
+                )))
+            })
+    }
+
     /// Runs one unit of work inside the batch's transaction, under a
     /// savepoint of its own: a unit that fails (or panics) takes back its
     /// own writes and no one else's. Then the host index catches up with
@@ -122,16 +144,21 @@ impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
-        // FULL: a commit is on disk before any caller hears of it, so an
-        // acknowledged request (a revoked token, a placed VPS) survives a
-        // power cut. Group commit shares that fsync between the calls queued
-        // together (see the README for what it costs).
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        // Durability is the batch's job (`batch.rs`): a commit holding an
+        // acknowledged write is flushed to disk before anyone hears of it,
+        // as FULL would do, while heartbeats and agents' answers, which are
+        // sent again anyway, ride along with the next flush.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
         // Checkpoints (copying the WAL into the file, with an fsync) are
         // left to a thread of their own, so no request waits for one.
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.pragma_update(None, "journal_size_limit", 64 << 20)?;
         let store = Self::init(conn)?;
+        {
+            let mut wal = path.as_os_str().to_owned();
+            wal.push("-wal");
+            store.db.lock().unwrap_or_else(|p| p.into_inner()).wal = Some(wal.into());
+        }
         checkpoint::spawn(path, Arc::downgrade(&store.db))?;
         Ok(store)
     }
@@ -163,6 +190,8 @@ impl Store {
             conn,
             hosts: host_index::HostIndex::default(),
             poisoned: None,
+            wal: None,
+            log_flushes: 0,
         }));
         Ok(Store {
             queue: batch::spawn(db.clone())?,
@@ -178,7 +207,19 @@ impl Store {
         T: Send + 'static,
         F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
     {
-        self.queue.run(f).await
+        self.queue.run(batch::Durability::Durable, f).await
+    }
+
+    /// The same for writes that may be lost in a power cut without harm,
+    /// because their sender brings them again (a heartbeat, an agent's
+    /// answer): they are answered after the commit without a flush of their
+    /// own. Never for anything a person or a later irreversible step relies on.
+    pub async fn run_relaxed<T, F>(&self, f: F) -> Result<T, ApiError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Db) -> Result<T, ApiError> + Send + 'static,
+    {
+        self.queue.run(batch::Durability::Relaxed, f).await
     }
 
     /// The caller behind a token's secret; from the cache when the token and
@@ -195,6 +236,15 @@ impl Store {
             .await?;
         self.callers.insert(hash, caller.clone(), expires, seen);
         Ok(caller)
+    }
+
+    /// Flushes of the write-ahead log so far: one per commit that held a
+    /// durable write.
+    pub fn log_flushes(&self) -> u64 {
+        self.db
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .log_flushes
     }
 
     /// Transactions committed for `run` calls so far (fewer than the calls

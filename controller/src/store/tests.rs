@@ -1277,3 +1277,44 @@ fn a_vps_below_its_images_memory_is_refused_at_request_time() {
         .unwrap();
     assert_eq!(none, 0, "nothing was created");
 }
+
+/// A commit holding an acknowledged write is flushed to disk before it is
+/// answered; one holding only relaxed writes (heartbeats) or only reads is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_are_flushed_and_heartbeats_ride_along() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("betang.db")).unwrap();
+    register(&s, "a", 8);
+    let before = s.log_flushes();
+    s.run(|c| {
+        c.execute("UPDATE hosts SET weight = 2 WHERE id = 'a'", [])?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    assert_eq!(s.log_flushes(), before + 1, "a durable write is flushed");
+    s.run_relaxed(|c| {
+        c.execute("UPDATE hosts SET weight = 3 WHERE id = 'a'", [])?;
+        Ok(())
+    })
+    .await
+    .unwrap();
+    s.run(|c| Ok(c.query_row("SELECT weight FROM hosts", [], |r| r.get::<_, f64>(0))?))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.log_flushes(),
+        before + 1,
+        "relaxed writes and reads are not"
+    );
+    // The relaxed write was committed all the same, and the next durable
+    // flush carries it.
+    let w: f64 = s
+        .run(|c| {
+            c.execute("UPDATE hosts SET cordoned = 0 WHERE id = 'a'", [])?;
+            Ok(c.query_row("SELECT weight FROM hosts", [], |r| r.get(0))?)
+        })
+        .await
+        .unwrap();
+    assert_eq!((w, s.log_flushes()), (3.0, before + 2));
+}
