@@ -19,7 +19,7 @@ use std::{
 };
 
 use betang_proto::v1::{
-    DeleteVmRequest, EnsureVmRequest, ExportDiskRequest, ImportDiskRequest, PowerState,
+    DeleteVmRequest, ExportDiskRequest, ImportDiskRequest, PowerState,
     agent_service_client::AgentServiceClient,
 };
 use futures::StreamExt;
@@ -263,16 +263,8 @@ impl Mover {
             0 => 60,
             s => u64::from(s),
         };
-        let mut req = tonic::Request::new(EnsureVmRequest {
-            vps_id: v.id.to_string(),
-            spec: Some(v.spec.clone()),
-            desired_power: PowerState::Stopped as i32,
-            generation: v.generation,
-            stop_timeout_seconds: v.stop_timeout_s,
-            force_stop: v.force_stop,
-            institution_id: v.institution_id.clone().unwrap_or_default(),
-            image_digest: v.image_digest.clone(),
-        });
+        let mut req =
+            tonic::Request::new(crate::reconciler::ensure_request(v, PowerState::Stopped));
         req.set_timeout(Duration::from_secs(timeout) + STOP_GRACE);
         let status = c
             .ensure_vm(req)

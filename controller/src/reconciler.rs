@@ -235,16 +235,7 @@ impl Reconciler {
         v: VpsRecord,
     ) -> Result<(), ApiError> {
         let id = v.id;
-        let mut req = tonic::Request::new(EnsureVmRequest {
-            vps_id: v.id.to_string(),
-            spec: Some(v.spec.clone()),
-            desired_power: v.desired.to_proto() as i32,
-            generation: v.generation,
-            stop_timeout_seconds: v.stop_timeout_s,
-            force_stop: v.force_stop,
-            institution_id: v.institution_id.clone().unwrap_or_default(),
-            image_digest: v.image_digest.clone(),
-        });
+        let mut req = tonic::Request::new(ensure_request(&v, v.desired.to_proto()));
         let stop_wait = match v.stop_timeout_s {
             0 => 60,
             s => u64::from(s),
@@ -288,6 +279,21 @@ impl Reconciler {
         // A permanent failure leaves cleanup work; do it now, not at the next tick.
         self.wake.notify_one();
         Ok(())
+    }
+}
+
+/// What an agent is asked to make of a VPS: its spec, this power state, at
+/// its generation.
+pub fn ensure_request(v: &VpsRecord, desired: betang_proto::v1::PowerState) -> EnsureVmRequest {
+    EnsureVmRequest {
+        vps_id: v.id.to_string(),
+        spec: Some(v.spec.clone()),
+        desired_power: desired as i32,
+        generation: v.generation,
+        stop_timeout_seconds: v.stop_timeout_s,
+        force_stop: v.force_stop,
+        institution_id: v.institution_id.clone().unwrap_or_default(),
+        image_digest: v.image_digest.clone(),
     }
 }
 
