@@ -39,6 +39,11 @@ CREATE TABLE moves (
     reason      TEXT NOT NULL DEFAULT ''
 ) STRICT;
 
+-- CPU time a VPS used in each minute and hour, from the difference of its
+-- CPU-time counter (not from averaged rates, which overstate a VPS that ran
+-- part of the hour); the usage report sums these.
+ALTER TABLE usage_points ADD COLUMN cpu_ns INTEGER NOT NULL DEFAULT 0;
+
 -- What each host holds that no live VPS owns (domains and VM directories),
 -- as its agent last reported: shown to operators, never removed by Betang.
 CREATE TABLE host_orphans (

@@ -14,16 +14,30 @@ const HOUR_MS: i64 = HOUR_S * 1000;
 pub const KEEP_MINUTES_MS: i64 = 24 * HOUR_MS;
 pub const KEEP_HOURS_MS: i64 = 90 * 24 * HOUR_MS;
 
-/// Adds one reported sample to its minute and its hour.
-pub fn record(c: &Connection, vps_id: &str, u: &VmUsage) -> Result<(), ApiError> {
+/// CPU time used between two readings of a VPS's CPU-time counter; a
+/// counter that went down was reset (its QEMU started again) and counts from
+/// zero. The first reading (no earlier one) counts nothing: what the guest
+/// used before Betang heard of it is not known to fall in this period.
+pub fn cpu_used_ns(prev_ns: u64, cur_ns: u64) -> u64 {
+    match (prev_ns, cur_ns) {
+        (0, _) => 0,
+        (p, c) if c >= p => c - p,
+        (_, c) => c,
+    }
+}
+
+/// Adds one reported sample to its minute and its hour, with the CPU time
+/// used since the last sample (`cpu_ns`).
+pub fn record(c: &Connection, vps_id: &str, u: &VmUsage, cpu_ns: u64) -> Result<(), ApiError> {
     let mut q = c.prepare_cached(
         "INSERT INTO usage_points (vps_id, step_s, at_ms, samples, cpu_rate_sum, mem_used_max,
                                    mem_rss_max, last_at_ms, disk_read_bytes, disk_write_bytes,
-                                   net_rx_bytes, net_tx_bytes)
-         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
+                                   net_rx_bytes, net_tx_bytes, cpu_ns)
+         VALUES (?1, ?2, ?3, 1, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
          ON CONFLICT (vps_id, step_s, at_ms) DO UPDATE SET
              samples = samples + 1,
              cpu_rate_sum = cpu_rate_sum + excluded.cpu_rate_sum,
+             cpu_ns = cpu_ns + excluded.cpu_ns,
              mem_used_max = max(mem_used_max, excluded.mem_used_max),
              mem_rss_max = max(mem_rss_max, excluded.mem_rss_max),
              last_at_ms = excluded.last_at_ms,
@@ -47,6 +61,7 @@ pub fn record(c: &Connection, vps_id: &str, u: &VmUsage) -> Result<(), ApiError>
             u.disk_write_bytes as i64,
             u.net_rx_bytes as i64,
             u.net_tx_bytes as i64,
+            cpu_ns as i64,
         ])?;
     }
     Ok(())
@@ -164,7 +179,7 @@ pub fn report(
          WHERE institution_id = ?1 AND from_ms < ?3 AND coalesce(to_ms, ?3) > ?2",
     )?;
     let mut cpu = c.prepare_cached(
-        "SELECT coalesce(sum(p.cpu_rate_sum / p.samples), 0)
+        "SELECT coalesce(sum(p.cpu_ns), 0) / 3.6e12
          FROM usage_points p JOIN vps v ON v.id = p.vps_id
          WHERE v.institution_id = ?1 AND p.step_s = 3600 AND p.at_ms >= ?2 AND p.at_ms < ?3",
     )?;

@@ -123,6 +123,7 @@ struct VpsOnHost {
     generation: u64,
     observed: String,
     usage_at_ms: i64,
+    cpu_time_ns: u64,
 }
 
 /// Applies a heartbeat: host usage, and each VM's usage and power. A report
@@ -150,8 +151,8 @@ pub fn heartbeat(
     let mut placed: HashMap<String, VpsOnHost> = HashMap::new();
     {
         let mut q = tx.prepare_cached(
-            "SELECT id, state, desired_power, generation, observed_power, usage_at_ms FROM vps
-             WHERE host_id = ?1 AND state <> 'DELETED'",
+            "SELECT id, state, desired_power, generation, observed_power, usage_at_ms, cpu_time_ns
+             FROM vps WHERE host_id = ?1 AND state <> 'DELETED'",
         )?;
         let rows = q.query_map([host_id.as_str()], |r| {
             Ok((
@@ -161,10 +162,11 @@ pub fn heartbeat(
                 r.get::<_, i64>(3)?,
                 r.get::<_, String>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
             ))
         })?;
         for row in rows {
-            let (id, state, desired, generation, observed, usage_at_ms) = row?;
+            let (id, state, desired, generation, observed, usage_at_ms, cpu_time_ns) = row?;
             let (Some(state), Some(desired)) =
                 (VpsState::parse(&state), DesiredPower::parse(&desired))
             else {
@@ -179,6 +181,7 @@ pub fn heartbeat(
                     generation: generation as u64,
                     observed,
                     usage_at_ms,
+                    cpu_time_ns: cpu_time_ns as u64,
                 },
             );
         }
@@ -189,11 +192,16 @@ pub fn heartbeat(
             continue;
         };
         seen.insert(v.id.clone());
-        if let Some(u) = vm
+        if let Some(mut u) = vm
             .usage
-            .as_ref()
             .filter(|u| u.sampled_at_ms - v.usage_at_ms >= usage_every_ms)
         {
+            // A guest that is not running uses no CPU, whatever rate its
+            // last samples left behind.
+            if vm.power != PowerState::Running as i32 {
+                u.cpu_rate = 0.0;
+            }
+            let u = &u;
             tx.prepare_cached(
                 "UPDATE vps SET cpu_rate = ?2, cpu_time_ns = ?3, mem_max_bytes = ?4,
                      mem_used_bytes = ?5, disk_read_bytes = ?6, disk_write_bytes = ?7,
@@ -213,7 +221,8 @@ pub fn heartbeat(
                 u.sampled_at_ms,
                 u.memory_rss_bytes as i64
             ])?;
-            super::history::record(&tx, &v.id, u)?;
+            let used = super::history::cpu_used_ns(v.cpu_time_ns, u.cpu_time_ns);
+            super::history::record(&tx, &v.id, u, used)?;
         }
         if vm.generation < v.generation || !matches!(v.state, VpsState::Running | VpsState::Stopped)
         {

@@ -1,7 +1,9 @@
 //! The store's bookkeeping: the totals its triggers keep, the in-memory host
 //! index, and claims made by two controllers sharing one file.
 
-use betang_proto::v1::{Application, HostCapacity, HostInfoResponse, Image, VpsSpec};
+use betang_proto::v1::{
+    Application, HostCapacity, HostInfoResponse, Image, PowerState, VmStatus, VmUsage, VpsSpec,
+};
 use rusqlite::params;
 
 use super::*;
@@ -454,10 +456,10 @@ fn usage_history_keeps_minutes_and_hours_with_rates() {
         // Every 30 s for two minutes: 1 MiB read per 30 s, half a vCPU then a whole one.
         for (i, rate) in [0.5, 0.5, 1.0, 1.0].into_iter().enumerate() {
             let at = t0 + i as i64 * 30_000;
-            history::record(c, "v1", &sample(at, rate, (i as u64 + 1) << 20))?;
+            history::record(c, "v1", &sample(at, rate, (i as u64 + 1) << 20), 0)?;
         }
         // Replayed or late samples do not count twice.
-        history::record(c, "v1", &sample(t0, 0.5, 1 << 20))?;
+        history::record(c, "v1", &sample(t0, 0.5, 1 << 20), 0)?;
         Ok(())
     })
     .unwrap();
@@ -481,7 +483,7 @@ fn usage_history_keeps_minutes_and_hours_with_rates() {
     assert!((hours[0].cpu_rate - 0.75).abs() < 1e-9);
 
     // A guest restart resets its counters: the rate counts from zero, never negative.
-    s.run_sync(|c| history::record(c, "v1", &sample(t0 + 120_000, 1.0, 1 << 10)))
+    s.run_sync(|c| history::record(c, "v1", &sample(t0 + 120_000, 1.0, 1 << 10), 0))
         .unwrap();
     let after = s
         .run_sync(|c| history::points(c, "v1", t0 + 120_000, MINUTE_S))
@@ -1317,4 +1319,82 @@ async fn acknowledged_writes_are_flushed_and_heartbeats_ride_along() {
         .await
         .unwrap();
     assert_eq!((w, s.log_flushes()), (3.0, before + 2));
+}
+
+/// The report's CPU comes from the CPU-time counter: a VPS that ran ten
+/// minutes of an hour at full speed used a sixth of a vCPU-hour, never more
+/// than it held; a stopped one adds nothing, and a reset counter counts from zero.
+#[test]
+fn reported_cpu_is_cpu_time_used_and_never_more_than_held() {
+    use super::history;
+    assert_eq!(history::cpu_used_ns(0, 5_000), 0, "first reading");
+    assert_eq!(history::cpu_used_ns(5_000, 8_000), 3_000);
+    assert_eq!(history::cpu_used_ns(5_000, 1_000), 1_000, "counter reset");
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let (op, p) = (Caller::system(), placement());
+    let v = s
+        .run_sync(|c| vps::create(c, &op, &new_vps(&inst, 1, 1), &p, NOW))
+        .unwrap();
+    let host = HostId::parse("a").unwrap();
+    const H: i64 = 3_600_000;
+    let t0 = 10 * H;
+    // Spans are stamped with the real clock; this test's clock is its own.
+    s.run_sync(|c| {
+        c.execute("UPDATE allocation_spans SET from_ms = ?1", [t0 - H])?;
+        Ok(())
+    })
+    .unwrap();
+    // Heartbeats every minute: running at 100 % of its one vCPU for ten
+    // minutes, then stopped for fifty (its last rate still 100 %).
+    let beat = |minute: i64, cpu_s: u64, running: bool| {
+        let vm = VmStatus {
+            vps_id: v.id.to_string(),
+            power: if running {
+                PowerState::Running as i32
+            } else {
+                PowerState::Stopped as i32
+            },
+            generation: v.generation,
+            usage: Some(VmUsage {
+                cpu_rate: 1.0,
+                cpu_time_ns: cpu_s * 1_000_000_000,
+                sampled_at_ms: t0 + minute * 60_000,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let host = host.clone();
+        s.run_sync(move |c| {
+            hosts::heartbeat(c, &host, None, &[vm], true, None, 0, t0 + minute * 60_000)
+        })
+        .unwrap();
+    };
+    beat(0, 100, true);
+    for m in 1..=10 {
+        beat(m, 100 + 60 * m as u64, true);
+    }
+    for m in 11..60 {
+        beat(m, 700, false);
+    }
+    let r = s
+        .run_sync(|c| history::report(c, t0, t0 + H, Some(&inst), t0 + H))
+        .unwrap();
+    assert!(
+        (r[0].cpu_used_hours - 600.0 / 3600.0).abs() < 1e-9,
+        "{}",
+        r[0].cpu_used_hours
+    );
+    assert!(r[0].cpu_used_hours <= r[0].vcpu_hours + 1e-9);
+    let stopped_rate: f64 = s
+        .run_sync(move |c| {
+            Ok(c.query_row(
+                "SELECT cpu_rate FROM vps WHERE id = ?1",
+                [v.id.to_string()],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(stopped_rate, 0.0, "a stopped VPS shows no CPU");
 }
