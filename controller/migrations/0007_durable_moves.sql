@@ -44,6 +44,10 @@ CREATE TABLE moves (
 -- part of the hour); the usage report sums these.
 ALTER TABLE usage_points ADD COLUMN cpu_ns INTEGER NOT NULL DEFAULT 0;
 
+-- Users and institutions are disabled, never deleted: their records stay.
+ALTER TABLE users ADD COLUMN disabled_at_ms INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE institutions ADD COLUMN disabled_at_ms INTEGER NOT NULL DEFAULT 0;
+
 -- What each host holds that no live VPS owns (domains and VM directories),
 -- as its agent last reported: shown to operators, never removed by Betang.
 CREATE TABLE host_orphans (

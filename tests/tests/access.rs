@@ -636,3 +636,105 @@ async fn tokens_expire_and_can_be_revoked() -> anyhow::Result<()> {
     assert!(!db.windows(needle.len()).any(|w| w == needle));
     Ok(())
 }
+
+/// A disabled user's tokens stop at once, and so do those of every user of
+/// a disabled institution; enabling brings them back. Only admins may, and
+/// never against themselves; each change is audited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn disabled_users_and_institutions_are_shut_out_until_enabled() -> anyhow::Result<()> {
+    use betang_proto::v1::SetEnabledRequest;
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let p = &cluster.people;
+    let admin = cluster.clients(&p.admin).await?;
+    let member = cluster.clients(&p.member_a).await?;
+    let operator = cluster.clients(&p.operator).await?;
+    let who = |c: &Clients| {
+        let mut c = c.identity.clone();
+        async move { code(c.who_am_i(WhoAmIRequest {}).await) }
+    };
+    assert_eq!(who(&member).await, Code::Ok);
+    let me = member
+        .identity
+        .clone()
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner();
+    let set_user = |c: &Clients, id: &str, enabled: bool| {
+        let (mut c, id) = (c.identity.clone(), id.to_owned());
+        async move { c.set_user_enabled(SetEnabledRequest { id, enabled }).await }
+    };
+    // Members and operators may not; admins may, by username.
+    assert_eq!(
+        code(set_user(&member, &me.username, false).await),
+        Code::PermissionDenied
+    );
+    assert_eq!(
+        code(set_user(&operator, &me.username, false).await),
+        Code::PermissionDenied
+    );
+    let u = set_user(&admin, &me.username, false).await?.into_inner();
+    assert!(u.disabled_at_ms > 0);
+    let denied = member
+        .identity
+        .clone()
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::Unauthenticated);
+    assert!(
+        denied.message().contains("disabled"),
+        "{}",
+        denied.message()
+    );
+    set_user(&admin, &me.id, true).await?;
+    assert_eq!(who(&member).await, Code::Ok);
+    // An admin cannot lock themselves out.
+    let admin_me = admin
+        .identity
+        .clone()
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner();
+    assert_eq!(
+        code(set_user(&admin, &admin_me.id, false).await),
+        Code::InvalidArgument
+    );
+    // A disabled institution shuts out its users, by code; the other
+    // institution's users are not touched.
+    let code_a = format!("{}-a", cluster.prefix);
+    let mut ids = admin.identity.clone();
+    let i = ids
+        .set_institution_enabled(SetEnabledRequest {
+            id: code_a.clone(),
+            enabled: false,
+        })
+        .await?
+        .into_inner();
+    assert!(i.disabled_at_ms > 0);
+    assert_eq!(who(&member).await, Code::Unauthenticated);
+    let member_b = cluster.clients(&p.member_b).await?;
+    assert_eq!(who(&member_b).await, Code::Ok);
+    ids.set_institution_enabled(SetEnabledRequest {
+        id: code_a,
+        enabled: true,
+    })
+    .await?;
+    assert_eq!(who(&member).await, Code::Ok);
+    let audit = admin
+        .audit
+        .clone()
+        .list_audit(ListAuditRequest {
+            action: "user".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let actions: Vec<_> = audit
+        .records
+        .iter()
+        .filter(|r| r.action != "user.create")
+        .map(|r| r.action.as_str())
+        .collect();
+    assert_eq!(actions, ["user.disable", "user.enable"]);
+    Ok(())
+}

@@ -2,7 +2,8 @@ use betang_proto::v1::{
     CreateInstitutionRequest, CreateTokenRequest, CreateUserRequest, CreatedToken,
     GetInstitutionRequest, Institution, ListInstitutionsRequest, ListInstitutionsResponse,
     ListTokensRequest, ListTokensResponse, ListUsersRequest, ListUsersResponse, RevokeTokenRequest,
-    SetQuotaRequest, Token, User, WhoAmIRequest, identity_service_server::IdentityService,
+    SetEnabledRequest, SetQuotaRequest, Token, User, WhoAmIRequest,
+    identity_service_server::IdentityService,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -225,6 +226,36 @@ impl IdentityService for IdentityApi {
             .run(move |c| identity::list_tokens(c, &user_id))
             .await?;
         Ok(Response::new(ListTokensResponse { tokens }))
+    }
+
+    async fn set_user_enabled(
+        &self,
+        req: Request<SetEnabledRequest>,
+    ) -> Result<Response<User>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageUsers)?;
+        let (r, now) = (req.into_inner(), now_ms());
+        let user = self
+            .ctx
+            .store
+            .run(move |c| identity::set_user_enabled(c, &caller, &r.id, r.enabled, now))
+            .await?;
+        Ok(Response::new(user))
+    }
+
+    async fn set_institution_enabled(
+        &self,
+        req: Request<SetEnabledRequest>,
+    ) -> Result<Response<Institution>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageInstitutions)?;
+        let (r, now) = (req.into_inner(), now_ms());
+        let inst = self
+            .ctx
+            .store
+            .run(move |c| identity::set_institution_enabled(c, &caller, &r.id, r.enabled, now))
+            .await?;
+        Ok(Response::new(inst))
     }
 
     async fn revoke_token(

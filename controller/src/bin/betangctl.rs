@@ -8,8 +8,8 @@ use betang_proto::v1::{
     CreateUserRequest, CreateVpsRequest, DeleteVpsRequest, GetHostRequest, GetInstitutionRequest,
     GetVpsRequest, Host, Institution, ListAuditRequest, ListHostsRequest, ListImagesRequest,
     ListInstitutionsRequest, ListTokensRequest, ListUsersRequest, ListVpsRequest, Quota,
-    QuotaChange, RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetQuotaRequest,
-    StartVpsRequest, StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
+    QuotaChange, RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetEnabledRequest,
+    SetQuotaRequest, StartVpsRequest, StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
     audit_service_client::AuditServiceClient, host_service_client::HostServiceClient,
     identity_service_client::IdentityServiceClient, vps_service_client::VpsServiceClient,
 };
@@ -382,6 +382,17 @@ enum InstitutionCmd {
     Get {
         id: String,
     },
+    /// Admins: stop the tokens of every user of an institution (its VPS
+    /// keep running; nothing is deleted).
+    Disable {
+        /// The institution's id or code.
+        id: String,
+    },
+    /// Admins: let a disabled institution's users in again.
+    Enable {
+        /// The institution's id or code.
+        id: String,
+    },
     /// Change an institution's limits (operators); only the limits given
     /// change.
     Quota {
@@ -410,6 +421,16 @@ enum UserCmd {
     List {
         #[arg(long, default_value = "")]
         institution: String,
+    },
+    /// Admins: stop a user's tokens from working (the user and their records stay).
+    Disable {
+        /// The user's id or username.
+        id: String,
+    },
+    /// Admins: let a disabled user's tokens work again.
+    Enable {
+        /// The user's id or username.
+        id: String,
     },
 }
 
@@ -652,6 +673,12 @@ fn print_institution(i: &Institution) {
     println!("id:        {}", i.id);
     println!("code:      {}", i.code);
     println!("name:      {}", i.name);
+    if i.disabled_at_ms != 0 {
+        println!(
+            "disabled:  since {} (its users' tokens do not work)",
+            ms_to_text(i.disabled_at_ms)
+        );
+    }
     if !i.contact_name.is_empty() {
         println!(
             "contact:   {} {} {}",
@@ -1224,6 +1251,8 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(status_error)?;
             print_user(u.get_ref());
         }
+        Cmd::User(UserCmd::Disable { id }) => set_user_enabled(&mut c.identity, id, false).await?,
+        Cmd::User(UserCmd::Enable { id }) => set_user_enabled(&mut c.identity, id, true).await?,
         Cmd::User(UserCmd::List { institution }) => {
             let list = c
                 .identity
@@ -1402,6 +1431,20 @@ async fn institution(
                 print_institution(i);
             }
         }
+        InstitutionCmd::Disable { id } => {
+            let i = c
+                .set_institution_enabled(SetEnabledRequest { id, enabled: false })
+                .await
+                .map_err(status_error)?;
+            print_institution(i.get_ref());
+        }
+        InstitutionCmd::Enable { id } => {
+            let i = c
+                .set_institution_enabled(SetEnabledRequest { id, enabled: true })
+                .await
+                .map_err(status_error)?;
+            print_institution(i.get_ref());
+        }
         InstitutionCmd::Get { id } => {
             let i = c
                 .get_institution(GetInstitutionRequest { id })
@@ -1426,6 +1469,29 @@ async fn institution(
             print_institution(i.get_ref());
         }
     }
+    Ok(())
+}
+
+async fn set_user_enabled(
+    c: &mut IdentityServiceClient<Authed>,
+    id: String,
+    enabled: bool,
+) -> anyhow::Result<()> {
+    let u = c
+        .set_user_enabled(SetEnabledRequest { id, enabled })
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    println!(
+        "{} ({}): {}",
+        u.username,
+        u.id,
+        if u.disabled_at_ms == 0 {
+            "enabled"
+        } else {
+            "disabled; its tokens no longer work"
+        }
+    );
     Ok(())
 }
 

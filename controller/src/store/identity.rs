@@ -105,8 +105,11 @@ pub fn caller_for_secret(c: &Connection, secret: &str, now_ms: i64) -> Result<Ca
 pub fn caller_for_hash(c: &Connection, hash: &str, now_ms: i64) -> Result<(Caller, i64), ApiError> {
     let row = c
         .prepare_cached(
-            "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms
-             FROM tokens t JOIN users u ON u.id = t.user_id WHERE t.secret_sha256 = ?1",
+            "SELECT u.id, u.username, u.institution_id, u.role, t.expires_at_ms, t.revoked_at_ms,
+                    u.disabled_at_ms + COALESCE(i.disabled_at_ms, 0)
+             FROM tokens t JOIN users u ON u.id = t.user_id
+                  LEFT JOIN institutions i ON i.id = u.institution_id
+             WHERE t.secret_sha256 = ?1",
         )?
         .query_row([hash], |r| {
             Ok((
@@ -116,13 +119,20 @@ pub fn caller_for_hash(c: &Connection, hash: &str, now_ms: i64) -> Result<(Calle
                 r.get::<_, String>(3)?,
                 r.get::<_, i64>(4)?,
                 r.get::<_, i64>(5)?,
+                r.get::<_, i64>(6)?,
             ))
         })
         .optional()?;
     let denied = || ApiError::Unauthenticated("the token is unknown, expired or revoked".into());
-    let (user_id, username, institution_id, role, expires, revoked) = row.ok_or_else(denied)?;
+    let (user_id, username, institution_id, role, expires, revoked, disabled) =
+        row.ok_or_else(denied)?;
     if revoked != 0 || (expires != 0 && expires <= now_ms) {
         return Err(denied());
+    }
+    if disabled != 0 {
+        return Err(ApiError::Unauthenticated(
+            "this account is disabled; ask the data center".into(),
+        ));
     }
     let caller = Caller {
         user_id,
@@ -185,11 +195,12 @@ fn institution_row(r: &Row<'_>) -> rusqlite::Result<Institution> {
         }),
         used: None,
         created_at_ms: r.get(10)?,
+        disabled_at_ms: r.get(11)?,
     })
 }
 
 const INSTITUTION_COLS: &str = "id, code, name, contact_name, contact_email, contact_phone,
-    quota_vcpus, quota_memory_mib, quota_disk_gib, quota_vps, created_at_ms";
+    quota_vcpus, quota_memory_mib, quota_disk_gib, quota_vps, created_at_ms, disabled_at_ms";
 
 /// vCPUs, memory, disk and VPS count, in that order.
 fn usage_row(r: &Row<'_>) -> rusqlite::Result<Quota> {
@@ -364,7 +375,7 @@ fn insert_institution(c: &Connection, n: &NewInstitution, now_ms: i64) -> Result
         )));
     }
     let id = new_id();
-    c.prepare_cached(&format!("INSERT INTO institutions ({INSTITUTION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"))?.execute(params![
+    c.prepare_cached(&format!("INSERT INTO institutions ({INSTITUTION_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, 0)"))?.execute(params![
             id,
             n.code,
             n.name,
@@ -472,10 +483,89 @@ fn user_row(r: &Row<'_>) -> rusqlite::Result<User> {
         institution_id: r.get(4)?,
         role: Role::parse(&role).map_or(0, |r| r.to_proto() as i32),
         created_at_ms: r.get(6)?,
+        disabled_at_ms: r.get(7)?,
     })
 }
 
-const USER_COLS: &str = "id, username, full_name, email, institution_id, role, created_at_ms";
+const USER_COLS: &str =
+    "id, username, full_name, email, institution_id, role, created_at_ms, disabled_at_ms";
+
+/// Disables (or enables again) a user, found by id or username. Admins may
+/// not disable themselves: someone must be left to enable them.
+pub fn set_user_enabled(
+    c: &mut Connection,
+    actor: &Caller,
+    id_or_name: &str,
+    enabled: bool,
+    now_ms: i64,
+) -> Result<User, ApiError> {
+    let tx = c.savepoint()?;
+    let id: String = tx
+        .prepare_cached("SELECT id FROM users WHERE id = ?1 OR username = ?1")?
+        .query_row([id_or_name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "user",
+            id: id_or_name.to_owned(),
+        })?;
+    if !enabled && id == actor.user_id {
+        return Err(ApiError::invalid("id", "you cannot disable yourself"));
+    }
+    let user = get_user(&tx, &id)?;
+    tx.prepare_cached(
+        "UPDATE users SET disabled_at_ms = CASE WHEN ?2 THEN 0 ELSE ?3 END WHERE id = ?1",
+    )?
+    .execute(params![id, enabled, now_ms])?;
+    let action = if enabled {
+        "user.enable"
+    } else {
+        "user.disable"
+    };
+    audit(
+        &tx,
+        actor,
+        &user.institution_id,
+        action,
+        &id,
+        &user.username,
+        now_ms,
+    )?;
+    let user = get_user(&tx, &id)?;
+    tx.commit()?;
+    Ok(user)
+}
+
+/// Disables (or enables again) an institution, found by id or code: its
+/// users' tokens stop working; its VPS are not touched.
+pub fn set_institution_enabled(
+    c: &mut Connection,
+    actor: &Caller,
+    id_or_code: &str,
+    enabled: bool,
+    now_ms: i64,
+) -> Result<Institution, ApiError> {
+    let tx = c.savepoint()?;
+    let id = institution_id_of(&tx, id_or_code)?;
+    if !enabled && id == actor.institution_id {
+        return Err(ApiError::invalid(
+            "id",
+            "you cannot disable your own institution",
+        ));
+    }
+    tx.prepare_cached(
+        "UPDATE institutions SET disabled_at_ms = CASE WHEN ?2 THEN 0 ELSE ?3 END WHERE id = ?1",
+    )?
+    .execute(params![id, enabled, now_ms])?;
+    let action = if enabled {
+        "institution.enable"
+    } else {
+        "institution.disable"
+    };
+    audit(&tx, actor, &id, action, &id, "", now_ms)?;
+    let inst = get_institution(&tx, &id)?;
+    tx.commit()?;
+    Ok(inst)
+}
 
 pub fn get_user(c: &Connection, id: &str) -> Result<User, ApiError> {
     c.prepare_cached(&format!("SELECT {USER_COLS} FROM users WHERE id = ?1"))?
@@ -527,7 +617,7 @@ fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiEr
     }
     let id = new_id();
     c.prepare_cached(&format!(
-        "INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)"
+        "INSERT INTO users ({USER_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 0)"
     ))?
     .execute(params![
         id,
