@@ -228,6 +228,7 @@ async fn run(c: &Clients, cluster: &Cluster, f: &Fixture, tag: &str) -> Vec<Code
         id.create_institution(CreateInstitutionRequest {
             code: format!("{}-{tag}", cluster.prefix),
             name: "Dinas baru".into(),
+            quota: Some(ClusterOptions::default().quota),
             ..Default::default()
         })
         .await,

@@ -247,3 +247,42 @@ async fn first_contact_says_what_to_do() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+/// An operator decides from the pending list: who asks, for which
+/// application, who is responsible; `vps get` says a stop is under way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn operators_see_who_asks_and_what_is_under_way() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let p = &cluster.people;
+    let mut member = cluster.clients(&p.member_a).await?.vps;
+    let mut req = cluster.create(cluster.spec("asks"));
+    req.institution_id = String::new();
+    let v = member.create_vps(req).await?.into_inner();
+    let out = betangctl(&cluster, &p.operator, &["vps", "list", "--pending"]).await?;
+    let (stdout, stderr) = text(&out);
+    assert!(out.status.success(), "{stderr}");
+    let row = stdout
+        .lines()
+        .find(|l| l.starts_with(&v.id))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let code = format!("{}-a", cluster.prefix);
+    assert!(row.contains(&code), "institution code: {row}");
+    assert!(row.contains("Sistem informasi uji"), "application: {row}");
+    assert!(row.contains("Budi"), "responsible: {row}");
+    assert!(
+        row.contains(&format!("{}-ma", cluster.prefix)),
+        "requester: {row}"
+    );
+    // Creating an institution without its limits is refused.
+    let mut admin = cluster.clients(&p.admin).await?.identity;
+    let e = admin
+        .create_institution(betang_proto::v1::CreateInstitutionRequest {
+            code: format!("{}-noq", cluster.prefix),
+            name: "Tanpa kuota".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().starts_with("quota:"), "{}", e.message());
+    Ok(())
+}

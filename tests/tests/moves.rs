@@ -438,3 +438,62 @@ async fn a_controller_restarted_mid_move_leaves_the_vps_on_one_host_with_its_dat
     }
     Ok(())
 }
+
+/// A restart-move with nowhere to go is refused before anything happens:
+/// the guest is not stopped, and a drain that could not move it says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_restart_move_with_nowhere_to_go_never_stops_the_guest() -> anyhow::Result<()> {
+    use betang_proto::v1::CordonHostRequest;
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let c = op.vps.clone();
+    let (h0, h1) = (
+        cluster.hosts[0].host_id.clone(),
+        cluster.hosts[1].host_id.clone(),
+    );
+    let mut req = cluster.create(cluster.spec("busy"));
+    req.host_id = h0.clone();
+    let id = c.clone().create_vps(req).await?.into_inner().id;
+    wait_state(&c, &id, VpsState::Running, T).await?;
+    op.hosts
+        .clone()
+        .cordon_host(CordonHostRequest { id: h1.clone() })
+        .await?;
+    let err = move_vps(&cluster, &cluster.people.operator, &id, true)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{}", err.message());
+    let r = op
+        .hosts
+        .clone()
+        .drain_host(DrainHostRequest {
+            id: h0.clone(),
+            move_stopped: true,
+            move_running: true,
+        })
+        .await?
+        .into_inner();
+    assert!(r.vps[0].outcome.contains("no host fits"), "{:?}", r.vps[0]);
+    // Still running where it was, never stopped.
+    let v = wait_state(&c, &id, VpsState::Running, T).await?;
+    assert_eq!(v.host_id, h0);
+    wait_domain(&cluster, 0, &id, Power::Running).await?;
+    let audit = op
+        .audit
+        .clone()
+        .list_audit(ListAuditRequest {
+            target: id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert!(
+        audit
+            .records
+            .iter()
+            .all(|r| r.action != "vps.stop" && r.action != "vps.move"),
+        "{:?}",
+        audit.records
+    );
+    Ok(())
+}

@@ -45,7 +45,15 @@ impl IdentityService for IdentityApi {
             contact_name: r.contact_name,
             contact_email: r.contact_email,
             contact_phone: r.contact_phone,
-            quota: r.quota.unwrap_or_default(),
+            // Left out, every limit would be 0 and nothing could ever be
+            // approved: the limits are asked for (0 is allowed, and means none).
+            quota: r.quota.ok_or_else(|| {
+                ApiError::invalid(
+                    "quota",
+                    "give the institution's limits: vcpus, memory_mib, disk_gib and vps_count \
+                     (0 means none of it)",
+                )
+            })?,
         };
         let now = now_ms();
         let inst = self
