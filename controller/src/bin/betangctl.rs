@@ -579,12 +579,6 @@ async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
         .unwrap_or_else(|| "http://127.0.0.1:7000".into());
     let token = cli.token.clone().or(file.token);
     let ca = cli.ca.clone().or(file.ca);
-    if token.is_none() {
-        bail!(
-            "no token: log in first with `betangctl login --token-stdin` (your administrator \
-             gives you a token), or set BETANG_TOKEN"
-        );
-    }
     connect_to(endpoint, token, ca).await
 }
 
@@ -1024,6 +1018,14 @@ async fn wait_for(
 }
 
 fn status_error(s: tonic::Status) -> anyhow::Error {
+    // A first call without a token: say how to get one. (Reaching the
+    // controller is tried first, so a controller that is down says so.)
+    if s.code() == tonic::Code::Unauthenticated && s.message().contains("no bearer token") {
+        return anyhow::anyhow!(
+            "no token: log in first with `betangctl login --token-stdin` (your administrator \
+             gives you a token), or set BETANG_TOKEN"
+        );
+    }
     anyhow::anyhow!("{}: {}", s.code().description(), s.message())
 }
 
