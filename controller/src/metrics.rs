@@ -32,7 +32,7 @@ use rusqlite::Connection;
 use crate::{
     error::ApiError,
     lifecycle::{ALL_STATES, VpsState},
-    scheduler::{Policy, Ratios, limit},
+    scheduler::{Policy, Ratios, allocatable},
     store::{Store, hosts, identity},
 };
 
@@ -309,7 +309,7 @@ impl Collector for StoreCollector {
         };
         let cap = |h: &betang_proto::v1::Host| h.capacity.unwrap_or_default();
         let alloc = |h: &betang_proto::v1::Host| h.allocated.unwrap_or_default();
-        let (r, p) = (self.ratios, self.policy.reserved);
+        let room = |h: &betang_proto::v1::Host| allocatable(&cap(h), &self.ratios, &self.policy);
         gauge(
             &mut e,
             "betang_host_up",
@@ -350,19 +350,19 @@ impl Collector for StoreCollector {
             &mut e,
             "betang_host_allocatable_vcpus",
             "vCPUs that may be allocated: capacity less the reserve, times the overcommit ratio.",
-            &per_host(&|h| limit(cap(h).vcpus.into(), p.vcpus, r.cpu) as f64),
+            &per_host(&|h| f64::from(room(h).vcpus)),
         )?;
         gauge(
             &mut e,
             "betang_host_allocatable_memory_bytes",
             "Memory that may be allocated, after reserve and overcommit.",
-            &per_host(&|h| (limit(cap(h).memory_mib, p.memory_mib, r.memory) << 20) as f64),
+            &per_host(&|h| (room(h).memory_mib << 20) as f64),
         )?;
         gauge(
             &mut e,
             "betang_host_allocatable_disk_bytes",
             "Disk that may be allocated, after reserve and overcommit.",
-            &per_host(&|h| (limit(cap(h).disk_gib, p.disk_gib, r.disk) << 30) as f64),
+            &per_host(&|h| (room(h).disk_gib << 30) as f64),
         )?;
         gauge(
             &mut e,

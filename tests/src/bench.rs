@@ -2,6 +2,27 @@
 
 use std::time::Duration;
 
+/// Runs `betang-controller --config CONFIG bootstrap-admin` and answers the
+/// first admin's token, as `deploy/up.sh` does.
+pub async fn bootstrap_admin(
+    bin: &std::path::Path,
+    config: &std::path::Path,
+) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new(bin)
+        .arg("--config")
+        .arg(config)
+        .arg("bootstrap-admin")
+        .env("RUST_LOG", "error")
+        .output()
+        .await?;
+    anyhow::ensure!(
+        out.status.success(),
+        "bootstrap-admin: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
 /// `--name N` from the command line, or `default`.
 pub fn arg(name: &str, default: usize) -> usize {
     let args: Vec<String> = std::env::args().collect();

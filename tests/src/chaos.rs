@@ -261,19 +261,7 @@ impl World {
         let (api, registry) = (free_port()?, free_port()?);
         let ccfg = write_controller_config(dir, &pki, api, registry)?;
         let bin = |n: &str| opts.bin_dir.join(n);
-        let out = tokio::process::Command::new(bin("betang-controller"))
-            .arg("--config")
-            .arg(&ccfg)
-            .arg("bootstrap-admin")
-            .env("RUST_LOG", "error")
-            .output()
-            .await?;
-        anyhow::ensure!(
-            out.status.success(),
-            "bootstrap-admin: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let admin = String::from_utf8(out.stdout)?.trim().to_owned();
+        let admin = crate::bench::bootstrap_admin(&bin("betang-controller"), &ccfg).await?;
         let mut controller = Proc::new(
             &bin("betang-controller"),
             &["--config".as_ref(), ccfg.as_os_str(), "serve".as_ref()],

@@ -51,8 +51,9 @@ pub struct Db {
     /// call that failed, so nothing more runs in it and none of it commits.
     poisoned: Option<String>,
     /// The write-ahead log, flushed before a durable call is answered; none
-    /// for a store in memory.
-    wal: Option<std::path::PathBuf>,
+    /// for a store in memory. Opened once: SQLite truncates the log but
+    /// never replaces the file while the connection is open.
+    wal: Option<(std::path::PathBuf, Option<std::fs::File>)>,
     /// Flushes of the log so far.
     log_flushes: u64,
 }
@@ -75,17 +76,23 @@ impl Db {
     /// survives a power cut from now on (the log is written in order).
     fn sync_log(&mut self) -> Result<(), ApiError> {
         self.log_flushes += 1;
-        let Some(wal) = &self.wal else {
+        let Some((path, file)) = &mut self.wal else {
             return Ok(());
         };
-        std::fs::File::open(wal)
-            .and_then(|f| f.sync_data())
-            .map_err(|e| {
-                ApiError::Store(StoreError::Task(format!(
-                    "flushing {} to disk: {e}",
-                    wal.display()
-                )))
-            })
+        let flushed = match file {
+            Some(f) => f.sync_data(),
+            None => std::fs::File::open(&*path).and_then(|f| {
+                f.sync_data()?;
+                *file = Some(f);
+                Ok(())
+            }),
+        };
+        flushed.map_err(|e| {
+            ApiError::Store(StoreError::Task(format!(
+                "flushing {} to disk: {e}",
+                path.display()
+            )))
+        })
     }
 
     /// Runs one unit of work inside the batch's transaction, under a
@@ -157,7 +164,7 @@ impl Store {
         {
             let mut wal = path.as_os_str().to_owned();
             wal.push("-wal");
-            store.db.lock().unwrap_or_else(|p| p.into_inner()).wal = Some(wal.into());
+            store.db.lock().unwrap_or_else(|p| p.into_inner()).wal = Some((wal.into(), None));
         }
         checkpoint::spawn(path, Arc::downgrade(&store.db))?;
         Ok(store)

@@ -60,13 +60,10 @@ pub struct MoveRecord {
     pub restart: bool,
     pub step: Step,
     pub started_ms: i64,
-    pub updated_ms: i64,
     pub attempts: u32,
-    pub reason: String,
 }
 
-const MOVE_COLS: &str =
-    "vps_id, source, target, restart, step, started_ms, updated_ms, attempts, reason";
+const MOVE_COLS: &str = "vps_id, source, target, restart, step, started_ms, attempts";
 
 fn move_row(r: &Row<'_>) -> rusqlite::Result<MoveRecord> {
     let bad = |what: &str, v: String| {
@@ -87,9 +84,7 @@ fn move_row(r: &Row<'_>) -> rusqlite::Result<MoveRecord> {
         restart: r.get("restart")?,
         step: Step::parse(&step).ok_or_else(|| bad("step", step.clone()))?,
         started_ms: r.get("started_ms")?,
-        updated_ms: r.get("updated_ms")?,
         attempts: r.get::<_, i64>("attempts")? as u32,
-        reason: r.get("reason")?,
     })
 }
 
@@ -320,7 +315,8 @@ pub fn give_up(
     Ok(v)
 }
 
-/// A step failed for now: tried again later, with the reason shown.
+/// A step failed for now: tried again later. The reason is kept with the
+/// move and, while the VPS is still MIGRATING, shown as its state reason.
 pub fn retry_later(c: &Connection, id: &VpsId, reason: &str, now_ms: i64) -> Result<(), ApiError> {
     c.prepare_cached(
         "UPDATE moves SET attempts = attempts + 1,
@@ -328,6 +324,8 @@ pub fn retry_later(c: &Connection, id: &VpsId, reason: &str, now_ms: i64) -> Res
          WHERE vps_id = ?1",
     )?
     .execute(params![id.to_string(), now_ms, reason])?;
+    c.prepare_cached("UPDATE vps SET state_reason = ?2 WHERE id = ?1 AND state = 'MIGRATING'")?
+        .execute(params![id.to_string(), reason])?;
     Ok(())
 }
 

@@ -7,10 +7,9 @@
 
 use rusqlite::Connection;
 
-use crate::{
-    error::ApiError,
-    lifecycle::{ALL_STATES, VpsState},
-};
+#[cfg(test)]
+use crate::lifecycle::VpsState;
+use crate::{error::ApiError, lifecycle::ALL_STATES};
 
 const NAME: &str = "vps_state_follows_the_lifecycle";
 
@@ -57,7 +56,8 @@ pub fn install(c: &Connection) -> Result<(), ApiError> {
     Ok(())
 }
 
-/// Whether the store lets `from` become `to` (for tests).
+/// Whether the store lets `from` become `to`.
+#[cfg(test)]
 pub fn allowed(c: &Connection, from: VpsState, to: VpsState) -> Result<bool, ApiError> {
     c.execute_batch("SAVEPOINT probe")?;
     let outcome = c.execute(

@@ -78,19 +78,7 @@ async fn start_controller(dir: &Path) -> anyhow::Result<Controller> {
         ),
     )?;
     let bin = controller_binary()?;
-    let out = tokio::process::Command::new(&bin)
-        .arg("--config")
-        .arg(&config)
-        .arg("bootstrap-admin")
-        .env("RUST_LOG", "error")
-        .output()
-        .await?;
-    anyhow::ensure!(
-        out.status.success(),
-        "bootstrap-admin: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let admin_token = String::from_utf8(out.stdout)?.trim().to_owned();
+    let admin_token = betang_tests::bench::bootstrap_admin(&bin, &config).await?;
     let child = tokio::process::Command::new(&bin)
         .arg("--config")
         .arg(&config)
