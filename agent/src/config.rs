@@ -63,9 +63,17 @@ pub struct AgentConfig {
     /// How often the background collector reads every VM's counters.
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
-    /// A pass that takes longer counts as failed; the snapshot keeps its last values.
-    #[serde(default = "default_stats_deadline_ms")]
-    pub stats_deadline_ms: u64,
+    /// A guest whose QEMU has left a monitor command unanswered this long
+    /// is reported as not answering (its VPS shows it, the controller and
+    /// other guests go on).
+    #[serde(default = "default_guest_unresponsive_ms")]
+    pub guest_unresponsive_after_ms: u64,
+    /// A call that never waits on a guest (listing the domains) and has not
+    /// returned after this long means libvirtd itself does not answer: the
+    /// host is reported DEGRADED and calls are refused until it answers.
+    /// Keep it well under the controller's `host_down_after`.
+    #[serde(default = "default_libvirt_unresponsive_ms")]
+    pub libvirt_unresponsive_after_ms: u64,
 }
 
 #[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
@@ -121,8 +129,11 @@ fn default_reconcile_s() -> u64 {
 fn default_stats_interval_ms() -> u64 {
     5000
 }
-fn default_stats_deadline_ms() -> u64 {
+fn default_guest_unresponsive_ms() -> u64 {
     10_000
+}
+fn default_libvirt_unresponsive_ms() -> u64 {
+    5_000
 }
 fn default_libvirt_timeout_s() -> u64 {
     30

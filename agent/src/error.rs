@@ -49,6 +49,20 @@ pub enum AgentError {
     },
     #[error("libvirt did not answer within {0:?}")]
     HypervisorTimeout(std::time::Duration),
+    /// libvirtd itself does not answer (a call that never waits on a guest
+    /// has been running this long); calls are refused until it does.
+    #[error("libvirt has not answered for {} s", .0.as_secs())]
+    HypervisorSilent(std::time::Duration),
+    /// The guest's QEMU has not answered its monitor for a while (hung or
+    /// stopped); only what does not need its answer may be done.
+    #[error(
+        "the guest of VPS {vps_id} has not answered for {} s; only a forced stop or a delete can act on it now",
+        .silent_for.as_secs()
+    )]
+    GuestNotAnswering {
+        vps_id: String,
+        silent_for: std::time::Duration,
+    },
     #[error("disk: {0}")]
     Disk(String),
     #[error("seed: {0}")]
@@ -157,7 +171,9 @@ impl From<AgentError> for tonic::Status {
             }
             AgentError::NoSuchVm(_) => tonic::Status::not_found(msg),
             AgentError::HypervisorTimeout(_) => tonic::Status::deadline_exceeded(msg),
-            AgentError::Libvirt(_) => tonic::Status::unavailable(msg),
+            AgentError::Libvirt(_)
+            | AgentError::HypervisorSilent(_)
+            | AgentError::GuestNotAnswering { .. } => tonic::Status::unavailable(msg),
             AgentError::Disk(_)
             | AgentError::Seed(_)
             | AgentError::Xml(_)

@@ -10,7 +10,7 @@ use betang_proto::v1::{
 use tonic::transport::Channel;
 use tracing::{info, warn};
 
-use crate::{error::AgentError, host::HostReporter, vms::VmManager};
+use crate::{error::AgentError, host::HostReporter, usage::now_ms, vms::VmManager};
 
 /// VM directories go with one heartbeat in this many (every 30 s at the
 /// default 2 s interval).
@@ -42,6 +42,8 @@ impl Registration {
         let mut client = RegistryServiceClient::new(self.controller.clone());
         let mut registered = false;
         let mut beats: u64 = 0;
+        // What of the hypervisor does not answer, and since when (Unix ms).
+        let mut problem: Option<(String, i64)> = None;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -55,10 +57,24 @@ impl Registration {
                     }
                 }
             }
+            // The listing never waits on a guest, and on libvirtd only up to
+            // the watchdog's patience: the heartbeat goes out either way,
+            // saying what does not answer.
             let (vms, vms_listed) = match self.vms.list().await {
-                Ok(v) => (v, true),
+                Ok(v) => {
+                    problem = None;
+                    (v, true)
+                }
                 Err(e) => {
-                    warn!(error = %e, "cannot list VMs for the heartbeat");
+                    let silent = self.vms.hypervisor().watchdog().silent_for();
+                    let since = problem.as_ref().map_or_else(
+                        || now_ms() - silent.map_or(0, |d| d.as_millis() as i64),
+                        |(_, since)| *since,
+                    );
+                    if problem.is_none() {
+                        warn!(error = %e, "cannot list VMs for the heartbeat");
+                    }
+                    problem = Some((e.to_string(), since));
                     (Vec::new(), false)
                 }
             };
@@ -89,6 +105,8 @@ impl Registration {
                 vms_listed,
                 vm_dirs,
                 vm_dirs_listed,
+                hypervisor_problem: problem.as_ref().map(|p| p.0.clone()).unwrap_or_default(),
+                hypervisor_problem_since_ms: problem.as_ref().map_or(0, |p| p.1),
             };
             match client.heartbeat(hb).await {
                 Ok(_) => self.host.heartbeat_accepted(),

@@ -14,7 +14,8 @@ use crate::{
     domain_xml::DomainType,
     host::HostReporter,
     hypervisor::{
-        Blocking, Hypervisor, LibvirtHypervisor, NodeFacts, SimulatedHypervisor, probe_domain_type,
+        Blocking, Hypervisor, LibvirtHypervisor, NodeFacts, SimulatedHypervisor, Watchdog,
+        probe_domain_type,
     },
     metrics::{self, AgentMetrics, Collector},
     registration::Registration,
@@ -110,12 +111,16 @@ pub async fn start_with(
     let addr = listener.local_addr()?;
     let domain_type = domain_type_for(&cfg).await;
     info!(host_id = %cfg.host_id, uri = %cfg.libvirt_uri, domain_type = domain_type.as_str(), %addr, "agent starting");
+    let watchdog = Watchdog::new(Duration::from_millis(
+        cfg.libvirt_unresponsive_after_ms.max(100),
+    ));
     let blocking = Blocking::new(
         hv.clone(),
         Duration::from_secs(cfg.libvirt_call_timeout_seconds),
+        watchdog.clone(),
     );
     let vms = Arc::new(VmManager::new(
-        blocking,
+        blocking.clone(),
         cfg.image_dir.clone(),
         cfg.vm_dir.clone(),
         domain_type,
@@ -124,12 +129,12 @@ pub async fn start_with(
     let adopted = vms.reconcile().await?;
     let sampler = Arc::new(crate::usage::HostSampler::default());
     let collector = Collector::new(
-        hv,
+        blocking,
         vms.stats.clone(),
         sampler,
         cfg.vm_dir.clone(),
         Duration::from_millis(cfg.stats_interval_ms.max(100)),
-        Duration::from_millis(cfg.stats_deadline_ms.max(100)),
+        Duration::from_millis(cfg.guest_unresponsive_after_ms.max(100)),
     );
     // The first snapshot before anyone asks, so the first heartbeat has usage.
     collector.pass_once().await;
@@ -188,6 +193,7 @@ pub async fn start_with(
         let registry = metrics::registry_for(AgentMetrics {
             cache: vms.stats.clone(),
             host_id: cfg.host_id.clone(),
+            watchdog: watchdog.clone(),
         });
         info!(addr = %listener.local_addr()?, "serving /metrics");
         tasks.push(tokio::spawn(async move {

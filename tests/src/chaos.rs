@@ -228,7 +228,7 @@ fn write_agent_config(
              domain_type = \"qemu\"\nimage_dir = {:?}\nvm_dir = {:?}\n\
              heartbeat_interval_ms = 300\nreconcile_interval_seconds = 1\n\
              libvirt_call_timeout_seconds = 10\nstats_interval_ms = 1000\n\
-             stats_deadline_ms = 5000\nzone = \"dc1\"\n\
+             guest_unresponsive_after_ms = 5000\nzone = \"dc1\"\n\
              [capacity]\nvcpus = 8\nmemory_mib = 8192\ndisk_gib = 200\n\
              [network]\nmode = \"none\"\n\
              [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",

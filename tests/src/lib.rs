@@ -385,7 +385,8 @@ impl Cluster {
             let cfg = AgentConfig {
                 metrics_listen: Some("127.0.0.1:0".parse()?),
                 stats_interval_ms: opts.heartbeat_ms,
-                stats_deadline_ms: 5000,
+                guest_unresponsive_after_ms: 5000,
+                libvirt_unresponsive_after_ms: 5000,
                 host_id: host_id.clone(),
                 listen: "127.0.0.1:0".parse()?,
                 advertise_endpoint: None,

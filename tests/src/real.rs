@@ -140,7 +140,8 @@ impl RealHost {
         let agent_cfg = AgentConfig {
             metrics_listen: Some("127.0.0.1:0".parse()?),
             stats_interval_ms: 1000,
-            stats_deadline_ms: 10_000,
+            guest_unresponsive_after_ms: 3_000,
+            libvirt_unresponsive_after_ms: 3_000,
             host_id: host_id.clone(),
             listen: "127.0.0.1:0".parse()?,
             advertise_endpoint: None,

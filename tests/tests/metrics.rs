@@ -48,7 +48,8 @@ async fn agent_on(
     let cfg = AgentConfig {
         metrics_listen: Some("127.0.0.1:0".parse()?),
         stats_interval_ms: 100,
-        stats_deadline_ms: 300,
+        guest_unresponsive_after_ms: 300,
+        libvirt_unresponsive_after_ms: 1_000,
         host_id: "metrics-test".into(),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,

@@ -202,7 +202,8 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
     let cfg = AgentConfig {
         metrics_listen: None,
         stats_interval_ms: 1000,
-        stats_deadline_ms: 10_000,
+        guest_unresponsive_after_ms: 10_000,
+        libvirt_unresponsive_after_ms: 5_000,
         host_id: "host-impostor".into(),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,

@@ -1,6 +1,9 @@
-//! Every domain's counters in one libvirt call (`virConnectGetAllDomainStats`)
-//! with the no-wait flag: libvirt skips the domains whose monitor is busy
-//! instead of queueing behind them, so one hung guest never stalls the pass.
+//! Every domain's counters in one libvirt call (`virConnectGetAllDomainStats`),
+//! always with the no-wait flag: libvirt skips the domains whose monitor is
+//! busy instead of queueing behind them. Two passes use it: the quick one asks
+//! only what the host knows (state, cgroup CPU time, tap counters) and never
+//! touches a guest; the guest one asks the monitors (balloon, block, vCPU) and
+//! can be held by a guest that stops answering while it runs.
 //! The `virt` crate exposes the records only as raw pointers, hence the one
 //! unsafe block here; everything it reads is copied out before the list is
 //! freed.
@@ -10,7 +13,7 @@ use std::{collections::BTreeMap, ffi::CStr, ptr};
 
 use virt::{connect::Connect, domain::Domain, sys};
 
-use super::{DomainSample, DomainStats, Power};
+use super::{Control, DomainSample, DomainStats, Power};
 use crate::names;
 
 /// One typed parameter's value, widened.
@@ -37,20 +40,25 @@ impl Value {
 struct Record {
     name: String,
     fields: BTreeMap<String, Value>,
-    /// Held only when the record lacks CPU time (libvirt's test driver
-    /// reports only the state), so the caller can ask the domain device by
-    /// device instead.
+    /// Held only for libvirt's test driver, which reports nothing but the
+    /// state in bulk, so the caller can ask the domain call by call instead.
     domain: Option<Domain>,
 }
 
-const GROUPS: sys::virDomainStatsTypes = sys::VIR_DOMAIN_STATS_STATE
-    | sys::VIR_DOMAIN_STATS_CPU_TOTAL
-    | sys::VIR_DOMAIN_STATS_BALLOON
-    | sys::VIR_DOMAIN_STATS_VCPU
-    | sys::VIR_DOMAIN_STATS_INTERFACE
-    | sys::VIR_DOMAIN_STATS_BLOCK;
+/// What the host itself knows; needs no job on the domain.
+const QUICK: sys::virDomainStatsTypes =
+    sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_INTERFACE;
 
-fn records(conn: &Connect) -> Result<Vec<Record>, virt::error::Error> {
+/// What only the guest's monitor gives.
+const GUEST: sys::virDomainStatsTypes =
+    sys::VIR_DOMAIN_STATS_BALLOON | sys::VIR_DOMAIN_STATS_VCPU | sys::VIR_DOMAIN_STATS_BLOCK;
+
+fn records(
+    conn: &Connect,
+    groups: sys::virDomainStatsTypes,
+    flags: u32,
+    test_driver: bool,
+) -> Result<Vec<Record>, virt::error::Error> {
     let mut list: *mut sys::virDomainStatsRecordPtr = ptr::null_mut();
     // SAFETY: `conn` is open for the whole call; libvirt allocates `list`, a
     // NULL-terminated array that is read only before the single
@@ -59,9 +67,9 @@ fn records(conn: &Connect) -> Result<Vec<Record>, virt::error::Error> {
     unsafe {
         let n = sys::virConnectGetAllDomainStats(
             conn.as_ptr(),
-            GROUPS,
+            groups,
             &mut list,
-            sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT,
+            flags | sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_NOWAIT,
         );
         if n < 0 {
             return Err(virt::error::Error::last_error());
@@ -93,7 +101,7 @@ fn records(conn: &Connect) -> Result<Vec<Record>, virt::error::Error> {
                 };
                 fields.insert(key, v);
             }
-            let domain = if fields.contains_key("cpu.time") {
+            let domain = if !test_driver {
                 None
             } else if sys::virDomainRef((*rec).dom) == 0 {
                 Some(Domain::from_ptr((*rec).dom))
@@ -111,18 +119,70 @@ fn records(conn: &Connect) -> Result<Vec<Record>, virt::error::Error> {
     }
 }
 
-/// Samples of Betang's domains on `conn`.
-pub fn collect(conn: &Connect) -> Result<Vec<DomainSample>, virt::error::Error> {
-    Ok(records(conn)?
+/// Power, CPU time and network counters of Betang's domains on `conn`.
+pub fn quick(conn: &Connect, test_driver: bool) -> Result<Vec<DomainSample>, virt::error::Error> {
+    Ok(records(conn, QUICK, 0, test_driver)?
         .into_iter()
         .map(|r| {
             let mut sample = sample_of(&r.name, &r.fields);
-            if let Some(stats) = r.domain.and_then(|d| super::libvirt::domain_stats(&d).ok()) {
-                sample.stats = stats;
+            if let Some(info) = r.domain.and_then(|d| d.info().ok()) {
+                sample.stats.cpu_time_ns = info.cpu_time;
             }
             sample
         })
         .collect())
+}
+
+/// Memory, disk and vCPU figures of Betang's running domains on `conn`, for
+/// those whose monitor answered (a domain it skipped has only what its
+/// definition says).
+pub fn guest(conn: &Connect, test_driver: bool) -> Result<Vec<DomainSample>, virt::error::Error> {
+    Ok(records(
+        conn,
+        GUEST,
+        sys::VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE,
+        test_driver,
+    )?
+    .into_iter()
+    .filter_map(|r| match r.domain {
+        Some(d) => {
+            let mut sample = sample_of(&r.name, &r.fields);
+            sample.stats = super::libvirt::domain_stats(&d).ok()?;
+            Some(sample)
+        }
+        None => monitor_answered(&r.fields).then(|| sample_of(&r.name, &r.fields)),
+    })
+    .collect())
+}
+
+/// `virDomainGetControlInfo`, which the `virt` crate does not wrap: whether
+/// the domain's monitor answers, from libvirt's own bookkeeping (no job, no
+/// monitor command).
+pub fn control(dom: &Domain) -> Result<Control, virt::error::Error> {
+    let mut info = sys::virDomainControlInfo {
+        state: 0,
+        details: 0,
+        stateTime: 0,
+    };
+    // SAFETY: `dom` holds a reference for the whole call, and libvirt only
+    // fills the struct it is given.
+    let rc = unsafe { sys::virDomainGetControlInfo(dom.as_ptr(), &mut info, 0) };
+    if rc < 0 {
+        return Err(virt::error::Error::last_error());
+    }
+    Ok(match info.state {
+        sys::VIR_DOMAIN_CONTROL_OCCUPIED => {
+            Control::Busy(std::time::Duration::from_millis(info.stateTime))
+        }
+        sys::VIR_DOMAIN_CONTROL_ERROR => Control::Broken,
+        _ => Control::Answering,
+    })
+}
+
+/// Counters that libvirt reads from the monitor, present only when it could
+/// ask it (the balloon's and the disks' figures).
+fn monitor_answered(f: &BTreeMap<String, Value>) -> bool {
+    f.contains_key("balloon.rss") || f.contains_key("block.0.rd.reqs")
 }
 
 fn sample_of(name: &str, f: &BTreeMap<String, Value>) -> DomainSample {

@@ -1,6 +1,10 @@
-//! The real hypervisor: libvirt through the `virt` crate. One connection is
-//! kept open and shared (libvirt connections are thread-safe); when libvirtd
-//! goes away the connection is dropped and the next call opens a new one.
+//! The real hypervisor: libvirt through the `virt` crate. Three connections
+//! are kept open (libvirt connections are thread-safe) and reopened when
+//! libvirtd goes away: one for what never waits on a guest (listing, the quick
+//! stats, monitor health), one for the guest stats pass, one for everything
+//! else. libvirtd serves only a few calls at a time per connection, so calls
+//! stuck behind a hung guest's monitor never hold up the listing that tells
+//! the controller the host is alive.
 
 use std::{path::Path, sync::Mutex, time::Duration};
 
@@ -12,16 +16,44 @@ use virt::{
     sys,
 };
 
-use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
+use super::{Control, DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
     domain_xml::{DomainType, METADATA_KEY, METADATA_URI, VpsMetadata},
     error::{AgentError, Asked, Result, libvirt_error},
     names,
 };
 
+/// One connection, opened again when it has died.
+#[derive(Default)]
+struct Slot(Mutex<Option<Connect>>);
+
+impl Slot {
+    fn get(&self, uri: &str) -> Result<Connect> {
+        let mut slot = self
+            .0
+            .lock()
+            .map_err(|_| AgentError::Internal("libvirt connection lock poisoned".into()))?;
+        if let Some(c) = slot.as_ref() {
+            if c.is_alive().unwrap_or(false) {
+                return Ok(c.clone());
+            }
+            tracing::warn!(%uri, "libvirt connection lost; reconnecting");
+            *slot = None;
+        }
+        let c = Connect::open(Some(uri))
+            .map_err(|e| AgentError::Libvirt(format!("cannot open {uri}: {}", e.message())))?;
+        *slot = Some(c.clone());
+        Ok(c)
+    }
+}
+
 pub struct LibvirtHypervisor {
     uri: String,
-    conn: Mutex<Option<Connect>>,
+    ops: Slot,
+    watch: Slot,
+    guest: Slot,
+    /// libvirt's test driver reports only the state in bulk.
+    test_driver: bool,
 }
 
 impl LibvirtHypervisor {
@@ -31,7 +63,10 @@ impl LibvirtHypervisor {
         virt::error::clear_error_callback();
         let hv = LibvirtHypervisor {
             uri: uri.to_owned(),
-            conn: Mutex::new(None),
+            ops: Slot::default(),
+            watch: Slot::default(),
+            guest: Slot::default(),
+            test_driver: uri.starts_with("test:"),
         };
         hv.conn()?;
         Ok(hv)
@@ -41,25 +76,26 @@ impl LibvirtHypervisor {
         &self.uri
     }
 
-    /// A handle on the shared connection, reopened when it has died. Public so
-    /// tests can look at test-driver state, which lives in this connection.
+    /// A handle on the connection for lifecycle calls. Public so tests can
+    /// look at test-driver state, which lives in this connection.
     pub fn conn(&self) -> Result<Connect> {
-        let mut slot = self
-            .conn
-            .lock()
-            .map_err(|_| AgentError::Internal("libvirt connection lock poisoned".into()))?;
-        if let Some(c) = slot.as_ref() {
-            if c.is_alive().unwrap_or(false) {
-                return Ok(c.clone());
-            }
-            tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
-            *slot = None;
+        // The test driver's state lives in a connection: every call must see
+        // the same one.
+        self.ops.get(&self.uri)
+    }
+
+    fn watch_conn(&self) -> Result<Connect> {
+        if self.test_driver {
+            return self.conn();
         }
-        let c = Connect::open(Some(&self.uri)).map_err(|e| {
-            AgentError::Libvirt(format!("cannot open {}: {}", self.uri, e.message()))
-        })?;
-        *slot = Some(c.clone());
-        Ok(c)
+        self.watch.get(&self.uri)
+    }
+
+    fn guest_conn(&self) -> Result<Connect> {
+        if self.test_driver {
+            return self.conn();
+        }
+        self.guest.get(&self.uri)
     }
 
     fn domain(&self, name: &str) -> Result<Option<Domain>> {
@@ -115,7 +151,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn list_owned(&self) -> Result<Vec<DomainState>> {
-        let doms = self.conn()?.list_all_domains(0)?;
+        let doms = self.watch_conn()?.list_all_domains(0)?;
         let mut out = Vec::new();
         for d in doms {
             let Ok(name) = d.name() else { continue };
@@ -217,12 +253,28 @@ impl Hypervisor for LibvirtHypervisor {
         Ok(())
     }
 
-    fn stats(&self, name: &str) -> Result<DomainStats> {
-        domain_stats(&self.must(name)?)
+    fn quick_stats(&self) -> Result<Vec<DomainSample>> {
+        Ok(super::bulk_stats::quick(
+            &self.watch_conn()?,
+            self.test_driver,
+        )?)
     }
 
-    fn bulk_stats(&self) -> Result<Vec<DomainSample>> {
-        Ok(super::bulk_stats::collect(&self.conn()?)?)
+    fn guest_stats(&self) -> Result<Vec<DomainSample>> {
+        Ok(super::bulk_stats::guest(
+            &self.guest_conn()?,
+            self.test_driver,
+        )?)
+    }
+
+    fn control(&self, name: &str) -> Result<Control> {
+        match self.watch_conn()?.lookup_domain_by_name(name) {
+            Ok(d) => Ok(super::bulk_stats::control(&d)?),
+            Err(e) if matches!(e.code(), Enum::Known(ErrorNumber::NoDomain)) => {
+                Ok(Control::Answering)
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 }
 

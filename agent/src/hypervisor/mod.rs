@@ -8,10 +8,12 @@ mod blocking;
 mod bulk_stats;
 mod libvirt;
 mod simulated;
+mod watchdog;
 
 pub use blocking::Blocking;
 pub use libvirt::{LibvirtHypervisor, probe_domain_type};
 pub use simulated::{SIMULATED_STATE_FILE, SimulatedDisks, SimulatedHypervisor};
+pub use watchdog::Watchdog;
 
 use crate::{
     disks::{DiskTool, QemuImg},
@@ -76,6 +78,35 @@ pub struct DomainStats {
     pub net_tx_drops: u64,
 }
 
+impl DomainStats {
+    /// The figures only a guest's monitor gives (memory, disks, vCPUs) taken
+    /// from `guest`; CPU time and network stay as they are.
+    pub fn with_guest_figures(mut self, guest: &DomainStats) -> DomainStats {
+        self.vcpus = guest.vcpus.max(self.vcpus);
+        self.memory_max_kib = guest.memory_max_kib.max(self.memory_max_kib);
+        self.memory_current_kib = guest.memory_current_kib;
+        self.memory_used_kib = guest.memory_used_kib;
+        self.memory_rss_kib = guest.memory_rss_kib;
+        self.disk_read_bytes = guest.disk_read_bytes;
+        self.disk_write_bytes = guest.disk_write_bytes;
+        self.disk_read_requests = guest.disk_read_requests;
+        self.disk_write_requests = guest.disk_write_requests;
+        self
+    }
+}
+
+/// Whether a domain's control channel (QEMU's monitor) answers, as libvirt
+/// tells without waiting on it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    /// Ready, or running a background job.
+    Answering,
+    /// A command has been outstanding this long.
+    Busy(std::time::Duration),
+    /// The channel is broken.
+    Broken,
+}
+
 /// One domain's counters from a collection pass.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainSample {
@@ -93,6 +124,7 @@ pub struct NodeFacts {
 pub trait Hypervisor: Send + Sync + 'static {
     fn node(&self) -> Result<NodeFacts>;
     /// Every domain whose name carries Betang's prefix.
+    /// Never waits on a guest.
     fn list_owned(&self) -> Result<Vec<DomainState>>;
     fn lookup(&self, name: &str) -> Result<Option<DomainState>>;
     /// Defines a persistent domain (never a transient one).
@@ -105,10 +137,16 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn reboot(&self, name: &str, force: bool) -> Result<()>;
     fn set_autostart(&self, name: &str, on: bool) -> Result<()>;
     fn undefine(&self, name: &str) -> Result<()>;
-    fn stats(&self, name: &str) -> Result<DomainStats>;
-    /// Counters of every owned domain in one pass. A domain busy with another
-    /// job (a hung guest, a migration) is left out rather than waited for.
-    fn bulk_stats(&self) -> Result<Vec<DomainSample>>;
+    /// Power, CPU time and network counters of every owned domain, from
+    /// what the host itself knows: never waits on a guest.
+    fn quick_stats(&self) -> Result<Vec<DomainSample>>;
+    /// Memory, disk and vCPU figures of every running owned domain, which
+    /// only each guest's monitor gives. A domain whose monitor is already
+    /// busy is left out; one that stops answering during the call blocks it,
+    /// so callers run it apart and watch `control`.
+    fn guest_stats(&self) -> Result<Vec<DomainSample>>;
+    /// Whether the domain's monitor answers; never waits on it.
+    fn control(&self, name: &str) -> Result<Control>;
     /// How this hypervisor's disks are made; real ones are qcow2 files.
     fn disks(&self) -> &dyn DiskTool {
         &QemuImg

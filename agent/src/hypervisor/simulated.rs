@@ -5,15 +5,18 @@
 //! files that record what `qemu-img` would have made.
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, HashMap, HashSet},
     path::{Path, PathBuf},
-    sync::{Mutex, MutexGuard},
+    sync::{
+        Mutex, MutexGuard,
+        atomic::{AtomicBool, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use serde::{Deserialize, Serialize};
 
-use super::{DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
+use super::{Control, DomainSample, DomainState, DomainStats, Hypervisor, NodeFacts, Power};
 use crate::{
     disks::{DiskTool, GIB, ImageFacts},
     domain_xml::VpsMetadata,
@@ -32,8 +35,15 @@ pub const SIMULATED_STATE_FILE: &str = ".simulated-domains.json";
 pub struct SimulatedHypervisor {
     node: NodeFacts,
     domains: Mutex<BTreeMap<String, SimDomain>>,
-    /// Domains whose calls block until released, like a guest stuck in I/O.
+    /// Domains whose monitor does not answer until released, like a QEMU
+    /// stopped with SIGSTOP: what asks the guest blocks, what the host knows
+    /// (listing, CPU time) does not.
     hung: Mutex<HashSet<String>>,
+    /// Hung domains that a call is waiting on, and since when: as libvirt
+    /// holds the domain's job, later no-wait passes skip them.
+    occupied: Mutex<HashMap<String, Instant>>,
+    /// Every call blocks while set, like a stopped libvirtd.
+    silent: AtomicBool,
     /// Written after every change when set, so the domains outlive the
     /// agent's process as libvirt's persistent domains do.
     state_file: Option<PathBuf>,
@@ -124,6 +134,8 @@ impl SimulatedHypervisor {
             node,
             domains: Mutex::default(),
             hung: Mutex::default(),
+            occupied: Mutex::default(),
+            silent: AtomicBool::new(false),
             state_file: None,
         }
     }
@@ -155,6 +167,8 @@ impl SimulatedHypervisor {
             node,
             domains: Mutex::new(domains),
             hung: Mutex::default(),
+            occupied: Mutex::default(),
+            silent: AtomicBool::new(false),
             state_file: Some(path),
         })
     }
@@ -185,7 +199,8 @@ impl SimulatedHypervisor {
         io(path, std::fs::rename(&tmp, path))
     }
 
-    /// Makes every later call about `name` block until `release` is called.
+    /// Makes every later call that asks the guest `name` block until
+    /// `release` is called.
     pub fn hang(&self, name: &str) {
         lock(&self.hung).insert(name.to_owned());
     }
@@ -194,10 +209,34 @@ impl SimulatedHypervisor {
         lock(&self.hung).remove(name);
     }
 
+    /// Makes every call block until `answer_again`, like a stopped libvirtd.
+    pub fn fall_silent(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+
+    pub fn answer_again(&self) {
+        self.silent.store(false, Ordering::SeqCst);
+    }
+
+    fn wait_while_silent(&self) {
+        while self.silent.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Asks the guest: blocks while it is hung, holding its job meanwhile.
     fn wait_while_hung(&self, name: &str) {
+        self.wait_while_silent();
+        if !lock(&self.hung).contains(name) {
+            return;
+        }
+        lock(&self.occupied)
+            .entry(name.to_owned())
+            .or_insert_with(Instant::now);
         while lock(&self.hung).contains(name) {
             std::thread::sleep(Duration::from_millis(20));
         }
+        lock(&self.occupied).remove(name);
     }
 
     fn with<T>(&self, name: &str, f: impl FnOnce(&mut SimDomain) -> T) -> Result<T> {
@@ -233,6 +272,7 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn list_owned(&self) -> Result<Vec<DomainState>> {
+        self.wait_while_silent();
         let doms = lock(&self.domains);
         Ok(doms
             .iter()
@@ -242,13 +282,14 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn lookup(&self, name: &str) -> Result<Option<DomainState>> {
-        self.wait_while_hung(name);
+        self.wait_while_silent();
         Ok(lock(&self.domains)
             .get(name)
             .map(|d| Self::describe(name, d)))
     }
 
     fn define(&self, xml: &str) -> Result<()> {
+        self.wait_while_silent();
         let parsed: DefinedDomain =
             quick_xml::de::from_str(xml).map_err(|e| AgentError::Xml(e.to_string()))?;
         let memory_kib = kib(&parsed.memory)?;
@@ -285,7 +326,10 @@ impl Hypervisor for SimulatedHypervisor {
         self.with(name, SimDomain::stop)
     }
 
+    /// Kills the process, which works on a hung guest too.
     fn destroy(&self, name: &str) -> Result<()> {
+        self.wait_while_silent();
+        self.release(name);
         self.with(name, SimDomain::stop)
     }
 
@@ -303,7 +347,8 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn undefine(&self, name: &str) -> Result<()> {
-        self.wait_while_hung(name);
+        self.wait_while_silent();
+        self.release(name);
         let mut doms = lock(&self.domains);
         if doms.remove(name).is_some() {
             self.persist(&doms)?;
@@ -311,26 +356,51 @@ impl Hypervisor for SimulatedHypervisor {
         Ok(())
     }
 
-    fn stats(&self, name: &str) -> Result<DomainStats> {
-        self.wait_while_hung(name);
-        lock(&self.domains)
-            .get(name)
-            .map(simulated_stats)
-            .ok_or_else(|| AgentError::NoSuchVm(name.to_owned()))
-    }
-
-    /// Like libvirt's no-wait pass: a hung domain is left out, not waited for.
-    fn bulk_stats(&self) -> Result<Vec<DomainSample>> {
-        let hung = lock(&self.hung).clone();
+    fn quick_stats(&self) -> Result<Vec<DomainSample>> {
+        self.wait_while_silent();
         Ok(lock(&self.domains)
             .iter()
-            .filter(|(n, _)| names::vps_id_of_domain(n).is_some() && !hung.contains(*n))
+            .filter(|(n, _)| names::vps_id_of_domain(n).is_some())
             .map(|(n, d)| DomainSample {
                 name: n.clone(),
-                power: Self::describe(n, d).power,
+                power: d.power(),
                 stats: simulated_stats(d),
             })
             .collect())
+    }
+
+    /// Like libvirt's no-wait pass: a domain another call already waits on
+    /// is skipped; one that is hung but not yet waited on holds the pass.
+    fn guest_stats(&self) -> Result<Vec<DomainSample>> {
+        self.wait_while_silent();
+        let running: Vec<String> = lock(&self.domains)
+            .iter()
+            .filter(|(n, d)| names::vps_id_of_domain(n).is_some() && d.running_since.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut out = Vec::new();
+        for name in running {
+            if lock(&self.occupied).contains_key(&name) {
+                continue;
+            }
+            self.wait_while_hung(&name);
+            if let Some(d) = lock(&self.domains).get(&name) {
+                out.push(DomainSample {
+                    name,
+                    power: d.power(),
+                    stats: simulated_stats(d),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    fn control(&self, name: &str) -> Result<Control> {
+        self.wait_while_silent();
+        Ok(match lock(&self.occupied).get(name) {
+            Some(since) => Control::Busy(since.elapsed()),
+            None => Control::Answering,
+        })
     }
 
     fn disks(&self) -> &dyn DiskTool {
@@ -502,6 +572,15 @@ mod tests {
         assert_eq!(hv.list_owned().unwrap().len(), 1);
     }
 
+    fn cpu_of(hv: &SimulatedHypervisor, name: &str) -> u64 {
+        hv.quick_stats()
+            .unwrap()
+            .into_iter()
+            .find(|s| s.name == name)
+            .map(|s| s.stats.cpu_time_ns)
+            .unwrap()
+    }
+
     #[test]
     fn power_and_cpu_time_follow_the_calls() {
         let hv = sim();
@@ -510,30 +589,71 @@ mod tests {
         hv.start(&name).unwrap();
         assert_eq!(hv.lookup(&name).unwrap().unwrap().power, Power::Running);
         std::thread::sleep(Duration::from_millis(30));
-        let a = hv.stats(&name).unwrap().cpu_time_ns;
+        let a = cpu_of(&hv, &name);
         std::thread::sleep(Duration::from_millis(30));
-        let b = hv.stats(&name).unwrap().cpu_time_ns;
+        let b = cpu_of(&hv, &name);
         assert!(b > a && a > 0, "{a} then {b}");
         hv.shutdown(&name).unwrap();
-        let stopped = hv.stats(&name).unwrap().cpu_time_ns;
+        let stopped = cpu_of(&hv, &name);
         std::thread::sleep(Duration::from_millis(20));
-        assert_eq!(hv.stats(&name).unwrap().cpu_time_ns, stopped);
+        assert_eq!(cpu_of(&hv, &name), stopped);
         hv.undefine(&name).unwrap();
         assert!(hv.lookup(&name).unwrap().is_none());
         assert!(matches!(hv.start(&name), Err(AgentError::NoSuchVm(_))));
     }
 
     #[test]
-    fn a_hung_domain_blocks_until_released() {
+    fn a_hung_domain_holds_one_guest_pass_and_nothing_else() {
         let hv = std::sync::Arc::new(sim());
+        let hung = names::domain_name("6f1c1c7e-0000-4000-8000-000000000001");
+        let fine = names::domain_name("6f1c1c7e-0000-4000-8000-000000000002");
+        for n in [&hung, &fine] {
+            hv.define(&spec(n).to_xml().unwrap()).unwrap();
+            hv.start(n).unwrap();
+        }
+        hv.hang(&hung);
+        let h2 = hv.clone();
+        let first = std::thread::spawn(move || h2.guest_stats().unwrap().len());
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(
+            !first.is_finished(),
+            "the pass that meets the hung guest waits"
+        );
+        assert!(
+            matches!(hv.control(&hung).unwrap(), Control::Busy(d) if d >= Duration::from_millis(50))
+        );
+        assert_eq!(hv.control(&fine).unwrap(), Control::Answering);
+        // What the host knows never waits; a later pass skips the busy guest.
+        assert_eq!(hv.quick_stats().unwrap().len(), 2);
+        assert_eq!(hv.list_owned().unwrap().len(), 2);
+        let later = hv.guest_stats().unwrap();
+        assert_eq!(later.len(), 1);
+        assert_eq!(later[0].name, fine);
+        hv.release(&hung);
+        assert_eq!(first.join().unwrap(), 2);
+        assert_eq!(hv.control(&hung).unwrap(), Control::Answering);
+    }
+
+    #[test]
+    fn a_hung_guest_can_still_be_destroyed() {
+        let hv = sim();
         let name = names::domain_name("6f1c1c7e-0000-4000-8000-000000000001");
         hv.define(&spec(&name).to_xml().unwrap()).unwrap();
+        hv.start(&name).unwrap();
         hv.hang(&name);
-        let (h2, n2) = (hv.clone(), name.clone());
-        let t = std::thread::spawn(move || h2.stats(&n2).is_ok());
+        hv.destroy(&name).unwrap();
+        assert_eq!(hv.lookup(&name).unwrap().unwrap().power, Power::Stopped);
+    }
+
+    #[test]
+    fn a_silent_hypervisor_blocks_every_call() {
+        let hv = std::sync::Arc::new(sim());
+        hv.fall_silent();
+        let h2 = hv.clone();
+        let t = std::thread::spawn(move || h2.list_owned().is_ok());
         std::thread::sleep(Duration::from_millis(100));
-        assert!(!t.is_finished(), "stats on a hung domain must block");
-        hv.release(&name);
+        assert!(!t.is_finished());
+        hv.answer_again();
         assert!(t.join().unwrap());
     }
 

@@ -8,12 +8,17 @@ use prometheus_client::{collector::Collector, encoding::DescriptorEncoder};
 use betang_exposition::{Labels, counters as counter, escape, gauges as gauge};
 
 use super::collector::{Snapshot, StatsCache, VmEntry};
-use crate::{hypervisor::Power, usage::now_ms};
+use crate::{
+    hypervisor::{Power, Watchdog},
+    usage::now_ms,
+};
 
 #[derive(Debug)]
 pub struct AgentMetrics {
     pub cache: Arc<StatsCache>,
     pub host_id: String,
+    /// Whether libvirtd answers, and how many calls are in it now.
+    pub watchdog: Arc<Watchdog>,
 }
 
 /// One counter of a VM's usage.
@@ -79,6 +84,21 @@ impl Collector for AgentMetrics {
             "betang_agent_collection_failures",
             "Stats passes that failed or did not finish in time.",
             &[(host.clone(), s.failures_total)],
+        )?;
+        gauge(
+            &mut e,
+            "betang_agent_libvirt_responding",
+            "0 while libvirtd itself does not answer (a listing has waited past libvirt_unresponsive_after_ms).",
+            &[(
+                host.clone(),
+                i64::from(self.watchdog.silent_for().is_none()),
+            )],
+        )?;
+        gauge(
+            &mut e,
+            "betang_agent_libvirt_calls_running",
+            "Threads inside a libvirt call now; a hung guest holds at most one.",
+            &[(host.clone(), self.watchdog.running() as i64)],
         )?;
         gauge(
             &mut e,
@@ -167,8 +187,33 @@ impl Collector for AgentMetrics {
         gauge(
             &mut e,
             "betang_vm_stats_stale",
-            "1 when the last pass could not read this VM (busy or hung) and its figures are older.",
+            "1 when the last pass could not ask this VM's monitor (busy or hung): its memory and disk figures are older.",
             &stale,
+        )?;
+        let responding: Vec<(Labels, i64)> = s
+            .vms
+            .values()
+            .map(|v| (vm_labels(v), i64::from(v.unresponsive_since_ms.is_none())))
+            .collect();
+        gauge(
+            &mut e,
+            "betang_vm_responding",
+            "0 while the guest's QEMU leaves its monitor unanswered (hung or stopped).",
+            &responding,
+        )?;
+        let silent: Vec<(Labels, f64)> = s
+            .vms
+            .values()
+            .filter_map(|v| {
+                let since = v.unresponsive_since_ms?;
+                Some((vm_labels(v), (now - since).max(0) as f64 / 1000.0))
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "betang_vm_unresponsive_seconds",
+            "How long the guest has not answered (only for guests that do not).",
+            &silent,
         )?;
         gauge(
             &mut e,

@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use betang_proto::v1::{PowerState, VmStatus, VmUsage, VpsSpec};
+use betang_proto::v1::{PowerState, VmStatus, VpsSpec};
 use tracing::{info, instrument, warn};
 
 mod transfer;
@@ -28,18 +28,21 @@ use crate::{
     error::{AgentError, Result},
     hypervisor::{Blocking, DomainState, Power},
     images::{Catalog, CatalogImage},
+    metrics::VmEntry,
     names,
     seed::SeedContent,
-    usage::CpuRates,
+    usage::now_ms,
 };
 
-/// A domain as the controller hears of it, with the usage the caller has.
-fn vm_status(vps_id: &str, state: &DomainState, usage: Option<VmUsage>) -> VmStatus {
+/// A domain as the controller hears of it, with what the collector's last
+/// snapshot says of it (usage, and whether its guest answers).
+fn vm_status(vps_id: &str, state: &DomainState, seen: Option<&VmEntry>) -> VmStatus {
     VmStatus {
+        usage: seen.and_then(|v| v.usage),
+        unresponsive_since_ms: seen.and_then(|v| v.unresponsive_since_ms).unwrap_or(0),
         vps_id: vps_id.to_owned(),
         power: state.power.to_proto() as i32,
         generation: state.metadata.as_ref().map_or(0, |m| m.generation),
-        usage,
         vcpus: state.vcpus,
         memory_mib: state.memory_kib / 1024,
         domain_name: state.name.clone(),
@@ -71,7 +74,6 @@ pub struct VmManager {
     network: NetworkConfig,
     /// One ensure/delete at a time per VPS; different VPS proceed in parallel.
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
-    pub rates: CpuRates,
     /// The background collector's snapshot, which heartbeats report from.
     pub stats: Arc<crate::metrics::StatsCache>,
     digests: Arc<DigestCache>,
@@ -95,7 +97,6 @@ impl VmManager {
             domain_type,
             network,
             locks: Mutex::new(HashMap::new()),
-            rates: CpuRates::default(),
             stats: Arc::default(),
             digests,
         };
@@ -170,6 +171,11 @@ impl VmManager {
         let lock = self.lock_for(&args.vps_id);
         let _guard = lock.lock().await;
         let name = names::domain_name(&args.vps_id);
+        // Pulling the plug needs no answer from the guest; anything else
+        // would only add a thread waiting on it.
+        if !(desired == PowerState::Stopped && args.force_stop) {
+            self.refuse_if_unresponsive(&args.vps_id, &name)?;
+        }
         let existing = self
             .hv
             .call({
@@ -217,8 +223,24 @@ impl VmManager {
     /// usage reaches it with heartbeats, so an ensure never waits on a
     /// guest's statistics.
     fn reported(&self, vps_id: &str, state: &DomainState) -> VmStatus {
-        let usage = self.stats.snapshot().vm(&state.name).and_then(|v| v.usage);
-        vm_status(vps_id, state, usage)
+        vm_status(vps_id, state, self.stats.snapshot().vm(&state.name))
+    }
+
+    /// Refuses, at once, work that needs an answer from a guest whose QEMU
+    /// has stopped answering.
+    fn refuse_if_unresponsive(&self, vps_id: &str, domain: &str) -> Result<()> {
+        let since = self
+            .stats
+            .snapshot()
+            .vm(domain)
+            .and_then(|v| v.unresponsive_since_ms);
+        match since {
+            Some(ms) => Err(AgentError::GuestNotAnswering {
+                vps_id: vps_id.to_owned(),
+                silent_for: Duration::from_millis((now_ms() - ms).max(0) as u64),
+            }),
+            None => Ok(()),
+        }
     }
 
     /// Disk, seed, define (and start when asked). A disk the VPS already has
@@ -553,7 +575,6 @@ impl VmManager {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(AgentError::io(&dir, e)),
         }
-        self.rates.forget(vps_id);
         info!("VM deleted");
         Ok(())
     }
@@ -562,44 +583,33 @@ impl VmManager {
     pub async fn reboot(&self, vps_id: &str, force: bool) -> Result<VmStatus> {
         names::check_vps_id(vps_id)?;
         let name = names::domain_name(vps_id);
+        // Even a reset goes through the guest's monitor.
+        self.refuse_if_unresponsive(vps_id, &name)?;
         self.hv.call(move |hv| hv.reboot(&name, force)).await?;
         self.status(vps_id).await
     }
 
     pub async fn status(&self, vps_id: &str) -> Result<VmStatus> {
         let name = names::domain_name(vps_id);
-        let n = name.clone();
         let state = self
             .hv
-            .call(move |hv| hv.lookup(&n))
+            .quick(move |hv| hv.lookup(&name))
             .await?
             .ok_or_else(|| AgentError::NoSuchVm(vps_id.to_owned()))?;
-        Ok(self.status_of(vps_id, &state).await)
-    }
-
-    /// Status with usage; a domain whose stats do not come in time is still
-    /// reported, without usage.
-    async fn status_of(&self, vps_id: &str, state: &DomainState) -> VmStatus {
-        let n = state.name.clone();
-        let usage = self
-            .hv
-            .call_within(Duration::from_secs(5), move |hv| hv.stats(&n))
-            .await
-            .ok()
-            .map(|s| self.rates.usage(vps_id, &s));
-        vm_status(vps_id, state, usage)
+        Ok(self.reported(vps_id, &state))
     }
 
     /// Every VM this agent owns, with its usage from the collector's last
-    /// snapshot, so a heartbeat never waits on a slow domain.
+    /// snapshot: listing never waits on a guest, and a libvirtd that does not
+    /// answer is an error within the watchdog's patience.
     pub async fn list(&self) -> Result<Vec<VmStatus>> {
-        let states = self.hv.call(|hv| hv.list_owned()).await?;
+        let states = self.hv.quick(|hv| hv.list_owned()).await?;
         let snapshot = self.stats.snapshot();
         Ok(states
             .iter()
             .filter_map(|s| {
                 let id = names::vps_id_of_domain(&s.name)?;
-                Some(vm_status(id, s, snapshot.vm(&s.name).and_then(|v| v.usage)))
+                Some(vm_status(id, s, snapshot.vm(&s.name)))
             })
             .collect())
     }
@@ -809,7 +819,11 @@ mod tests {
             memory_kib: 4 << 20,
         }));
         let vms = VmManager::new(
-            Blocking::new(hv.clone(), Duration::from_secs(5)),
+            Blocking::new(
+                hv.clone(),
+                Duration::from_secs(5),
+                crate::hypervisor::Watchdog::new(Duration::from_secs(5)),
+            ),
             images.clone(),
             dir.path().join("vms"),
             DomainType::Qemu,
@@ -1046,7 +1060,11 @@ mod tests {
         point_catalogue(&images, "a.qcow2");
         let hv = Arc::new(crate::hypervisor::LibvirtHypervisor::new("test:///default").unwrap());
         let vms = VmManager::new(
-            Blocking::new(hv.clone(), Duration::from_secs(10)),
+            Blocking::new(
+                hv.clone(),
+                Duration::from_secs(10),
+                crate::hypervisor::Watchdog::new(Duration::from_secs(10)),
+            ),
             images.clone(),
             dir.path().join("vms"),
             DomainType::Qemu,

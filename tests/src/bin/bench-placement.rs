@@ -117,7 +117,8 @@ async fn start_agent(
     let cfg = AgentConfig {
         metrics_listen: None,
         stats_interval_ms: 5000,
-        stats_deadline_ms: 10_000,
+        guest_unresponsive_after_ms: 10_000,
+        libvirt_unresponsive_after_ms: 5_000,
         host_id: format!("sim-{i:04}"),
         listen: "127.0.0.1:0".parse()?,
         advertise_endpoint: None,
