@@ -74,7 +74,15 @@ impl Registration {
                     if problem.is_none() {
                         warn!(error = %e, "cannot list VMs for the heartbeat");
                     }
-                    problem = Some((e.to_string(), since));
+                    // Said the same way each time, so the controller records
+                    // a change only when there is one.
+                    let what = match e {
+                        AgentError::HypervisorSilent(_) | AgentError::HypervisorTimeout(_) => {
+                            "libvirt does not answer".to_owned()
+                        }
+                        other => other.to_string(),
+                    };
+                    problem = Some((what, since));
                     (Vec::new(), false)
                 }
             };

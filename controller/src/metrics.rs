@@ -280,13 +280,16 @@ impl Collector for StoreCollector {
         let host_state = |h: &betang_proto::v1::Host| {
             if h.state == HostState::Down as i32 {
                 "down"
+            } else if h.state == HostState::Degraded as i32 {
+                "degraded"
             } else if h.cordoned {
                 "cordoned"
             } else {
                 "up"
             }
         };
-        let mut by_state: BTreeMap<&str, i64> = [("up", 0), ("down", 0), ("cordoned", 0)].into();
+        let mut by_state: BTreeMap<&str, i64> =
+            [("up", 0), ("down", 0), ("degraded", 0), ("cordoned", 0)].into();
         for h in &f.hosts {
             *by_state.entry(host_state(h)).or_insert(0) += 1;
         }
@@ -297,7 +300,7 @@ impl Collector for StoreCollector {
         gauge(
             &mut e,
             "betang_hosts",
-            "Hosts by state: up, down or cordoned (and up).",
+            "Hosts by state: up, down, degraded (agent reports, hypervisor does not answer) or cordoned (and up).",
             &rows,
         )?;
 
@@ -315,6 +318,12 @@ impl Collector for StoreCollector {
             "betang_host_up",
             "1 while the host sends heartbeats.",
             &per_host(&|h| f64::from(u8::from(h.state != HostState::Down as i32))),
+        )?;
+        gauge(
+            &mut e,
+            "betang_host_degraded",
+            "1 while the host's agent reports but its hypervisor does not answer.",
+            &per_host(&|h| f64::from(u8::from(h.state == HostState::Degraded as i32))),
         )?;
         gauge(
             &mut e,

@@ -74,6 +74,8 @@ pub struct Resources {
 pub struct HostView {
     pub id: HostId,
     pub up: bool,
+    /// True while its agent reports that the hypervisor does not answer.
+    pub degraded: bool,
     /// False while an operator has cordoned the host.
     pub schedulable: bool,
     pub capacity: Resources,
@@ -123,6 +125,7 @@ pub struct Demand {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Reject {
     Down,
+    Degraded,
     Cordoned,
     Zone,
     Labels,
@@ -139,6 +142,7 @@ impl Reject {
         let one = n == 1;
         match self {
             Reject::Down => "down",
+            Reject::Degraded => "degraded (hypervisor not answering)",
             Reject::Cordoned => "cordoned",
             Reject::Zone => "in another zone",
             Reject::Labels if one => "lacks the labels",
@@ -177,6 +181,9 @@ pub mod filters {
 
     pub fn up(h: &HostView, _: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
         (!h.up).then_some(Reject::Down)
+    }
+    pub fn answering(h: &HostView, _: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
+        h.degraded.then_some(Reject::Degraded)
     }
     pub fn schedulable(h: &HostView, _: &Demand, _: &Ratios, _: &Policy) -> Option<Reject> {
         (!h.schedulable).then_some(Reject::Cordoned)
@@ -217,8 +224,9 @@ pub mod filters {
 /// Every filter, in the order `first_reject` runs them (a test holds the two
 /// together).
 #[cfg(test)]
-const FILTERS: [Filter; 9] = [
+const FILTERS: [Filter; 10] = [
     filters::up,
+    filters::answering,
     filters::schedulable,
     filters::zone,
     filters::labels,
@@ -273,6 +281,7 @@ pub mod weighers {
 fn first_reject(h: &HostView, d: &Demand, r: &Ratios, p: &Policy) -> Option<Reject> {
     use filters::*;
     up(h, d, r, p)
+        .or_else(|| answering(h, d, r, p))
         .or_else(|| schedulable(h, d, r, p))
         .or_else(|| zone(h, d, r, p))
         .or_else(|| labels(h, d, r, p))
@@ -347,6 +356,7 @@ mod tests {
         HostView {
             id: HostId::parse(id).unwrap(),
             up: true,
+            degraded: false,
             schedulable: true,
             capacity: Resources {
                 vcpus,
@@ -547,6 +557,8 @@ mod tests {
         no_image.images.clear();
         let mut cordoned = host("f", 64, 65536, 0, 0);
         cordoned.schedulable = false;
+        let mut degraded = host("g", 64, 65536, 0, 0);
+        degraded.degraded = true;
         let hosts = [
             host("a", 8, 1024, 0, 0),
             host("b", 8, 2048, 0, 0),
@@ -554,6 +566,7 @@ mod tests {
             down,
             no_image,
             cordoned,
+            degraded,
         ];
         let e = place(
             &hosts,
@@ -564,9 +577,9 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 cordoned, 1 lacks the image, 1 lacks vCPUs, 2 lack memory"
+            "no host fits 2 vCPU / 4096 MiB memory / 10 GiB disk with image debian-12: 1 down, 1 degraded (hypervisor not answering), 1 cordoned, 1 lacks the image, 1 lacks vCPUs, 2 lack memory"
         );
-        assert_eq!((e.hosts, e.rejects[&Reject::Memory]), (6, 2));
+        assert_eq!((e.hosts, e.rejects[&Reject::Memory]), (7, 2));
         let e = place(&[], &demand(1, 1), &Ratios::default(), &Policy::default()).unwrap_err();
         assert!(e.to_string().ends_with(": no hosts are registered"), "{e}");
     }

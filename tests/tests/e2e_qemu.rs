@@ -186,7 +186,7 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         },
     )
     .await?;
-    assert_eq!(rules.len(), 7);
+    assert_eq!(rules.len(), 9);
     drop(prom);
 
     // Graceful stop: the test guest powers off on the ACPI button.

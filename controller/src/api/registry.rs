@@ -99,16 +99,7 @@ impl RegistryService for RegistryApi {
         self.ctx
             .store
             .run_relaxed(move |db| {
-                hosts::heartbeat(
-                    db,
-                    &host,
-                    r.usage.as_ref(),
-                    &r.vms,
-                    r.vms_listed,
-                    r.vm_dirs_listed.then_some(r.vm_dirs.as_slice()),
-                    usage_every,
-                    now,
-                )?;
+                hosts::heartbeat(db, &host, &r, usage_every, now)?;
                 db.hosts.beat(&host, now);
                 Ok(())
             })

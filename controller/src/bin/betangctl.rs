@@ -701,9 +701,16 @@ fn state_name(v: &Vps) -> &'static str {
 
 /// The state as a person reads it: with what is under way, if anything.
 fn state_shown(v: &Vps) -> String {
-    match v.power_change.as_str() {
-        "" => state_name(v).to_owned(),
-        change => format!("{} ({change})", state_name(v)),
+    let mut notes: Vec<&str> = Vec::new();
+    if !v.power_change.is_empty() {
+        notes.push(&v.power_change);
+    }
+    if v.unresponsive_since_ms != 0 {
+        notes.push("not answering");
+    }
+    match notes.as_slice() {
+        [] => state_name(v).to_owned(),
+        _ => format!("{} ({})", state_name(v), notes.join(", ")),
     }
 }
 
@@ -727,6 +734,13 @@ fn print_vps_of(v: &Vps, institution: &str) {
     println!("state:     {}", state_shown(v));
     if !v.state_reason.is_empty() {
         println!("reason:    {}", v.state_reason);
+    }
+    if v.unresponsive_since_ms != 0 {
+        let secs = (betang_controller::now_ms() - v.unresponsive_since_ms).max(0) / 1000;
+        println!(
+            "guest:     not answering since {} ({secs} s): hung or stopped; only `vps stop --force` or a delete act on it",
+            ms_to_text(v.unresponsive_since_ms)
+        );
     }
     println!(
         "size:      {} vCPU, {} MiB memory, {} GiB disk",
@@ -923,6 +937,13 @@ fn print_host(h: &Host) {
         "state:      {state}{}",
         if h.cordoned { ", cordoned" } else { "" }
     );
+    if !h.state_reason.is_empty() {
+        println!(
+            "            {} (since {})",
+            h.state_reason,
+            ms_to_text(h.state_since_ms)
+        );
+    }
     let mut labels: Vec<_> = h.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
     labels.sort();
     println!(

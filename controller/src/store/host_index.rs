@@ -25,7 +25,7 @@ CREATE TEMP TRIGGER dirty_host_new AFTER INSERT ON main.hosts BEGIN
     INSERT INTO dirty_hosts VALUES (NEW.id, 1) ON CONFLICT DO UPDATE SET whole = 1;
 END;
 CREATE TEMP TRIGGER dirty_host_changed AFTER UPDATE OF vcpus, memory_mib, disk_gib, zone,
-    labels, weight, cordoned ON main.hosts BEGIN
+    labels, weight, cordoned, degraded_since_ms ON main.hosts BEGIN
     INSERT INTO dirty_hosts VALUES (NEW.id, 1) ON CONFLICT DO UPDATE SET whole = 1;
 END;
 CREATE TEMP TRIGGER dirty_host_allocation AFTER UPDATE ON main.host_allocation BEGIN

@@ -3,8 +3,8 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use betang_proto::v1::{
-    Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, Leftover, PowerState,
-    VmStatus,
+    HeartbeatRequest, Host, HostCapacity, HostInfoResponse, HostState, HostUsage, Image, Leftover,
+    PowerState, VmStatus,
 };
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -67,14 +67,23 @@ pub fn register(
             img.min_memory_mib as i64
         ])?;
     }
-    let down_since = record_beat(&tx, &id, now_ms, info.usage.as_ref())?.unwrap_or(0);
+    let down_since =
+        record_beat(&tx, &id, now_ms, info.usage.as_ref())?.map_or(0, |b| b.down_since_ms);
     record_back(&tx, &id, down_since, now_ms)?;
     tx.commit()?;
     Ok(())
 }
 
+/// What a host's row said before a heartbeat: since when it was DOWN (0: it
+/// was not), and what of its hypervisor did not answer, since when.
+struct Before {
+    down_since_ms: i64,
+    problem: String,
+    degraded_since_ms: i64,
+}
+
 /// A heartbeat's time and, when it brings them, the host's figures, in one
-/// statement that also tells when the host went DOWN (0: it had not); `None`
+/// statement that also tells what the row said of the host's health; `None`
 /// for a host that is not registered. 500 heartbeats a second come to a
 /// controller of 1,000 hosts.
 fn record_beat(
@@ -82,20 +91,28 @@ fn record_beat(
     id: &HostId,
     now_ms: i64,
     usage: Option<&HostUsage>,
-) -> Result<Option<i64>, ApiError> {
+) -> Result<Option<Before>, ApiError> {
+    let before = |r: &rusqlite::Row| {
+        Ok(Before {
+            down_since_ms: r.get(0)?,
+            problem: r.get(1)?,
+            degraded_since_ms: r.get(2)?,
+        })
+    };
     let Some(u) = usage else {
         return Ok(c
             .prepare_cached(
-                "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1 RETURNING down_since_ms",
+                "UPDATE hosts SET last_heartbeat_ms = ?2 WHERE id = ?1
+                 RETURNING down_since_ms, hypervisor_problem, degraded_since_ms",
             )?
-            .query_row(params![id.as_str(), now_ms], |r| r.get(0))
+            .query_row(params![id.as_str(), now_ms], before)
             .optional()?);
     };
     Ok(c.prepare_cached(
         "UPDATE hosts SET last_heartbeat_ms = ?2, cpu_percent = ?3, mem_used_bytes = ?4,
                  mem_total_bytes = ?5, disk_used_bytes = ?6, disk_total_bytes = ?7,
                  load_1m = ?8, load_5m = ?9, load_15m = ?10, usage_at_ms = ?11
-             WHERE id = ?1 RETURNING down_since_ms",
+             WHERE id = ?1 RETURNING down_since_ms, hypervisor_problem, degraded_since_ms",
     )?
     .query_row(
         params![
@@ -111,7 +128,7 @@ fn record_beat(
             u.load_15m,
             u.sampled_at_ms
         ],
-        |r| r.get(0),
+        before,
     )
     .optional()?)
 }
@@ -124,34 +141,35 @@ struct VpsOnHost {
     observed: String,
     usage_at_ms: i64,
     cpu_time_ns: u64,
+    unresponsive_since_ms: i64,
 }
 
-/// Applies a heartbeat: host usage, and each VM's usage and power. A report
-/// older than the VPS's generation changes no state.
+/// Applies a heartbeat: host usage, whether its hypervisor answers, and each
+/// VM's usage, power and whether its guest answers. A report older than the
+/// VPS's generation changes no state.
 /// Only what changed is written: a VM's usage once per `usage_every_ms`, its
 /// power when it differs from what is recorded. `vm_dirs`, when the agent
 /// sent them, are checked for leftovers.
-#[allow(clippy::too_many_arguments)]
 pub fn heartbeat(
     c: &mut Connection,
     host_id: &HostId,
-    usage: Option<&HostUsage>,
-    vms: &[VmStatus],
-    vms_listed: bool,
-    vm_dirs: Option<&[String]>,
+    beat: &HeartbeatRequest,
     usage_every_ms: i64,
     now_ms: i64,
 ) -> Result<(), ApiError> {
+    let (usage, vms, vms_listed) = (beat.usage.as_ref(), &beat.vms, beat.vms_listed);
+    let vm_dirs = beat.vm_dirs_listed.then_some(beat.vm_dirs.as_slice());
     let tx = c.savepoint()?;
-    let down_since = record_beat(&tx, host_id, now_ms, usage)?;
-    let Some(down_since) = down_since else {
+    let Some(before) = record_beat(&tx, host_id, now_ms, usage)? else {
         return Err(ApiError::HostNotFound(host_id.to_string()));
     };
-    record_back(&tx, host_id, down_since, now_ms)?;
+    record_back(&tx, host_id, before.down_since_ms, now_ms)?;
+    record_hypervisor(&tx, host_id, &before, beat, now_ms)?;
     let mut placed: HashMap<String, VpsOnHost> = HashMap::new();
     {
         let mut q = tx.prepare_cached(
-            "SELECT id, state, desired_power, generation, observed_power, usage_at_ms, cpu_time_ns
+            "SELECT id, state, desired_power, generation, observed_power, usage_at_ms, cpu_time_ns,
+                    unresponsive_since_ms
              FROM vps WHERE host_id = ?1 AND state <> 'DELETED'",
         )?;
         let rows = q.query_map([host_id.as_str()], |r| {
@@ -163,10 +181,12 @@ pub fn heartbeat(
                 r.get::<_, String>(4)?,
                 r.get::<_, i64>(5)?,
                 r.get::<_, i64>(6)?,
+                r.get::<_, i64>(7)?,
             ))
         })?;
         for row in rows {
-            let (id, state, desired, generation, observed, usage_at_ms, cpu_time_ns) = row?;
+            let (id, state, desired, generation, observed, usage_at_ms, cpu_time_ns, unresponsive) =
+                row?;
             let (Some(state), Some(desired)) =
                 (VpsState::parse(&state), DesiredPower::parse(&desired))
             else {
@@ -182,6 +202,7 @@ pub fn heartbeat(
                     observed,
                     usage_at_ms,
                     cpu_time_ns: cpu_time_ns as u64,
+                    unresponsive_since_ms: unresponsive,
                 },
             );
         }
@@ -192,6 +213,15 @@ pub fn heartbeat(
             continue;
         };
         seen.insert(v.id.clone());
+        if vm.unresponsive_since_ms != v.unresponsive_since_ms {
+            tx.prepare_cached("UPDATE vps SET unresponsive_since_ms = ?2 WHERE id = ?1")?
+                .execute(params![v.id, vm.unresponsive_since_ms])?;
+            if vm.unresponsive_since_ms != 0 {
+                tracing::warn!(vps_id = %v.id, host_id = %host_id, "the guest does not answer");
+            } else {
+                tracing::info!(vps_id = %v.id, host_id = %host_id, "the guest answers again");
+            }
+        }
         if let Some(mut u) = vm
             .usage
             .filter(|u| u.sampled_at_ms - v.usage_at_ms >= usage_every_ms)
@@ -282,6 +312,56 @@ pub fn heartbeat(
         }
     }
     tx.commit()?;
+    Ok(())
+}
+
+/// Records whether the host's hypervisor answers, writing only when that
+/// changes: DEGRADED and back are each recorded once in the audit trail.
+fn record_hypervisor(
+    c: &Connection,
+    id: &HostId,
+    before: &Before,
+    beat: &HeartbeatRequest,
+    now_ms: i64,
+) -> Result<(), ApiError> {
+    let since = before.degraded_since_ms;
+    let now_problem = beat.hypervisor_problem.as_str();
+    if now_problem == before.problem {
+        return Ok(());
+    }
+    let started = match beat.hypervisor_problem_since_ms {
+        0 => now_ms,
+        t => t.min(now_ms),
+    };
+    let (new_since, action, result) = match (now_problem.is_empty(), since) {
+        (true, _) => (
+            0,
+            Some("host.recovered"),
+            format!(
+                "the hypervisor answers again after {} s",
+                (now_ms - since).max(0) / 1000
+            ),
+        ),
+        (false, 0) => (started, Some("host.degraded"), now_problem.to_owned()),
+        // Still degraded, for another reason.
+        (false, s) => (s, None, now_problem.to_owned()),
+    };
+    c.prepare_cached(
+        "UPDATE hosts SET hypervisor_problem = ?2, degraded_since_ms = ?3 WHERE id = ?1",
+    )?
+    .execute(params![id.as_str(), now_problem, new_since])?;
+    if let Some(action) = action {
+        tracing::warn!(host_id = %id, %result, action, "hypervisor");
+        super::identity::audit(
+            c,
+            &Caller::system(),
+            "",
+            action,
+            id.as_str(),
+            &result,
+            now_ms,
+        )?;
+    }
     Ok(())
 }
 
@@ -578,7 +658,7 @@ pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView,
     let mut q = c.prepare_cached(&format!(
         "SELECT h.id, h.vcpus, h.memory_mib, h.disk_gib, h.last_heartbeat_ms, h.zone, h.labels,
                 h.weight, h.cordoned, COALESCE(a.vcpus, 0), COALESCE(a.memory_mib, 0),
-                COALESCE(a.disk_gib, 0)
+                COALESCE(a.disk_gib, 0), h.degraded_since_ms <> 0
          FROM hosts h LEFT JOIN host_allocation a ON a.host_id = h.id {} ORDER BY h.id",
         one_host(one, "h.id")
     ))?;
@@ -600,15 +680,17 @@ pub fn read_views(c: &Connection, one: Option<&HostId>) -> Result<Vec<(HostView,
                 r.get::<_, i64>(10)?,
                 r.get::<_, i64>(11)?,
             ],
+            r.get::<_, bool>(12)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (id, cap, hb, zone, labels, weight, cordoned, alloc) = row?;
+        let (id, cap, hb, zone, labels, weight, cordoned, alloc, degraded) = row?;
         out.push((
             HostView {
                 id: HostId::parse(&id)?,
                 up: true,
+                degraded,
                 schedulable: !cordoned,
                 capacity: resources(cap),
                 allocated: resources(alloc),
@@ -773,23 +855,32 @@ fn read(
         "SELECT id, hostname, agent_endpoint, domain_type, vcpus, memory_mib, disk_gib,
                 last_heartbeat_ms, cpu_percent, mem_used_bytes, mem_total_bytes,
                 disk_used_bytes, disk_total_bytes, load_1m, load_5m, load_15m, usage_at_ms,
-                zone, labels, weight, cordoned
+                zone, labels, weight, cordoned, hypervisor_problem, degraded_since_ms
          FROM hosts {} ORDER BY id",
         one_host(one, "id")
     ))?;
     let rows = q.query_map(rusqlite::params_from_iter(host_param(one)), |r| {
         let id: String = r.get(0)?;
         let hb: i64 = r.get(7)?;
+        let degraded_since: i64 = r.get(22)?;
         Ok(Host {
             id,
             hostname: r.get(1)?,
             agent_endpoint: r.get(2)?,
             domain_type: r.get(3)?,
-            state: if now_ms - hb <= down_after_ms {
-                HostState::Up as i32
-            } else {
+            state: if now_ms - hb > down_after_ms {
                 HostState::Down as i32
+            } else if degraded_since != 0 {
+                HostState::Degraded as i32
+            } else {
+                HostState::Up as i32
             },
+            state_reason: if degraded_since != 0 {
+                r.get(21)?
+            } else {
+                String::new()
+            },
+            state_since_ms: degraded_since,
             capacity: Some(HostCapacity {
                 vcpus: r.get::<_, i64>(4)? as u32,
                 memory_mib: r.get::<_, i64>(5)? as u64,

@@ -39,6 +39,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0005_allocation_totals.sql")),
     M::up(include_str!("../../migrations/0006_usage_history.sql")),
     M::up(include_str!("../../migrations/0007_durable_moves.sql")),
+    M::up(include_str!("../../migrations/0008_hung_guests.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the

@@ -1,6 +1,7 @@
 //! The store's bookkeeping: the totals its triggers keep, the in-memory host
 //! index, and claims made by two controllers sharing one file.
 
+use betang_proto::v1::HeartbeatRequest;
 use betang_proto::v1::{
     Application, HostCapacity, HostInfoResponse, Image, PowerState, VmStatus, VmUsage, VpsSpec,
 };
@@ -411,7 +412,13 @@ fn heartbeats_write_only_what_changed() {
         };
         s.run_sync(|c| {
             c.execute("DELETE FROM temp.vps_writes", [])?;
-            hosts::heartbeat(c, &host, None, &[vm], true, Some(&[]), 30_000, at)?;
+            let b = HeartbeatRequest {
+                vms: vec![vm],
+                vms_listed: true,
+                vm_dirs_listed: true,
+                ..Default::default()
+            };
+            hosts::heartbeat(c, &host, &b, 30_000, at)?;
             Ok(
                 c.query_row("SELECT count(*) FROM temp.vps_writes", [], |r| {
                     r.get::<_, i64>(0)
@@ -1366,10 +1373,13 @@ fn reported_cpu_is_cpu_time_used_and_never_more_than_held() {
             ..Default::default()
         };
         let host = host.clone();
-        s.run_sync(move |c| {
-            hosts::heartbeat(c, &host, None, &[vm], true, None, 0, t0 + minute * 60_000)
-        })
-        .unwrap();
+        let b = HeartbeatRequest {
+            vms: vec![vm],
+            vms_listed: true,
+            ..Default::default()
+        };
+        s.run_sync(move |c| hosts::heartbeat(c, &host, &b, 0, t0 + minute * 60_000))
+            .unwrap();
     };
     beat(0, 100, true);
     for m in 1..=10 {
@@ -1397,4 +1407,136 @@ fn reported_cpu_is_cpu_time_used_and_never_more_than_held() {
         })
         .unwrap();
     assert_eq!(stopped_rate, 0.0, "a stopped VPS shows no CPU");
+}
+
+#[test]
+fn a_host_whose_hypervisor_is_silent_is_degraded_and_its_vps_keep_their_state() {
+    use betang_proto::v1::{HostState, PowerState, VmStatus, VpsState as P};
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 8);
+    let inst = institution(&s);
+    let created = s
+        .run_sync(|c| {
+            vps::create(
+                c,
+                &Caller::system(),
+                &new_vps(&inst, 0, 1),
+                &placement(),
+                NOW,
+            )
+        })
+        .unwrap();
+    let (vps_id, generation) = (created.id, created.generation);
+    let id = vps_id.to_string();
+    s.run_sync(|c| {
+        as_built(c, &id)?;
+        c.execute(
+            "UPDATE vps SET state = 'RUNNING', applied_generation = generation,
+                 observed_power = 'running' WHERE id = ?1",
+            [&id],
+        )?;
+        Ok(())
+    })
+    .unwrap();
+    let host = HostId::parse("a").unwrap();
+    let beat = |b: HeartbeatRequest, at: i64| {
+        let host = host.clone();
+        s.run_sync(move |c| hosts::heartbeat(c, &host, &b, 0, at))
+            .unwrap();
+    };
+    let read_host = |at: i64| {
+        s.run_sync(move |c| hosts::list(c, at, 10_000))
+            .unwrap()
+            .remove(0)
+    };
+    let running = |unresponsive_since_ms: i64| VmStatus {
+        vps_id: id.clone(),
+        power: PowerState::Running as i32,
+        generation,
+        unresponsive_since_ms,
+        ..Default::default()
+    };
+    beat(
+        HeartbeatRequest {
+            vms: vec![running(0)],
+            vms_listed: true,
+            ..Default::default()
+        },
+        NOW,
+    );
+    assert_eq!(read_host(NOW).state, HostState::Up as i32);
+
+    // libvirtd stops answering: the agent still beats, saying so.
+    let silent = HeartbeatRequest {
+        hypervisor_problem: "libvirt does not answer".into(),
+        hypervisor_problem_since_ms: NOW + 500,
+        ..Default::default()
+    };
+    for t in 1..=30 {
+        beat(silent.clone(), NOW + t * 1_000);
+    }
+    let h = read_host(NOW + 30_000);
+    assert_eq!(h.state, HostState::Degraded as i32, "degraded, never down");
+    assert_eq!(h.state_reason, "libvirt does not answer");
+    assert_eq!(h.state_since_ms, NOW + 500);
+    // The VPS keeps what it was: nothing about it is known to have changed.
+    let v = s.run_sync(|c| vps::get_any(c, &vps_id)).unwrap();
+    assert_eq!(v.to_proto().state, P::Running as i32);
+    assert_eq!(v.observed_power, "running");
+    // Nothing is placed on it.
+    let views = s
+        .run_sync(|c| hosts::views(c, NOW + 30_000, 10_000))
+        .unwrap();
+    assert!(views[0].degraded);
+
+    // A silent host that also stops beating is DOWN.
+    assert_eq!(read_host(NOW + 45_000).state, HostState::Down as i32);
+
+    // Back: one record each way in the audit trail.
+    beat(
+        HeartbeatRequest {
+            vms: vec![running(0)],
+            vms_listed: true,
+            ..Default::default()
+        },
+        NOW + 46_000,
+    );
+    let h = read_host(NOW + 46_000);
+    assert_eq!(
+        (h.state, h.state_reason.as_str()),
+        (HostState::Up as i32, "")
+    );
+    let actions: Vec<String> = s
+        .run_sync(|c| {
+            let mut q =
+                c.prepare("SELECT action FROM audit WHERE action LIKE 'host.%' ORDER BY id")?;
+            let rows = q.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<_, _>>()?)
+        })
+        .unwrap();
+    assert_eq!(actions, ["host.degraded", "host.recovered"]);
+
+    // One guest stops answering: its VPS says since when, and only it.
+    beat(
+        HeartbeatRequest {
+            vms: vec![running(NOW + 40_000)],
+            vms_listed: true,
+            ..Default::default()
+        },
+        NOW + 47_000,
+    );
+    let v = s.run_sync(|c| vps::get_any(c, &vps_id)).unwrap().to_proto();
+    assert_eq!(v.unresponsive_since_ms, NOW + 40_000);
+    assert_eq!(v.state, P::Running as i32);
+    assert_eq!(read_host(NOW + 47_000).state, HostState::Up as i32);
+    beat(
+        HeartbeatRequest {
+            vms: vec![running(0)],
+            vms_listed: true,
+            ..Default::default()
+        },
+        NOW + 48_000,
+    );
+    let v = s.run_sync(|c| vps::get_any(c, &vps_id)).unwrap().to_proto();
+    assert_eq!(v.unresponsive_since_ms, 0);
 }

@@ -44,6 +44,8 @@ pub struct VpsRecord {
     /// When its build clock started (placement), pushed back by the time its
     /// host was down.
     pub build_since_ms: i64,
+    /// Since when its guest has not answered its host (0: it answers).
+    pub unresponsive_since_ms: i64,
 }
 
 pub(super) const COLS: &str =
@@ -54,7 +56,7 @@ pub(super) const COLS: &str =
     disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes,
     institution_id, app_name, app_kind, app_purpose, app_domain, resp_name, resp_nip,
     resp_email, resp_phone, requested_by, decided_by, zone, host_labels, anti_affinity_group,
-    image_digest, move_target, build_since_ms";
+    image_digest, move_target, build_since_ms, unresponsive_since_ms";
 
 pub(super) fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
@@ -130,6 +132,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
         image_digest: r.get("image_digest")?,
         move_target: host_column(r.get("move_target")?)?,
         build_since_ms: r.get("build_since_ms")?,
+        unresponsive_since_ms: r.get(50)?,
     })
 }
 
@@ -174,6 +177,12 @@ impl VpsRecord {
                 .as_ref()
                 .map(|h| h.to_string())
                 .unwrap_or_default(),
+            // Only a guest that should be running can be hung.
+            unresponsive_since_ms: if self.state == VpsState::Running {
+                self.unresponsive_since_ms
+            } else {
+                0
+            },
         }
     }
 
