@@ -124,10 +124,12 @@ async fn a_hung_domain_neither_delays_a_scrape_nor_the_others() -> anyhow::Resul
     let _release = Release(hv.clone(), hung.clone());
     let body = eventually(
         Duration::from_secs(10),
-        "the hung domain marked stale",
+        "the hung domain marked stale and not answering",
         || async {
             let body = timed_scrape(addr).await.expect("scrape");
-            (value(&body, "betang_vm_stats_stale", &hung) == Some(1.0)).then_some(body)
+            (value(&body, "betang_vm_stats_stale", &hung) == Some(1.0)
+                && value(&body, "betang_vm_responding", &hung) == Some(0.0))
+            .then_some(body)
         },
     )
     .await?;
@@ -152,8 +154,21 @@ async fn a_hung_domain_neither_delays_a_scrape_nor_the_others() -> anyhow::Resul
         after > before,
         "the healthy guest's CPU seconds must rise: {before} -> {after}"
     );
-    assert!(value(&last, "betang_vm_stats_age_seconds", &hung).unwrap() >= 0.9);
+    // The hung one is reported as not answering, and only it.
+    assert_eq!(value(&last, "betang_vm_responding", &hung), Some(0.0));
+    assert_eq!(value(&last, "betang_vm_responding", &fine), Some(1.0));
+    assert!(value(&last, "betang_vm_unresponsive_seconds", &hung).unwrap() >= 0.3);
+    assert_eq!(value(&last, "betang_vm_unresponsive_seconds", &fine), None);
     assert!(value(&last, "betang_vm_stats_age_seconds", &fine).unwrap() < 0.9);
+    // It holds one thread: the guest pass that met it.
+    assert_eq!(
+        sample(&last, "betang_agent_libvirt_calls_running", &[]),
+        Some(1.0)
+    );
+    assert_eq!(
+        sample(&last, "betang_agent_libvirt_responding", &[]),
+        Some(1.0)
+    );
     let last_ok = sample(
         &last,
         "betang_agent_collection_last_success_timestamp_seconds",
@@ -175,7 +190,9 @@ async fn a_hung_domain_neither_delays_a_scrape_nor_the_others() -> anyhow::Resul
         "the released domain fresh again",
         || async {
             let body = timed_scrape(addr).await.expect("scrape");
-            (value(&body, "betang_vm_stats_stale", &hung) == Some(0.0)).then_some(())
+            (value(&body, "betang_vm_stats_stale", &hung) == Some(0.0)
+                && value(&body, "betang_vm_responding", &hung) == Some(1.0))
+            .then_some(())
         },
     )
     .await?;

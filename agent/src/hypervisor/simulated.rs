@@ -5,7 +5,7 @@
 //! files that record what `qemu-img` would have made.
 
 use std::{
-    collections::{BTreeMap, HashMap, HashSet},
+    collections::{BTreeMap, HashMap},
     path::{Path, PathBuf},
     sync::{
         Mutex, MutexGuard,
@@ -36,9 +36,10 @@ pub struct SimulatedHypervisor {
     node: NodeFacts,
     domains: Mutex<BTreeMap<String, SimDomain>>,
     /// Domains whose monitor does not answer until released, like a QEMU
-    /// stopped with SIGSTOP: what asks the guest blocks, what the host knows
-    /// (listing, CPU time) does not.
-    hung: Mutex<HashSet<String>>,
+    /// stopped with SIGSTOP (and since when): what asks the guest blocks,
+    /// what the host knows (listing, CPU time) does not, and the guest uses
+    /// no CPU meanwhile.
+    hung: Mutex<HashMap<String, Instant>>,
     /// Hung domains that a call is waiting on, and since when: as libvirt
     /// holds the domain's job, later no-wait passes skip them.
     occupied: Mutex<HashMap<String, Instant>>,
@@ -74,10 +75,15 @@ struct SimDomain {
 
 impl SimDomain {
     fn cpu_time_ns(&self) -> u64 {
-        let now = self.running_since.map_or(0, |t| {
-            (t.elapsed().as_secs_f64() * f64::from(self.vcpus) * BUSY_SHARE * 1e9) as u64
+        self.cpu_time_ns_at(Instant::now())
+    }
+
+    fn cpu_time_ns_at(&self, at: Instant) -> u64 {
+        let run = self.running_since.map_or(0, |t| {
+            let ran = at.saturating_duration_since(t).as_secs_f64();
+            (ran * f64::from(self.vcpus) * BUSY_SHARE * 1e9) as u64
         });
-        self.cpu_ns + now
+        self.cpu_ns + run
     }
 
     fn power(&self) -> Power {
@@ -202,11 +208,21 @@ impl SimulatedHypervisor {
     /// Makes every later call that asks the guest `name` block until
     /// `release` is called.
     pub fn hang(&self, name: &str) {
-        lock(&self.hung).insert(name.to_owned());
+        lock(&self.hung)
+            .entry(name.to_owned())
+            .or_insert_with(Instant::now);
     }
 
     pub fn release(&self, name: &str) {
-        lock(&self.hung).remove(name);
+        let Some(at) = lock(&self.hung).remove(name) else {
+            return;
+        };
+        // The stopped time was not run.
+        if let Some(d) = lock(&self.domains).get_mut(name)
+            && let Some(t) = d.running_since.as_mut()
+        {
+            *t += at.elapsed();
+        }
     }
 
     /// Makes every call block until `answer_again`, like a stopped libvirtd.
@@ -227,20 +243,27 @@ impl SimulatedHypervisor {
     /// Asks the guest: blocks while it is hung, holding its job meanwhile.
     fn wait_while_hung(&self, name: &str) {
         self.wait_while_silent();
-        if !lock(&self.hung).contains(name) {
+        if !lock(&self.hung).contains_key(name) {
             return;
         }
         lock(&self.occupied)
             .entry(name.to_owned())
             .or_insert_with(Instant::now);
-        while lock(&self.hung).contains(name) {
+        while lock(&self.hung).contains_key(name) {
             std::thread::sleep(Duration::from_millis(20));
         }
         lock(&self.occupied).remove(name);
     }
 
+    /// A call that asks the guest (libvirt takes its job and its monitor).
     fn with<T>(&self, name: &str, f: impl FnOnce(&mut SimDomain) -> T) -> Result<T> {
         self.wait_while_hung(name);
+        self.with_definition(name, f)
+    }
+
+    /// A call that only changes libvirt's own record of the domain.
+    fn with_definition<T>(&self, name: &str, f: impl FnOnce(&mut SimDomain) -> T) -> Result<T> {
+        self.wait_while_silent();
         let mut doms = lock(&self.domains);
         let d = doms
             .get_mut(name)
@@ -328,9 +351,8 @@ impl Hypervisor for SimulatedHypervisor {
 
     /// Kills the process, which works on a hung guest too.
     fn destroy(&self, name: &str) -> Result<()> {
-        self.wait_while_silent();
         self.release(name);
-        self.with(name, SimDomain::stop)
+        self.with_definition(name, SimDomain::stop)
     }
 
     fn reboot(&self, name: &str, _force: bool) -> Result<()> {
@@ -343,7 +365,7 @@ impl Hypervisor for SimulatedHypervisor {
     }
 
     fn set_autostart(&self, name: &str, on: bool) -> Result<()> {
-        self.with(name, |d| d.autostart = on)
+        self.with_definition(name, |d| d.autostart = on)
     }
 
     fn undefine(&self, name: &str) -> Result<()> {
@@ -358,13 +380,20 @@ impl Hypervisor for SimulatedHypervisor {
 
     fn quick_stats(&self) -> Result<Vec<DomainSample>> {
         self.wait_while_silent();
+        let hung = lock(&self.hung).clone();
         Ok(lock(&self.domains)
             .iter()
             .filter(|(n, _)| names::vps_id_of_domain(n).is_some())
-            .map(|(n, d)| DomainSample {
-                name: n.clone(),
-                power: d.power(),
-                stats: simulated_stats(d),
+            .map(|(n, d)| {
+                let mut stats = simulated_stats(d);
+                if let Some(at) = hung.get(n) {
+                    stats.cpu_time_ns = d.cpu_time_ns_at(*at);
+                }
+                DomainSample {
+                    name: n.clone(),
+                    power: d.power(),
+                    stats,
+                }
             })
             .collect())
     }

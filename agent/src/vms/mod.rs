@@ -197,6 +197,11 @@ impl VmManager {
             }
             Some(state) => {
                 self.apply_size(&args, &name, &meta, &state).await?;
+                // Power first: on a running guest the metadata is changed
+                // through its monitor too, which a hung guest never answers,
+                // while a forced stop needs no answer from it.
+                self.converge_power(&name, desired, args.stop_timeout, args.force_stop)
+                    .await?;
                 let known = state.metadata.as_ref().map_or(0, |m| m.generation);
                 if args.generation > known {
                     self.hv
@@ -208,8 +213,6 @@ impl VmManager {
                 }
             }
         }
-        self.converge_power(&name, desired, args.stop_timeout, args.force_stop)
-            .await?;
         let state = self
             .hv
             .call(move |hv| hv.lookup(&name))
@@ -896,6 +899,59 @@ mod tests {
         let e = h.vms.ensure(args(other, &v1)).await.unwrap_err();
         assert!(matches!(e, AgentError::ImageChanged { .. }), "{e}");
         assert!(!h.vms.vm_dir().join(other).exists());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_hung_guest_is_refused_at_once_except_a_forced_stop() {
+        let h = host();
+        let v1 = crate::digests::sha256_file(&h.images.join("v1.img")).unwrap();
+        let mut run = args(ID, &v1);
+        run.desired = PowerState::Running;
+        h.vms.ensure(run).await.unwrap();
+        let collector = crate::metrics::Collector::new(
+            h.vms.hypervisor().clone(),
+            h.vms.stats.clone(),
+            Arc::new(crate::usage::HostSampler::default()),
+            h.vms.vm_dir().to_owned(),
+            Duration::from_millis(50),
+            Duration::from_millis(100),
+        );
+        let name = names::domain_name(ID);
+        h.hv.hang(&name);
+        for _ in 0..40 {
+            collector.pass_once().await;
+            let seen = h.vms.stats.snapshot();
+            if seen
+                .vm(&name)
+                .is_some_and(|v| v.unresponsive_since_ms.is_some())
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let listed = h.vms.list().await.unwrap();
+        assert!(listed[0].unresponsive_since_ms > 0, "the heartbeat says so");
+        // A graceful stop needs the guest: refused at once, no thread added.
+        let running = h.vms.hypervisor().watchdog().running();
+        let t = std::time::Instant::now();
+        let mut stop = args(ID, &v1);
+        stop.force_stop = false;
+        let e = h.vms.ensure(stop).await.unwrap_err();
+        assert!(matches!(e, AgentError::GuestNotAnswering { .. }), "{e}");
+        assert!(
+            e.to_string().contains("only a forced stop or a delete"),
+            "{e}"
+        );
+        assert_eq!(tonic::Status::from(e).code(), tonic::Code::Unavailable);
+        assert!(h.vms.reboot(ID, true).await.is_err());
+        assert!(t.elapsed() < Duration::from_millis(500));
+        assert_eq!(h.vms.hypervisor().watchdog().running(), running);
+        // Pulling the plug needs no answer from it.
+        let mut force = args(ID, &v1);
+        force.generation = 2;
+        let st = h.vms.ensure(force).await.unwrap();
+        assert_eq!(st.power, PowerState::Stopped as i32);
+        assert_eq!(st.generation, 2);
     }
 
     #[tokio::test]
