@@ -74,6 +74,11 @@ where
 
 /// Writes a catalogue holding one small qcow2 image named `tiny`.
 pub fn make_image_dir(dir: &Path, base_virtual_size: &str) -> anyhow::Result<()> {
+    make_image_dir_named(dir, base_virtual_size, "tiny")
+}
+
+/// The same, with the image listed under `name`.
+pub fn make_image_dir_named(dir: &Path, base_virtual_size: &str, name: &str) -> anyhow::Result<()> {
     std::fs::create_dir_all(dir)?;
     let st = std::process::Command::new("qemu-img")
         .args(["create", "-q", "-f", "qcow2"])
@@ -84,7 +89,9 @@ pub fn make_image_dir(dir: &Path, base_virtual_size: &str) -> anyhow::Result<()>
     anyhow::ensure!(st.success(), "qemu-img create failed");
     std::fs::write(
         dir.join("catalog.toml"),
-        "[[image]]\nname = \"tiny\"\nfile = \"tiny.qcow2\"\nos = \"none\"\ndescription = \"empty test disk\"\n",
+        format!(
+            "[[image]]\nname = \"{name}\"\nfile = \"tiny.qcow2\"\nos = \"none\"\ndescription = \"empty test disk\"\n"
+        ),
     )?;
     Ok(())
 }
@@ -299,6 +306,8 @@ pub struct ClusterOptions {
     pub quota: Quota,
     /// Agents on the simulated hypervisor instead of libvirt's test driver.
     pub simulated: bool,
+    /// The name the hosts' one image is listed under.
+    pub image: &'static str,
 }
 
 impl Default for ClusterOptions {
@@ -321,6 +330,7 @@ impl Default for ClusterOptions {
                 vps_count: 10_000,
             },
             simulated: false,
+            image: "tiny",
         }
     }
 }
@@ -360,7 +370,7 @@ impl Cluster {
         })?;
         let people = make_people(&endpoint, &admin_token, &prefix, opts.quota).await?;
         let image_dir = dir.path().join("images");
-        make_image_dir(&image_dir, "64M")?;
+        make_image_dir_named(&image_dir, "64M", opts.image)?;
         let mut cluster = Cluster {
             prefix: prefix.clone(),
             controller: Some(controller),

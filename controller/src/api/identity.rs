@@ -89,11 +89,19 @@ impl IdentityService for IdentityApi {
         req: Request<GetInstitutionRequest>,
     ) -> Result<Response<Institution>, Status> {
         let caller = self.ctx.caller(&req).await?;
-        let id = req.into_inner().id;
+        let asked = req.into_inner().id;
+        // By id or by code; another institution is not found for a member,
+        // whether it exists or not.
+        let named = asked.clone();
+        let id = self
+            .ctx
+            .store
+            .run(move |c| identity::institution_id_of(c, &named))
+            .await?;
         if caller.require(Permission::ViewInstitutions).is_err() && id != caller.institution_id {
             return Err(ApiError::NotFound {
                 what: "institution",
-                id,
+                id: asked,
             }
             .into());
         }

@@ -650,15 +650,36 @@ fn role_name(r: i32) -> &'static str {
     }
 }
 
+/// One user, field by field (`user create`, `whoami`).
 fn print_user(u: &User) {
-    println!(
-        "{:<36}  {:<16}  {:<8}  {:<36}  {}",
-        u.id,
-        u.username,
-        role_name(u.role),
-        u.institution_id,
-        u.full_name
-    );
+    println!("id:          {}", u.id);
+    println!("username:    {}", u.username);
+    if !u.full_name.is_empty() {
+        println!("name:        {}", u.full_name);
+    }
+    println!("role:        {}", role_name(u.role));
+    println!("institution: {}", u.institution_id);
+    if u.disabled_at_ms != 0 {
+        println!("disabled:    since {}", ms_to_text(u.disabled_at_ms));
+    }
+}
+
+/// Users as a table (`user list`).
+fn print_users(users: &[User]) {
+    let row = |id: &str, username: &str, role: &str, inst: &str, name: &str| {
+        let line = format!("{id:<36}  {username:<16}  {role:<8}  {inst:<36}  {name}");
+        println!("{}", line.trim_end());
+    };
+    row("ID", "USERNAME", "ROLE", "INSTITUTION", "NAME");
+    for u in users {
+        row(
+            &u.id,
+            &u.username,
+            role_name(u.role),
+            &u.institution_id,
+            &u.full_name,
+        );
+    }
 }
 
 fn print_institution(i: &Institution) {
@@ -720,10 +741,6 @@ fn gib(bytes: u64) -> String {
 
 fn mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / (1u64 << 20) as f64)
-}
-
-fn print_vps(v: &Vps) {
-    print_vps_of(v, &v.institution_id);
 }
 
 /// The VPS, with its institution as `institution` names it.
@@ -1284,9 +1301,7 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await
                 .map_err(status_error)?;
-            for u in &list.get_ref().users {
-                print_user(u);
-            }
+            print_users(&list.get_ref().users);
         }
         Cmd::Token(TokenCmd::Create {
             user,
@@ -1537,11 +1552,10 @@ async fn institution_names(
 
 impl VpsCmd {
     /// Whether the output names institutions (and so needs their names).
+    /// Every command that prints a VPS names its institution; the plain
+    /// list does not show institutions.
     fn names_institutions(&self) -> bool {
-        matches!(
-            self,
-            VpsCmd::List { pending: true, .. } | VpsCmd::Get { .. }
-        )
+        !matches!(self, VpsCmd::List { pending: false, .. })
     }
 }
 
@@ -1556,6 +1570,7 @@ async fn vps(
             .cloned()
             .unwrap_or_else(|| id.to_owned())
     };
+    let show = |v: &Vps| print_vps_of(v, &institution_of(&v.institution_id));
     match cmd {
         VpsCmd::Create {
             name,
@@ -1623,7 +1638,7 @@ async fn vps(
             } else {
                 v
             };
-            print_vps(&v);
+            show(&v);
         }
         VpsCmd::List {
             all,
@@ -1712,7 +1727,7 @@ async fn vps(
                 })
                 .await
                 .map_err(status_error)?;
-            print_vps_of(v.get_ref(), &institution_of(&v.get_ref().institution_id));
+            show(v.get_ref());
             print_history(&v.get_ref().history);
         }
         VpsCmd::Start { id, wait } => {
@@ -1778,14 +1793,14 @@ async fn vps(
                 })
                 .await
                 .map_err(status_error)?;
-            print_vps(v.get_ref());
+            show(v.get_ref());
         }
         VpsCmd::Reject { id, reason } => {
             let v = c
                 .reject_vps(RejectVpsRequest { id, reason })
                 .await
                 .map_err(status_error)?;
-            print_vps(v.get_ref());
+            show(v.get_ref());
         }
         VpsCmd::Resize {
             id,
@@ -1802,7 +1817,7 @@ async fn vps(
                 })
                 .await
                 .map_err(status_error)?;
-            print_vps(v.get_ref());
+            show(v.get_ref());
         }
         VpsCmd::Move { id, restart, wait } => {
             let v = c
@@ -1814,7 +1829,7 @@ async fn vps(
                 .map_err(status_error)?
                 .into_inner();
             if !wait {
-                print_vps(&v);
+                show(&v);
                 return Ok(());
             }
             let v = loop {
@@ -1831,7 +1846,7 @@ async fn vps(
                     break v;
                 }
             };
-            print_vps(&v);
+            show(&v);
             if v.state_reason.starts_with("moving to") {
                 bail!("the move did not happen: {}", v.state_reason);
             }
@@ -1841,7 +1856,7 @@ async fn vps(
                 .cancel_vps(CancelVpsRequest { id })
                 .await
                 .map_err(status_error)?;
-            print_vps(v.get_ref());
+            show(v.get_ref());
         }
         VpsCmd::Wait {
             id,
@@ -1857,7 +1872,7 @@ async fn vps(
                 bail!("{state:?} is not a state; one of {}", names.join(", "));
             }
             let v = wait_for(c, &id, &want, Duration::from_secs(timeout_seconds)).await?;
-            print_vps(&v);
+            show(&v);
         }
     }
     Ok(())

@@ -600,7 +600,8 @@ fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiEr
     if !n.email.is_empty() && !n.email.contains('@') {
         return Err(ApiError::invalid("email", "must be an e-mail address"));
     }
-    get_institution(c, &n.institution_id).map_err(|_| {
+    // Named by id or by code.
+    let institution = institution_id_of(c, &n.institution_id).map_err(|_| {
         ApiError::invalid(
             "institution_id",
             format!("no institution {:?}", n.institution_id),
@@ -624,7 +625,7 @@ fn insert_user(c: &Connection, n: &NewUser, now_ms: i64) -> Result<String, ApiEr
         n.username,
         n.full_name,
         n.email,
-        n.institution_id,
+        institution,
         n.role.as_str(),
         now_ms
     ])?;
@@ -639,17 +640,17 @@ pub fn create_user(
 ) -> Result<User, ApiError> {
     let tx = c.savepoint()?;
     let id = insert_user(&tx, n, now_ms)?;
+    let u = get_user(&tx, &id)?;
     let result = format!("{} as {}", n.username, n.role.as_str());
     audit(
         &tx,
         actor,
-        &n.institution_id,
+        &u.institution_id,
         "user.create",
         &id,
         &result,
         now_ms,
     )?;
-    let u = get_user(&tx, &id)?;
     tx.commit()?;
     Ok(u)
 }

@@ -47,7 +47,13 @@ pub fn create(
                 "operators create a VPS for an institution: name it",
             ));
         }
-        n.institution_id.clone()
+        // Named by id or by code.
+        identity::institution_id_of(&db.conn, &n.institution_id).map_err(|_| {
+            ApiError::invalid(
+                "institution_id",
+                format!("no institution {:?}", n.institution_id),
+            )
+        })?
     } else {
         if !n.institution_id.is_empty() && n.institution_id != actor.institution_id {
             return Err(ApiError::NotFound {
