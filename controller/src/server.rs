@@ -114,6 +114,7 @@ pub async fn start(
         agents: agents.clone(),
         cfg: Arc::new(cfg.clone()),
         moves: move_wake.clone(),
+        rebooting: Arc::default(),
     };
     let mover = Arc::new(crate::moves::Mover::new(
         store.clone(),

@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 use betang_agent::{
     config::{AgentConfig, CapacityConfig, DomainTypeSetting, HypervisorSetting, NetworkConfig},
-    hypervisor::{Hypervisor, LibvirtHypervisor},
+    hypervisor::{Hypervisor, LibvirtHypervisor, SimulatedHypervisor},
     server::RunningAgent,
 };
 use betang_controller::{
@@ -102,6 +102,9 @@ pub struct TestHost {
     /// The same hypervisor when it is libvirt's test driver, for tests that
     /// look at what only libvirt shows (such as a running domain's id).
     pub libvirt: Option<Arc<LibvirtHypervisor>>,
+    /// The same hypervisor when it is the simulated one, for tests that make
+    /// a guest misbehave.
+    pub simulated: Option<Arc<SimulatedHypervisor>>,
     pub cfg: AgentConfig,
     pub agent: Option<RunningAgent>,
 }
@@ -420,19 +423,18 @@ impl Cluster {
                 zone: if i % 2 == 0 { "a".into() } else { "b".into() },
                 labels: [("rack".to_string(), format!("r{i}"))].into(),
             };
-            let libvirt = if opts.simulated {
-                None
+            let (hv, libvirt, simulated): (Arc<dyn Hypervisor>, _, _) = if opts.simulated {
+                let s = Arc::new(betang_agent::server::simulated_for(&cfg)?);
+                (s.clone(), None, Some(s))
             } else {
-                Some(Arc::new(LibvirtHypervisor::new(&uri)?))
-            };
-            let hv: Arc<dyn Hypervisor> = match &libvirt {
-                Some(l) => l.clone(),
-                None => Arc::new(betang_agent::server::simulated_for(&cfg)?),
+                let l = Arc::new(LibvirtHypervisor::new(&uri)?);
+                (l.clone(), Some(l), None)
             };
             cluster.hosts.push(TestHost {
                 host_id,
                 hv,
                 libvirt,
+                simulated,
                 cfg,
                 agent: None,
             });

@@ -30,6 +30,38 @@ pub struct Ctx {
     pub cfg: Arc<ControllerConfig>,
     /// Wakes the mover when a move is recorded.
     pub moves: Arc<Notify>,
+    /// VPS whose reboot an agent is carrying out now, shown as "rebooting".
+    pub rebooting: Arc<Rebooting>,
+}
+
+/// The VPS being rebooted: a reboot is one call to the agent, so this is
+/// kept in memory for as long as the call lasts.
+#[derive(Debug, Default)]
+pub struct Rebooting(std::sync::Mutex<std::collections::HashSet<crate::ids::VpsId>>);
+
+impl Rebooting {
+    /// Marks `id` until the returned guard is dropped (the call answered,
+    /// failed or was cancelled).
+    pub fn start(self: &Arc<Self>, id: crate::ids::VpsId) -> RebootMark {
+        self.lock().insert(id);
+        RebootMark(self.clone(), id)
+    }
+
+    pub fn contains(&self, id: &crate::ids::VpsId) -> bool {
+        self.lock().contains(id)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, std::collections::HashSet<crate::ids::VpsId>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+pub struct RebootMark(Arc<Rebooting>, crate::ids::VpsId);
+
+impl Drop for RebootMark {
+    fn drop(&mut self) {
+        self.0.lock().remove(&self.1);
+    }
 }
 
 impl Ctx {

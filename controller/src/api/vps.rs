@@ -65,8 +65,15 @@ impl VpsApi {
 
 /// A VPS whose host has gone silent is shown as UNKNOWN (its recorded state
 /// is kept, and shown again when the host returns).
-fn present(v: &vps::VpsRecord, down_hosts: &std::collections::HashSet<String>) -> Vps {
+fn present(
+    v: &vps::VpsRecord,
+    down_hosts: &std::collections::HashSet<String>,
+    rebooting: &super::Rebooting,
+) -> Vps {
     let mut p = v.to_proto();
+    if v.state == VpsState::Running && rebooting.contains(&v.id) {
+        p.power_change = "rebooting".into();
+    }
     let on_down_host = v
         .host_id
         .as_ref()
@@ -181,9 +188,11 @@ impl VpsService for VpsApi {
             .ctx
             .store
             .run(move |c| {
-                if let Some(id) = &institution {
-                    identity::get_institution(c, id)?;
-                }
+                // By id or by code (operators; a member's is their own id).
+                let institution = match &institution {
+                    Some(id) => Some(identity::institution_id_of(c, id)?),
+                    None => None,
+                };
                 history::report(c, from, to, institution.as_deref(), now)
             })
             .await?;
@@ -218,7 +227,7 @@ impl VpsService for VpsApi {
                 Ok((v, hosts::down_hosts(c, now, down)?, points))
             })
             .await?;
-        let mut p = present(&v, &down);
+        let mut p = present(&v, &down, &self.ctx.rebooting);
         p.history = points;
         Ok(Response::new(p))
     }
@@ -250,6 +259,14 @@ impl VpsService for VpsApi {
             .ctx
             .store
             .run(move |c| {
+                let mut filter = filter;
+                // By id or by code; a name that is neither just lists nothing.
+                if let Some(id) = (!filter.institution_id.is_empty())
+                    .then(|| identity::institution_id_of(c, &filter.institution_id).ok())
+                    .flatten()
+                {
+                    filter.institution_id = id;
+                }
                 Ok((
                     vps::list(c, &scope, &filter)?,
                     hosts::down_hosts(c, now, down)?,
@@ -263,7 +280,10 @@ impl VpsService for VpsApi {
             String::new()
         };
         Ok(Response::new(ListVpsResponse {
-            vps: rows.iter().map(|v| present(v, &down)).collect(),
+            vps: rows
+                .iter()
+                .map(|v| present(v, &down, &self.ctx.rebooting))
+                .collect(),
             next_page_token: next,
         }))
     }
@@ -350,6 +370,7 @@ impl VpsService for VpsApi {
             force: r.force,
         });
         call.set_timeout(self.ctx.agent_timeout());
+        let _mark = self.ctx.rebooting.start(v.id);
         client.reboot_vm(call).await.map_err(|s| ApiError::Agent {
             host: host.to_string(),
             message: s.message().to_owned(),
