@@ -58,8 +58,13 @@ pub struct AgentConfig {
     #[serde(default)]
     pub tls: Option<crate::tls::TlsConfig>,
     /// Where Prometheus scrapes `GET /metrics`; no endpoint when absent.
+    /// Off loopback it needs `metrics_token_file`: the figures name VPS and
+    /// institutions.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token `/metrics` asks for; none when absent.
+    #[serde(default)]
+    pub metrics_token_file: Option<std::path::PathBuf>,
     /// How often the background collector reads every VM's counters.
     #[serde(default = "default_stats_interval_ms")]
     pub stats_interval_ms: u64,
@@ -185,6 +190,31 @@ impl AgentConfig {
             self.heartbeat_interval_ms >= 100,
             "heartbeat_interval_ms: must be at least 100"
         );
+        anyhow::ensure!(
+            self.listen.ip().is_loopback() || self.tls.is_some(),
+            "listen: {} can be reached from other machines without [tls], so anyone could \
+             drive the guests: set up [tls] (betangctl pki issue), or keep listen on 127.0.0.1",
+            self.listen
+        );
+        if self.tls.is_some() {
+            for (field, url) in [
+                ("controller_endpoint", Some(&self.controller_endpoint)),
+                ("advertise_endpoint", self.advertise_endpoint.as_ref()),
+            ] {
+                if let Some(u) = url {
+                    anyhow::ensure!(
+                        u.starts_with("https://"),
+                        "{field}: {u:?} must be https:// under [tls]: over http:// user-data, \
+                         SSH keys and disks would travel in clear"
+                    );
+                }
+            }
+        }
+        betang_exposition::check_listen(
+            "metrics_listen",
+            self.metrics_listen,
+            self.metrics_token_file.is_some(),
+        )?;
         Ok(())
     }
 
@@ -228,6 +258,33 @@ vm_dir = "/var/lib/betang/vms"
         assert_eq!(c.heartbeat_interval_ms, 2000);
         assert_eq!(c.network, NetworkConfig::None);
         assert_eq!(c.advertised(), "http://127.0.0.1:7100");
+    }
+
+    #[test]
+    fn no_secret_travels_in_clear() {
+        let tls = "[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n";
+        let refused = |text: &str, field: &str| {
+            let e = AgentConfig::from_toml(text).unwrap_err().to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+        };
+        // Anyone who reaches the port could drive the guests.
+        refused(&format!("{MINIMAL}listen = \"0.0.0.0:7100\"\n"), "listen");
+        // Mutual TLS set up, but the controller spoken to in clear.
+        refused(&format!("{MINIMAL}{tls}"), "controller_endpoint");
+        let https = MINIMAL.replace("http://", "https://");
+        refused(
+            &format!("{https}advertise_endpoint = \"http://10.0.0.5:7100\"\n{tls}"),
+            "advertise_endpoint",
+        );
+        refused(
+            &format!("{MINIMAL}metrics_listen = \"0.0.0.0:9478\"\n"),
+            "metrics_listen",
+        );
+        AgentConfig::from_toml(&format!(
+            "{https}listen = \"0.0.0.0:7100\"\nadvertise_endpoint = \"https://10.0.0.5:7100\"\n\
+             metrics_listen = \"0.0.0.0:9478\"\nmetrics_token_file = \"/etc/betang/m.token\"\n{tls}"
+        ))
+        .unwrap();
     }
 
     #[test]

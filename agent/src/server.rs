@@ -150,9 +150,12 @@ pub async fn start_with(
     health_reporter
         .set_serving::<AgentServiceServer<AgentApi>>()
         .await;
+    // Reflection lists only what this port serves.
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(betang_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .with_service_name("grpc.health.v1.Health")
+        .with_service_name(<AgentServiceServer<AgentApi> as tonic::server::NamedService>::NAME)
         .build_v1()?;
     let api = AgentApi {
         vms: vms.clone(),
@@ -196,8 +199,13 @@ pub async fn start_with(
             watchdog: watchdog.clone(),
         });
         info!(addr = %listener.local_addr()?, "serving /metrics");
+        let token = cfg
+            .metrics_token_file
+            .as_deref()
+            .map(betang_exposition::read_token)
+            .transpose()?;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, registry).await {
+            if let Err(e) = metrics::serve(listener, registry, token).await {
                 warn!(error = %e, "metrics endpoint stopped");
             }
         }));

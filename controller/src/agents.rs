@@ -37,6 +37,10 @@ impl AgentClients {
             host: host.to_string(),
             message: format!("endpoint {endpoint:?}: {e}"),
         };
+        // tonic speaks plaintext to an http:// endpoint whatever TLS is set.
+        if self.tls.is_some() && !endpoint.starts_with("https://") {
+            return Err(bad("must be https:// under mutual TLS".into()));
+        }
         let mut ep = Endpoint::from_shared(endpoint.to_owned())
             .map_err(|e| bad(e.to_string()))?
             .connect_timeout(Duration::from_secs(5))

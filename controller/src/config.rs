@@ -51,8 +51,14 @@ pub struct ControllerConfig {
     #[serde(default = "default_usage_interval_ms")]
     pub usage_interval_ms: u64,
     /// Where Prometheus scrapes `GET /metrics`; no endpoint when absent.
+    /// Off loopback it needs `metrics_token_file`: the figures name VPS and
+    /// institutions.
     #[serde(default)]
     pub metrics_listen: Option<SocketAddr>,
+    /// A file holding the bearer token `/metrics` asks for (Prometheus:
+    /// `authorization: { credentials_file: … }`); no token asked when absent.
+    #[serde(default)]
+    pub metrics_token_file: Option<PathBuf>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -123,6 +129,25 @@ impl ControllerConfig {
             self.host_down_after_ms > u64::from(self.heartbeat_interval_ms),
             "host_down_after_ms: must be longer than heartbeat_interval_ms"
         );
+        anyhow::ensure!(
+            self.listen.ip().is_loopback() || self.tls.as_ref().is_some_and(|t| t.user_api),
+            "listen: {} can be reached from other machines, and bearer tokens would cross \
+             the network in clear: set user_api = true in [tls], or keep listen on 127.0.0.1 \
+             behind a proxy that terminates TLS",
+            self.listen
+        );
+        anyhow::ensure!(
+            self.agent_listen.ip().is_loopback() || self.tls.is_some(),
+            "agent_listen: {} can be reached from other machines without [tls], so anyone \
+             could register a host: set up [tls] (betangctl pki init), or keep agent_listen \
+             on 127.0.0.1",
+            self.agent_listen
+        );
+        betang_exposition::check_listen(
+            "metrics_listen",
+            self.metrics_listen,
+            self.metrics_token_file.is_some(),
+        )?;
         Ok(())
     }
 
@@ -143,6 +168,7 @@ impl ControllerConfig {
             move_give_up_seconds: default_move_give_up_s(),
             usage_interval_ms: default_usage_interval_ms(),
             metrics_listen: None,
+            metrics_token_file: None,
         }
     }
 }
@@ -168,5 +194,35 @@ mod tests {
         let e =
             ControllerConfig::from_toml("data_dir = \"/x\"\n[overcommit]\ncpu = -1\n").unwrap_err();
         assert!(e.to_string().starts_with("overcommit.cpu:"), "{e}");
+    }
+
+    #[test]
+    fn no_listener_takes_a_secret_in_clear_from_another_machine() {
+        let tls = "[tls]\nca = \"/c\"\ncert = \"/c\"\nkey = \"/k\"\n";
+        let refused = |text: &str, field: &str| {
+            let e = ControllerConfig::from_toml(&format!("data_dir = \"/x\"\n{text}"))
+                .unwrap_err()
+                .to_string();
+            assert!(e.starts_with(&format!("{field}: ")), "{e}");
+            assert!(
+                e.contains("127.0.0.1"),
+                "the message says how to fix it: {e}"
+            );
+        };
+        refused("listen = \"0.0.0.0:7000\"\n", "listen");
+        // Agents under mutual TLS, but users' tokens still in clear.
+        refused(&format!("listen = \"10.0.0.5:7000\"\n{tls}"), "listen");
+        refused("agent_listen = \"0.0.0.0:7001\"\n", "agent_listen");
+        refused("metrics_listen = \"0.0.0.0:9479\"\n", "metrics_listen");
+        let ok = |text: &str| {
+            ControllerConfig::from_toml(&format!("data_dir = \"/x\"\n{text}")).unwrap();
+        };
+        ok(&format!(
+            "listen = \"0.0.0.0:7000\"\nagent_listen = \"0.0.0.0:7001\"\n{tls}user_api = true\n"
+        ));
+        ok(
+            "metrics_listen = \"0.0.0.0:9479\"\nmetrics_token_file = \"/etc/betang/metrics.token\"\n",
+        );
+        ok("listen = \"[::1]:7000\"\n");
     }
 }

@@ -9,7 +9,7 @@ use betang_proto::v1::{
     vps_service_server::VpsServiceServer,
 };
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
-use tonic::transport::Server;
+use tonic::{server::NamedService, transport::Server};
 use tracing::{info, warn};
 
 use crate::{
@@ -62,7 +62,11 @@ impl Drop for RunningController {
     }
 }
 
-fn health_and_reflection() -> anyhow::Result<(
+/// Health checks and reflection for one port; reflection lists only the
+/// `services` that port serves (and health).
+fn health_and_reflection(
+    services: &[&str],
+) -> anyhow::Result<(
     tonic_health::server::HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     tonic_reflection::server::v1::ServerReflectionServer<
@@ -70,11 +74,14 @@ fn health_and_reflection() -> anyhow::Result<(
     >,
 )> {
     let (reporter, health) = tonic_health::server::health_reporter();
-    let reflection = tonic_reflection::server::Builder::configure()
+    let mut reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(betang_proto::v1::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok((reporter, health, reflection))
+        .with_service_name("grpc.health.v1.Health");
+    for s in services {
+        reflection = reflection.with_service_name(*s);
+    }
+    Ok((reporter, health, reflection.build_v1()?))
 }
 
 /// Opens the store in `cfg.data_dir` (creating it) without serving anything;
@@ -141,7 +148,12 @@ pub async fn start(
         cfg.placement,
         cfg.host_down_after_ms as i64,
     ));
-    let (reporter, health, reflection) = health_and_reflection()?;
+    let (reporter, health, reflection) = health_and_reflection(&[
+        <VpsServiceServer<VpsApi> as NamedService>::NAME,
+        <HostServiceServer<HostApi> as NamedService>::NAME,
+        <IdentityServiceServer<IdentityApi> as NamedService>::NAME,
+        <AuditServiceServer<AuditApi> as NamedService>::NAME,
+    ])?;
     reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
     let mut user = Server::builder();
     if let Some(t) = tls.as_ref().filter(|t| t.user_api) {
@@ -159,7 +171,8 @@ pub async fn start(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         );
 
-    let (agent_reporter, agent_health, agent_reflection) = health_and_reflection()?;
+    let (agent_reporter, agent_health, agent_reflection) =
+        health_and_reflection(&[<RegistryServiceServer<RegistryApi> as NamedService>::NAME])?;
     agent_reporter
         .set_serving::<RegistryServiceServer<RegistryApi>>()
         .await;
@@ -189,8 +202,13 @@ pub async fn start(
             let m = metrics.clone();
             Box::pin(async move { m.render().await })
         });
+        let token = cfg
+            .metrics_token_file
+            .as_deref()
+            .map(betang_exposition::read_token)
+            .transpose()?;
         tasks.push(tokio::spawn(async move {
-            if let Err(e) = betang_exposition::serve(listener, render).await {
+            if let Err(e) = betang_exposition::serve(listener, render, token).await {
                 warn!(error = %e, "metrics endpoint stopped");
             }
         }));

@@ -139,13 +139,74 @@ fn wants_openmetrics(headers: &HeaderMap) -> bool {
 pub type Render =
     Arc<dyn Fn() -> std::pin::Pin<Box<dyn Future<Output = String> + Send>> + Send + Sync>;
 
-/// Serves `GET /metrics` until the task is dropped.
-pub async fn serve(listener: TcpListener, render: Render) -> std::io::Result<()> {
+/// Refuses a `/metrics` address other machines can reach unless it asks for
+/// a token: the figures name VPS and institutions.
+pub fn check_listen(field: &str, addr: Option<SocketAddr>, token: bool) -> anyhow::Result<()> {
+    match addr {
+        Some(a) if !a.ip().is_loopback() && !token => anyhow::bail!(
+            "{field}: {a} can be reached from other machines, and its figures name VPS and \
+             institutions: set metrics_token_file (Prometheus sends it with \
+             authorization.credentials_file), or keep {field} on 127.0.0.1"
+        ),
+        _ => Ok(()),
+    }
+}
+
+/// The token `/metrics` asks for, read from `path` (surrounding whitespace
+/// dropped; an empty file is refused).
+pub fn read_token(path: &std::path::Path) -> anyhow::Result<Arc<str>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| anyhow::anyhow!("metrics_token_file: {}: {e}", path.display()))?;
+    let token = text.trim();
+    anyhow::ensure!(
+        token.len() >= 16,
+        "metrics_token_file: {} must hold a token of at least 16 characters",
+        path.display()
+    );
+    Ok(Arc::from(token))
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in
+/// constant time.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+/// Serves `GET /metrics` until the task is dropped; with a `token`, only to
+/// requests that carry it.
+pub async fn serve(
+    listener: TcpListener,
+    render: Render,
+    token: Option<Arc<str>>,
+) -> std::io::Result<()> {
     let app = Router::new().route(
         "/metrics",
         get(move |headers: HeaderMap| {
             let render = render.clone();
+            let token = token.clone();
             async move {
+                if let Some(t) = token
+                    && !authorized(&headers, &t)
+                {
+                    return (
+                        axum::http::StatusCode::UNAUTHORIZED,
+                        [(header::WWW_AUTHENTICATE, "Bearer")],
+                        "a bearer token is needed\n",
+                    )
+                        .into_response();
+                }
                 let body = render().await;
                 if wants_openmetrics(&headers) {
                     ([(header::CONTENT_TYPE, OPENMETRICS)], body).into_response()
@@ -181,6 +242,41 @@ mod tests {
             "# HELP a_seconds_total CPU.\n# TYPE a_seconds_total counter\n\
              a_seconds_total{x=\"1\"} 2.0\n# HELP b_bytes Memory.\n# TYPE b_bytes gauge\nb_bytes 3\n"
         );
+    }
+
+    #[test]
+    fn metrics_off_loopback_need_a_token() {
+        let lo: SocketAddr = "127.0.0.1:9478".parse().unwrap();
+        let all: SocketAddr = "0.0.0.0:9478".parse().unwrap();
+        assert!(check_listen("metrics_listen", Some(lo), false).is_ok());
+        assert!(check_listen("metrics_listen", None, false).is_ok());
+        assert!(check_listen("metrics_listen", Some(all), true).is_ok());
+        let e = check_listen("metrics_listen", Some(all), false).unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("metrics_listen: 0.0.0.0:9478 can be reached")
+        );
+    }
+
+    #[test]
+    fn only_the_right_bearer_token_passes() {
+        let mut h = HeaderMap::new();
+        assert!(!authorized(&h, "s3cret-token-0123"));
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer s3cret-token-0124".parse().unwrap(),
+        );
+        assert!(!authorized(&h, "s3cret-token-0123"));
+        h.insert(
+            header::AUTHORIZATION,
+            "Bearer s3cret-token-0123".parse().unwrap(),
+        );
+        assert!(authorized(&h, "s3cret-token-0123"));
+        h.insert(
+            header::AUTHORIZATION,
+            "Basic s3cret-token-0123".parse().unwrap(),
+        );
+        assert!(!authorized(&h, "s3cret-token-0123"));
     }
 
     #[test]

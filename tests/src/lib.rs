@@ -397,6 +397,7 @@ impl Cluster {
             let uri = format!("test://{}", node.display());
             let cfg = AgentConfig {
                 metrics_listen: Some("127.0.0.1:0".parse()?),
+                metrics_token_file: None,
                 stats_interval_ms: opts.heartbeat_ms,
                 guest_unresponsive_after_ms: 5000,
                 libvirt_unresponsive_after_ms: 5000,
@@ -659,9 +660,22 @@ pub fn workspace_root() -> PathBuf {
 /// `GET path` over plain HTTP/1.0 on loopback; the body, or an error naming
 /// the status when it is not 200.
 pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> anyhow::Result<String> {
+    http_get_with(addr, path, None).await
+}
+
+/// `GET path`, with `Authorization: Bearer <token>` when a token is given;
+/// the body of a 200, or an error naming the status.
+pub async fn http_get_with(
+    addr: std::net::SocketAddr,
+    path: &str,
+    token: Option<&str>,
+) -> anyhow::Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n{auth}\r\n").as_bytes())
         .await?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).await?;

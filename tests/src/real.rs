@@ -139,6 +139,7 @@ impl RealHost {
         let people = make_people(&endpoint, &admin, &prefix, quota).await?;
         let agent_cfg = AgentConfig {
             metrics_listen: Some("127.0.0.1:0".parse()?),
+            metrics_token_file: None,
             stats_interval_ms: 1000,
             guest_unresponsive_after_ms: 3_000,
             libvirt_unresponsive_after_ms: 3_000,

@@ -286,3 +286,34 @@ async fn operators_see_who_asks_and_what_is_under_way() -> anyhow::Result<()> {
     assert!(e.message().starts_with("quota:"), "{}", e.message());
     Ok(())
 }
+
+/// `betangctl … | head` ends quietly: no panic about a broken pipe when the
+/// reader has gone before it prints.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_pipe_ends_betangctl_quietly() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let bin = betang_tests::chaos::default_bin_dir()?.join("betangctl");
+    let err = cluster.dir.path().join("stderr");
+    // `true` has exited long before betangctl has its answer to print.
+    let out = tokio::process::Command::new("bash")
+        .arg("-c")
+        .arg("\"$BIN\" whoami 2>\"$ERR\" | true; echo ${PIPESTATUS[0]}")
+        .env("BIN", &bin)
+        .env("ERR", &err)
+        .env("BETANG_ENDPOINT", &cluster.endpoint)
+        .env("BETANG_TOKEN", &cluster.people.operator)
+        .env("BETANG_CONFIG", cluster.dir.path().join("none.toml"))
+        .env("HOME", cluster.dir.path())
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .await?;
+    let status = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert_eq!(
+        std::fs::read_to_string(&err)?,
+        "",
+        "nothing on standard error"
+    );
+    // Ended by SIGPIPE (128 + 13), as `cat` or `grep` would be.
+    assert_eq!(status, "141");
+    Ok(())
+}

@@ -570,9 +570,17 @@ async fn health_and_reflection_answer_on_controller_and_agent() -> anyhow::Resul
     let user_channel = tonic::transport::Endpoint::from_shared(cluster.endpoint.clone())?
         .connect()
         .await?;
-    for (ch, service) in [
-        (user_channel, "betang.v1.VpsService"),
-        (agent_channel, "betang.v1.AgentService"),
+    for (ch, service, not_here) in [
+        (
+            user_channel,
+            "betang.v1.VpsService",
+            ["betang.v1.AgentService", "betang.v1.RegistryService"],
+        ),
+        (
+            agent_channel,
+            "betang.v1.AgentService",
+            ["betang.v1.VpsService", "betang.v1.RegistryService"],
+        ),
     ] {
         let status = HealthClient::new(ch.clone())
             .check(HealthCheckRequest {
@@ -600,6 +608,10 @@ async fn health_and_reflection_answer_on_controller_and_agent() -> anyhow::Resul
             names.iter().any(|n| n == "grpc.health.v1.Health"),
             "{names:?}"
         );
+        // Only what this port serves.
+        for other in not_here {
+            assert!(!names.iter().any(|n| n == other), "{other} in {names:?}");
+        }
     }
     Ok(())
 }

@@ -9,7 +9,7 @@ use betang_agent::{
     hypervisor::{Hypervisor, NodeFacts, SimulatedHypervisor},
     names,
 };
-use betang_tests::{eventually, http_get, promtool_check_metrics, sample};
+use betang_tests::{eventually, http_get, http_get_with, promtool_check_metrics, sample};
 
 const SCRAPE_DEADLINE: Duration = Duration::from_millis(500);
 
@@ -47,6 +47,7 @@ async fn agent_on(
     std::fs::create_dir_all(&images)?;
     let cfg = AgentConfig {
         metrics_listen: Some("127.0.0.1:0".parse()?),
+        metrics_token_file: None,
         stats_interval_ms: 100,
         guest_unresponsive_after_ms: 300,
         libvirt_unresponsive_after_ms: 1_000,
@@ -442,4 +443,41 @@ fn shipped_prometheus_files_pass_promtool() -> anyhow::Result<()> {
     promtool(&["check", "rules", "betang-rules.yml"])?;
     // The alert rules' own unit tests: each alert fires on what should raise it.
     promtool(&["test", "rules", "betang-rules.test.yml"])
+}
+
+/// With `metrics_token_file`, `/metrics` answers only a scrape that carries
+/// the token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_with_a_token_answer_only_with_it() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hv = Arc::new(SimulatedHypervisor::new(NodeFacts {
+        cpus: 4,
+        memory_kib: 8 << 20,
+    }));
+    let token_file = dir.path().join("metrics.token");
+    std::fs::write(&token_file, "scrape-token-0123456789\n")?;
+    let images = dir.path().join("images");
+    std::fs::create_dir_all(&images)?;
+    let mut cfg = AgentConfig::from_toml(&format!(
+        "host_id = \"metrics-token\"\ncontroller_endpoint = \"http://127.0.0.1:9\"\n\
+         hypervisor = \"simulated\"\ndomain_type = \"qemu\"\nimage_dir = \"{}\"\n\
+         vm_dir = \"{}\"\nmetrics_listen = \"127.0.0.1:0\"\nmetrics_token_file = \"{}\"\n\
+         [capacity]\nvcpus = 4\nmemory_mib = 8192\ndisk_gib = 100\n",
+        images.display(),
+        dir.path().join("vms").display(),
+        token_file.display()
+    ))?;
+    cfg.heartbeat_interval_ms = 60_000;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let agent = betang_agent::server::start_with(cfg, listener, hv).await?;
+    let addr = agent.metrics_addr.expect("metrics_listen was set");
+    let e = http_get(addr, "/metrics").await.unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    let e = http_get_with(addr, "/metrics", Some("scrape-token-0123456780"))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("401"), "{e}");
+    let body = http_get_with(addr, "/metrics", Some("scrape-token-0123456789")).await?;
+    assert!(body.contains("betang_agent_domains"), "{body}");
+    Ok(())
 }

@@ -57,6 +57,20 @@ async fn an_agent_may_speak_only_for_the_host_its_certificate_names() -> anyhow:
             agent_endpoint: "https://127.0.0.1:1".into(),
         })
         .await?;
+    // An endpoint the controller would speak to in clear: refused.
+    let err = registry
+        .register_host(RegisterHostRequest {
+            info: Some(info("host-honest")),
+            agent_endpoint: "http://127.0.0.1:1".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message().starts_with("agent_endpoint: ") && err.message().contains("https://"),
+        "{}",
+        err.message()
+    );
     // Another host's id, with a valid certificate of the same CA: refused.
     let err = registry
         .register_host(RegisterHostRequest {
@@ -201,6 +215,7 @@ async fn an_agent_with_a_wrong_certificate_never_registers() -> anyhow::Result<(
     make_image_dir(&image_dir, "64M")?;
     let cfg = AgentConfig {
         metrics_listen: None,
+        metrics_token_file: None,
         stats_interval_ms: 1000,
         guest_unresponsive_after_ms: 10_000,
         libvirt_unresponsive_after_ms: 5_000,

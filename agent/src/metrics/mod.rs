@@ -18,7 +18,11 @@ pub fn registry_for(metrics: AgentMetrics) -> Registry {
 }
 
 /// Serves the agent's `/metrics` on `listener` until the task is dropped.
-pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std::io::Result<()> {
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    registry: Registry,
+    token: Option<Arc<str>>,
+) -> std::io::Result<()> {
     let registry = Arc::new(registry);
     betang_exposition::serve(
         listener,
@@ -26,6 +30,7 @@ pub async fn serve(listener: tokio::net::TcpListener, registry: Registry) -> std
             let text = betang_exposition::openmetrics(&registry);
             Box::pin(async move { text })
         }),
+        token,
     )
     .await
 }

@@ -34,18 +34,25 @@ impl RegistryApi {
     }
 }
 
-fn check_endpoint(e: &str) -> Result<(), ApiError> {
+/// An agent's endpoint: a URL, and `https://` under mutual TLS, since the
+/// controller would otherwise send user-data, keys and disks to it in clear.
+fn check_endpoint(e: &str, mutual_tls: bool) -> Result<(), ApiError> {
     let ok = (e.starts_with("http://") || e.starts_with("https://"))
         && e.len() <= 255
         && e.parse::<tonic::transport::Uri>().is_ok();
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::invalid(
+    if !ok {
+        return Err(ApiError::invalid(
             "agent_endpoint",
             "must be an http:// or https:// URL",
-        ))
+        ));
     }
+    if mutual_tls && !e.starts_with("https://") {
+        return Err(ApiError::invalid(
+            "agent_endpoint",
+            format!("{e:?} must be https:// under mutual TLS"),
+        ));
+    }
+    Ok(())
 }
 
 #[tonic::async_trait]
@@ -63,7 +70,7 @@ impl RegistryService for RegistryApi {
         let host = HostId::parse(&info.host_id)?;
         tracing::Span::current().record("host_id", info.host_id.as_str());
         self.check_peer(&host, &peer)?;
-        check_endpoint(&r.agent_endpoint)?;
+        check_endpoint(&r.agent_endpoint, self.mutual_tls)?;
         for img in &info.images {
             crate::validation::image(&img.name)?;
         }

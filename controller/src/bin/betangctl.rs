@@ -616,6 +616,18 @@ async fn connect_to(
     })
 }
 
+/// `betangctl vps get ID | head` ends quietly when `head` has read enough,
+/// as other command-line tools do: Rust ignores SIGPIPE, and printing to the
+/// closed pipe would panic.
+#[allow(unsafe_code)]
+fn quiet_on_closed_pipe() {
+    // SAFETY: restores the default disposition of one signal, before any
+    // other thread exists; nothing else in the process handles SIGPIPE.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 fn ms_to_text(ms: i64) -> String {
     if ms == 0 {
         return "-".into();
@@ -1076,6 +1088,7 @@ fn read_optional(p: &Option<PathBuf>) -> anyhow::Result<String> {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
+    quiet_on_closed_pipe();
     let cli = Cli::parse();
     match &cli.cmd {
         Cmd::Pki(cmd) => return pki(cmd),

@@ -116,6 +116,7 @@ async fn start_agent(
     let vcpus = [16u32, 32, 64][i % 3];
     let cfg = AgentConfig {
         metrics_listen: None,
+        metrics_token_file: None,
         stats_interval_ms: 5000,
         guest_unresponsive_after_ms: 10_000,
         libvirt_unresponsive_after_ms: 5_000,
