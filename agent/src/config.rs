@@ -236,6 +236,10 @@ pub fn check_host_id(id: &str) -> anyhow::Result<()> {
         ok,
         "host_id: {id:?} must be 1 to 63 characters of a-z, 0-9 and '-', not starting with '-'"
     );
+    anyhow::ensure!(
+        id != crate::tls::CONTROLLER_NAME,
+        "host_id: {id:?} is the controller's own name, which no host may take"
+    );
     Ok(())
 }
 
@@ -297,6 +301,9 @@ vm_dir = "/var/lib/betang/vms"
     fn bad_host_id_and_bridge_are_refused() {
         let e = AgentConfig::from_toml(&MINIMAL.replace("host-1", "../host")).unwrap_err();
         assert!(e.to_string().starts_with("host_id:"), "{e}");
+        let e =
+            AgentConfig::from_toml(&MINIMAL.replace("host-1", "betang-controller")).unwrap_err();
+        assert!(e.to_string().contains("the controller's own name"), "{e}");
         let e = AgentConfig::from_toml(&format!(
             "{MINIMAL}\n[network]\nmode = \"bridge\"\nsource = \"br0;rm\"\n"
         ))

@@ -7,8 +7,7 @@ use serde::Deserialize;
 use std::path::PathBuf;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-/// The name in the controller's certificate.
-pub const CONTROLLER_NAME: &str = "betang-controller";
+pub use betang_proto::v1::CONTROLLER_NAME;
 
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]

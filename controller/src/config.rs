@@ -50,6 +50,10 @@ pub struct ControllerConfig {
     /// 10,000 row writes a second.
     #[serde(default = "default_usage_interval_ms")]
     pub usage_interval_ms: u64,
+    /// How many requests an institution may have waiting for approval; a
+    /// member's next one is refused until one is decided or cancelled.
+    #[serde(default = "default_max_pending")]
+    pub max_pending_requests: u32,
     /// Where Prometheus scrapes `GET /metrics`; no endpoint when absent.
     /// Off loopback it needs `metrics_token_file`: the figures name VPS and
     /// institutions.
@@ -80,6 +84,9 @@ pub struct TlsConfig {
     /// authenticate with tokens).
     #[serde(default)]
     pub user_api: bool,
+}
+fn default_max_pending() -> u32 {
+    20
 }
 fn default_down_after_ms() -> u64 {
     10_000
@@ -126,6 +133,10 @@ impl ControllerConfig {
             "move_stall_seconds: must be more than 0 and at most move_give_up_seconds"
         );
         anyhow::ensure!(
+            (1..=10_000).contains(&self.max_pending_requests),
+            "max_pending_requests: must be between 1 and 10000"
+        );
+        anyhow::ensure!(
             self.host_down_after_ms > u64::from(self.heartbeat_interval_ms),
             "host_down_after_ms: must be longer than heartbeat_interval_ms"
         );
@@ -169,6 +180,7 @@ impl ControllerConfig {
             usage_interval_ms: default_usage_interval_ms(),
             metrics_listen: None,
             metrics_token_file: None,
+            max_pending_requests: default_max_pending(),
         }
     }
 }

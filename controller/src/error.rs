@@ -22,6 +22,12 @@ pub enum ApiError {
     },
     #[error("agent on host {host}: {message}")]
     Agent { host: String, message: String },
+    /// An institution's requests waiting for approval are capped.
+    #[error(
+        "institution {institution} already has {limit} requests waiting for approval, the most it \
+         may have; cancel one or wait for a decision"
+    )]
+    TooManyPending { institution: String, limit: u32 },
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -99,7 +105,9 @@ impl From<ApiError> for tonic::Status {
             ApiError::PermissionDenied(_) => tonic::Status::permission_denied(msg),
             ApiError::QuotaExceeded(_) => tonic::Status::resource_exhausted(msg),
             ApiError::AlreadyExists(_) => tonic::Status::already_exists(msg),
-            ApiError::NoHostFits(_) => tonic::Status::resource_exhausted(msg),
+            ApiError::NoHostFits(_) | ApiError::TooManyPending { .. } => {
+                tonic::Status::resource_exhausted(msg)
+            }
             ApiError::WrongState { .. } => tonic::Status::failed_precondition(msg),
             ApiError::Agent { .. } => tonic::Status::unavailable(msg),
             ApiError::Store(_) => {

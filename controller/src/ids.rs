@@ -46,14 +46,19 @@ impl HostId {
             && s.chars()
                 .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
             && !s.starts_with('-');
-        if ok {
-            Ok(HostId(s.to_owned()))
-        } else {
-            Err(ApiError::invalid(
+        if !ok {
+            return Err(ApiError::invalid(
                 "host_id",
                 "must be 1 to 63 characters of a-z, 0-9 and '-', not starting with '-'",
-            ))
+            ));
         }
+        if s == betang_proto::v1::CONTROLLER_NAME {
+            return Err(ApiError::invalid(
+                "host_id",
+                format!("{s:?} is the controller's own name, which no host may take"),
+            ));
+        }
+        Ok(HostId(s.to_owned()))
     }
 
     pub fn as_str(&self) -> &str {
@@ -92,7 +97,7 @@ mod tests {
     #[test]
     fn host_ids() {
         assert!(HostId::parse("host-1").is_ok());
-        for bad in ["", "-a", "Host", "a/b", "a b", "ü"] {
+        for bad in ["", "-a", "Host", "a/b", "a b", "ü", "betang-controller"] {
             assert!(HostId::parse(bad).is_err(), "{bad}");
         }
     }

@@ -13,8 +13,7 @@ use rcgen::{
     KeyUsagePurpose, SanType,
 };
 
-/// The name in the controller's certificate; agents accept calls only from it.
-pub const CONTROLLER_NAME: &str = "betang-controller";
+pub use betang_proto::v1::CONTROLLER_NAME;
 const CA_DAYS: u64 = 3650;
 const LEAF_DAYS: u64 = 397;
 

@@ -12,4 +12,8 @@ pub mod v1 {
     /// would not use (it does not match what the VPS was built on): the
     /// controller then runs no cleanup, which would remove that disk.
     pub const DISK_KEPT_METADATA: &str = "betang-disk-kept";
+
+    /// The name in the controller's certificate; agents accept calls only
+    /// from it, so no host may take it as its id.
+    pub const CONTROLLER_NAME: &str = "betang-controller";
 }

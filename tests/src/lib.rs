@@ -352,6 +352,8 @@ impl Cluster {
         controller_cfg.heartbeat_interval_ms = opts.heartbeat_ms as u32;
         controller_cfg.reconcile_interval_ms = 200;
         controller_cfg.usage_interval_ms = 0;
+        // Some tests queue hundreds of requests from one institution.
+        controller_cfg.max_pending_requests = 1000;
         controller_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

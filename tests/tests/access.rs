@@ -739,3 +739,40 @@ async fn disabled_users_and_institutions_are_shut_out_until_enabled() -> anyhow:
     assert_eq!(actions, ["user.disable", "user.enable"]);
     Ok(())
 }
+
+/// User-data (up to 64 KiB, and often holding secrets) comes back only from
+/// GetVps, never in a list.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lists_never_carry_user_data() -> anyhow::Result<()> {
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let mut spec = cluster.spec("data");
+    spec.user_data = "#cloud-config\nchpasswd: {list: 'root:s3cret'}\n".into();
+    let v = op
+        .vps
+        .clone()
+        .create_vps(cluster.create(spec.clone()))
+        .await?
+        .into_inner();
+    let listed = op
+        .vps
+        .clone()
+        .list_vps(ListVpsRequest::default())
+        .await?
+        .into_inner()
+        .vps;
+    let mine = listed.iter().find(|l| l.id == v.id).expect("listed");
+    assert_eq!(mine.spec.as_ref().unwrap().user_data, "");
+    assert_eq!(mine.spec.as_ref().unwrap().name, spec.name);
+    let got = op
+        .vps
+        .clone()
+        .get_vps(GetVpsRequest {
+            id: v.id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_eq!(got.spec.unwrap().user_data, spec.user_data);
+    Ok(())
+}

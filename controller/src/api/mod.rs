@@ -75,6 +75,7 @@ impl Ctx {
             ratios: self.cfg.overcommit,
             policy: self.cfg.placement,
             down_after_ms: self.down_after_ms(),
+            max_pending: self.cfg.max_pending_requests,
         }
     }
 

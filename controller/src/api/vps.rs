@@ -280,9 +280,17 @@ impl VpsService for VpsApi {
             String::new()
         };
         Ok(Response::new(ListVpsResponse {
+            // User-data can be 64 KiB each and may hold secrets: only
+            // GetVps returns it.
             vps: rows
                 .iter()
-                .map(|v| present(v, &down, &self.ctx.rebooting))
+                .map(|v| {
+                    let mut p = present(v, &down, &self.ctx.rebooting);
+                    if let Some(s) = p.spec.as_mut() {
+                        s.user_data.clear();
+                    }
+                    p
+                })
                 .collect(),
             next_page_token: next,
         }))

@@ -83,6 +83,7 @@ fn placement() -> Placement {
         },
         policy: Policy::default(),
         down_after_ms: 10_000,
+        max_pending: 20,
     }
 }
 
@@ -1539,4 +1540,62 @@ fn a_host_whose_hypervisor_is_silent_is_degraded_and_its_vps_keep_their_state() 
     );
     let v = s.run_sync(|c| vps::get_any(c, &vps_id)).unwrap().to_proto();
     assert_eq!(v.unresponsive_since_ms, 0);
+}
+
+/// Requests hold no quota, so an institution's waiting requests are capped:
+/// one past the cap is refused and creates nothing; a decision makes room;
+/// operators creating directly are not held by it.
+#[test]
+fn an_institutions_waiting_requests_are_capped() {
+    use crate::lifecycle::VpsState;
+    let s = Store::open_in_memory().unwrap();
+    register(&s, "a", 64);
+    let inst = institution(&s);
+    let member = Caller {
+        user_id: "u-siti".into(),
+        username: "siti".into(),
+        institution_id: inst.clone(),
+        role: crate::auth::Role::Member,
+    };
+    let cap = || Placement {
+        max_pending: 3,
+        ..placement()
+    };
+    let ask = |n: usize| {
+        let (who, p, v) = (member.clone(), cap(), new_vps(&inst, n, 1));
+        s.run_sync(move |c| vps::create(c, &who, &v, &p, NOW))
+    };
+    let first = ask(0).unwrap();
+    ask(1).unwrap();
+    ask(2).unwrap();
+    let e = ask(3).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "institution {} already has 3 requests waiting for approval, the most it may have; \
+             cancel one or wait for a decision",
+            s.run_sync(|c| identity::get_institution(c, &inst))
+                .unwrap()
+                .code
+        )
+    );
+    assert_eq!(
+        tonic::Status::from(e).code(),
+        tonic::Code::ResourceExhausted
+    );
+    let count = || {
+        s.run_sync(|c| Ok(c.query_row("SELECT COUNT(*) FROM vps", [], |r| r.get::<_, i64>(0))?))
+            .unwrap()
+    };
+    assert_eq!(count(), 3, "nothing was created");
+    // An operator's direct creation is not a request.
+    let (p, v) = (cap(), new_vps(&inst, 4, 1));
+    s.run_sync(move |c| vps::create(c, &Caller::system(), &v, &p, NOW))
+        .unwrap();
+    // A cancelled request makes room.
+    let who = member.clone();
+    s.run_sync(move |c| vps::decide_against(c, &who, &first.id, VpsState::Cancelled, "", NOW))
+        .unwrap();
+    ask(5).unwrap();
+    assert!(ask(6).is_err());
 }

@@ -14,6 +14,8 @@ pub struct Placement {
     pub ratios: Ratios,
     pub policy: Policy,
     pub down_after_ms: i64,
+    /// How many requests an institution may have waiting for approval.
+    pub max_pending: u32,
 }
 
 fn demand(spec: &VpsSpec, wish: &PlacementRequest, institution: &str, digest: &str) -> Demand {

@@ -106,6 +106,19 @@ pub fn create(
     } else {
         // Checked now so the member hears of a bad image at once, not after approval.
         check_image_needs(&tx, &n.spec)?;
+        // Requests hold no quota: without a cap one member could fill the
+        // store and the operators' queue.
+        let waiting: u32 = tx
+            .prepare_cached(
+                "SELECT count(*) FROM vps WHERE institution_id = ?1 AND state = 'PENDING_APPROVAL'",
+            )?
+            .query_row([&institution], |r| r.get(0))?;
+        if waiting >= placement.max_pending {
+            return Err(ApiError::TooManyPending {
+                institution: identity::get_institution(&tx, &institution)?.code,
+                limit: placement.max_pending,
+            });
+        }
         (VpsState::PendingApproval, None)
     };
     let digest = match &host {
