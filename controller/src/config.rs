@@ -50,6 +50,10 @@ pub struct ControllerConfig {
     /// 10,000 row writes a second.
     #[serde(default = "default_usage_interval_ms")]
     pub usage_interval_ms: u64,
+    /// The longest a token may live; a token asked for without a lifetime
+    /// gets this one. Every token expires.
+    #[serde(default = "default_max_token_days")]
+    pub max_token_lifetime_days: u32,
     /// How many requests an institution may have waiting for approval; a
     /// member's next one is refused until one is decided or cancelled.
     #[serde(default = "default_max_pending")]
@@ -84,6 +88,9 @@ pub struct TlsConfig {
     /// authenticate with tokens).
     #[serde(default)]
     pub user_api: bool,
+}
+fn default_max_token_days() -> u32 {
+    crate::store::identity::DEFAULT_MAX_TOKEN_DAYS
 }
 fn default_max_pending() -> u32 {
     20
@@ -131,6 +138,10 @@ impl ControllerConfig {
         anyhow::ensure!(
             self.move_stall_seconds > 0 && self.move_give_up_seconds >= self.move_stall_seconds,
             "move_stall_seconds: must be more than 0 and at most move_give_up_seconds"
+        );
+        anyhow::ensure!(
+            (1..=3650).contains(&self.max_token_lifetime_days),
+            "max_token_lifetime_days: must be between 1 and 3650"
         );
         anyhow::ensure!(
             (1..=10_000).contains(&self.max_pending_requests),
@@ -181,6 +192,7 @@ impl ControllerConfig {
             metrics_listen: None,
             metrics_token_file: None,
             max_pending_requests: default_max_pending(),
+            max_token_lifetime_days: default_max_token_days(),
         }
     }
 }

@@ -210,11 +210,13 @@ impl IdentityService for IdentityApi {
             caller.require(Permission::ManageAllTokens)?;
             r.user_id
         };
-        let now = now_ms();
+        let (now, max_days) = (now_ms(), self.ctx.cfg.max_token_lifetime_days);
         let (token, secret) = self
             .ctx
             .store
-            .run(move |c| identity::create_token(c, &caller, &user_id, &r.name, r.ttl_seconds, now))
+            .run(move |c| {
+                identity::create_token(c, &caller, &user_id, &r.name, r.ttl_seconds, max_days, now)
+            })
             .await?;
         Ok(Response::new(CreatedToken {
             token: Some(token),

@@ -442,7 +442,7 @@ enum TokenCmd {
         user: String,
         #[arg(long, default_value = "")]
         name: String,
-        /// 0: never expires.
+        /// 0: the longest the controller allows (max_token_lifetime_days, one year by default).
         #[arg(long, default_value_t = 0)]
         ttl_seconds: u32,
     },

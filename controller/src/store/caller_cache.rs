@@ -20,6 +20,11 @@ use crate::auth::Caller;
 /// flood of made-up tokens cannot grow the cache past it.
 const MAX_ENTRIES: usize = 10_000;
 
+/// A cached caller is read again after this long, so a change made by
+/// another process on the same file (`bootstrap-admin` revoking the tokens
+/// before it), which no trigger here sees, takes effect within it.
+pub const MAX_AGE_MS: i64 = 30_000;
+
 pub const IDENTITY_TRACKING: &str = "
 CREATE TEMP TRIGGER identity_user_changed AFTER UPDATE ON main.users BEGIN
     SELECT betang_identity_changed();
@@ -45,6 +50,7 @@ struct Entry {
     caller: Caller,
     /// 0: never.
     expires_at_ms: i64,
+    cached_at_ms: i64,
 }
 
 #[derive(Default)]
@@ -93,10 +99,20 @@ impl CallerCache {
         if e.expires_at_ms != 0 && e.expires_at_ms <= now_ms {
             return None;
         }
+        if now_ms - e.cached_at_ms > MAX_AGE_MS {
+            return None;
+        }
         Some(e.caller.clone())
     }
 
-    pub fn insert(&self, secret_hash: String, caller: Caller, expires_at_ms: i64, seen: u64) {
+    pub fn insert(
+        &self,
+        secret_hash: String,
+        caller: Caller,
+        expires_at_ms: i64,
+        seen: u64,
+        now_ms: i64,
+    ) {
         let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if seen != self.generation() {
             return;
@@ -110,7 +126,22 @@ impl CallerCache {
             Entry {
                 caller,
                 expires_at_ms,
+                cached_at_ms: now_ms,
             },
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cached_caller_is_read_again_after_its_max_age() {
+        let cache = CallerCache::default();
+        let seen = cache.generation();
+        cache.insert("h".into(), Caller::system(), 0, seen, 1_000);
+        assert!(cache.get("h", 1_000 + MAX_AGE_MS).is_some());
+        assert!(cache.get("h", 1_001 + MAX_AGE_MS).is_none());
     }
 }

@@ -668,21 +668,38 @@ fn token_row(r: &Row<'_>) -> rusqlite::Result<Token> {
 
 const TOKEN_COLS: &str = "id, user_id, name, created_at_ms, expires_at_ms, revoked_at_ms";
 
+/// The longest a token may live unless the controller's
+/// `max_token_lifetime_days` says otherwise: every token expires.
+pub const DEFAULT_MAX_TOKEN_DAYS: u32 = 365;
+
+/// A token's lifetime in seconds: `ttl_seconds`, or the longest allowed when
+/// 0 is asked; more than the longest is refused.
+fn token_ttl(ttl_seconds: u32, max_days: u32) -> Result<i64, ApiError> {
+    let max = i64::from(max_days) * 86_400;
+    match i64::from(ttl_seconds) {
+        0 => Ok(max),
+        t if t > max => Err(ApiError::invalid(
+            "ttl_seconds",
+            format!(
+                "{t} is longer than the {max_days} days a token may live (max_token_lifetime_days)"
+            ),
+        )),
+        t => Ok(t),
+    }
+}
+
 fn insert_token(
     c: &Connection,
     user_id: &str,
     name: &str,
     ttl_seconds: u32,
+    max_days: u32,
     now_ms: i64,
 ) -> Result<(Token, String), ApiError> {
     check_text("name", name, 100, false)?;
+    let expires = now_ms + token_ttl(ttl_seconds, max_days)? * 1000;
     let secret = auth::new_secret()?;
     let id = format!("tok-{}", &uuid::Uuid::new_v4().simple().to_string()[..16]);
-    let expires = if ttl_seconds == 0 {
-        0
-    } else {
-        now_ms + i64::from(ttl_seconds) * 1000
-    };
     c.prepare_cached(
         "INSERT INTO tokens (id, user_id, name, secret_sha256, created_at_ms, expires_at_ms)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -701,17 +718,19 @@ fn insert_token(
     Ok((t, secret))
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn create_token(
     c: &mut Connection,
     actor: &Caller,
     user_id: &str,
     name: &str,
     ttl_seconds: u32,
+    max_days: u32,
     now_ms: i64,
 ) -> Result<(Token, String), ApiError> {
     let tx = c.savepoint()?;
     let user = get_user(&tx, user_id)?;
-    let (t, secret) = insert_token(&tx, user_id, name, ttl_seconds, now_ms)?;
+    let (t, secret) = insert_token(&tx, user_id, name, ttl_seconds, max_days, now_ms)?;
     audit(
         &tx,
         actor,
@@ -831,7 +850,22 @@ pub fn bootstrap_admin(
             now_ms,
         )?,
     };
-    let (t, secret) = insert_token(&tx, &user_id, "bootstrap", 0, now_ms)?;
+    // Running it again (a lost token) leaves one bootstrap token, not one
+    // more each time.
+    let revoked = tx
+        .prepare_cached(
+            "UPDATE tokens SET revoked_at_ms = ?2
+             WHERE user_id = ?1 AND name = 'bootstrap' AND revoked_at_ms = 0",
+        )?
+        .execute(params![user_id, now_ms])?;
+    let (t, secret) = insert_token(
+        &tx,
+        &user_id,
+        "bootstrap",
+        0,
+        DEFAULT_MAX_TOKEN_DAYS,
+        now_ms,
+    )?;
     let system = Caller {
         user_id: "system".into(),
         username: "bootstrap".into(),
@@ -844,7 +878,11 @@ pub fn bootstrap_admin(
         &inst_id,
         "token.create",
         &t.id,
-        &format!("bootstrap for {username}"),
+        &if revoked == 0 {
+            format!("bootstrap for {username}")
+        } else {
+            format!("bootstrap for {username}; {revoked} earlier bootstrap token(s) revoked")
+        },
         now_ms,
     )?;
     let u = get_user(&tx, &user_id)?;

@@ -242,7 +242,8 @@ impl Store {
         let (caller, expires) = self
             .run(move |c| identity::caller_for_hash(c, &key, now_ms))
             .await?;
-        self.callers.insert(hash, caller.clone(), expires, seen);
+        self.callers
+            .insert(hash, caller.clone(), expires, seen, now_ms);
         Ok(caller)
     }
 

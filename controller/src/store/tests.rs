@@ -1599,3 +1599,40 @@ fn an_institutions_waiting_requests_are_capped() {
     ask(5).unwrap();
     assert!(ask(6).is_err());
 }
+
+/// Every token expires: one asked for without a lifetime gets the longest
+/// allowed, a longer one is refused; running bootstrap-admin again revokes
+/// the bootstrap token before it.
+#[test]
+fn tokens_expire_and_bootstrap_keeps_one_token() {
+    let s = Store::open_in_memory().unwrap();
+    let (admin, first) = s
+        .run_sync(|c| identity::bootstrap_admin(c, "dc", "Data center", "root", NOW))
+        .unwrap();
+    let (_, second) = s
+        .run_sync(|c| identity::bootstrap_admin(c, "dc", "Data center", "root", NOW + 1))
+        .unwrap();
+    let who = |secret: &str| {
+        let h = crate::auth::hash_secret(secret);
+        s.run_sync(move |c| identity::caller_for_hash(c, &h, NOW + 2))
+    };
+    assert!(
+        who(&first).is_err(),
+        "the earlier bootstrap token is revoked"
+    );
+    let (_, expires) = who(&second).unwrap();
+    assert_eq!(expires, NOW + 1 + 365 * 86_400_000);
+    let id = admin.id.clone();
+    let (t, _) = s
+        .run_sync(move |c| identity::create_token(c, &Caller::system(), &id, "ci", 0, 30, NOW))
+        .unwrap();
+    assert_eq!(t.expires_at_ms, NOW + 30 * 86_400_000);
+    let id = admin.id.clone();
+    let e = s
+        .run_sync(move |c| {
+            identity::create_token(c, &Caller::system(), &id, "ci", 31 * 86_400, 30, NOW)
+        })
+        .unwrap_err();
+    assert!(e.to_string().starts_with("ttl_seconds: "), "{e}");
+    assert!(e.to_string().contains("30 days"), "{e}");
+}
