@@ -89,6 +89,8 @@ pub enum StoreError {
     Migration(#[from] rusqlite_migration::Error),
     #[error("corrupt row: {0}")]
     Corrupt(String),
+    #[error("store file: {0}")]
+    File(String),
     #[error("store task: {0}")]
     Task(String),
 }

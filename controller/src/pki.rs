@@ -55,7 +55,7 @@ impl PkiDir {
         validity(&mut p, CA_DAYS);
         let cert = p.self_signed(&key)?;
         write_private(&self.ca_key(), &key.serialize_pem())?;
-        std::fs::write(self.ca_cert(), cert.pem())?;
+        write_public(&self.ca_cert(), &cert.pem())?;
         Ok(true)
     }
 
@@ -92,7 +92,7 @@ impl PkiDir {
         let cert = p.signed_by(&key, &issuer)?;
         let files = self.files(name);
         write_private(&files.key, &key.serialize_pem())?;
-        std::fs::write(&files.cert, cert.pem())?;
+        write_public(&files.cert, &cert.pem())?;
         Ok(files)
     }
 }
@@ -117,15 +117,34 @@ fn check_name(name: &str) -> anyhow::Result<()> {
 }
 
 fn write_private(path: &Path, pem: &str) -> anyhow::Result<()> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    write_atomic(path, pem, 0o600)
+}
+
+fn write_public(path: &Path, pem: &str) -> anyhow::Result<()> {
+    write_atomic(path, pem, 0o644)
+}
+
+/// Writes under a temporary name with `mode` (whatever a file left there
+/// had), flushes, then renames: a reader sees the old file or the new one,
+/// never half of one, and a key is never readable by others, even briefly.
+fn write_atomic(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::{
+        io::Write,
+        os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    };
+    let part = path.with_extension("part");
+    let _ = std::fs::remove_file(&part);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.write_all(pem.as_bytes())?;
+        .create_new(true)
+        .mode(mode)
+        .open(&part)
+        .with_context(|| format!("writing {}", part.display()))?;
+    f.set_permissions(std::fs::Permissions::from_mode(mode))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&part, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }
 
@@ -159,6 +178,19 @@ mod tests {
         let mode = std::fs::metadata(&files.key).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
         assert!(pki.issue("../etc", &[]).is_err());
+        // A renewal over a key someone made readable puts it back to 0600,
+        // and leaves no temporary file behind.
+        std::fs::set_permissions(&files.key, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let again = pki.issue("host-7", &[]).unwrap();
+        let mode = std::fs::metadata(&again.key).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+        assert_ne!(std::fs::read(&again.cert).unwrap(), pem, "renewed");
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".part"))
+            .collect();
+        assert!(leftovers.is_empty());
     }
 
     fn rustls_pemfile_der(pem: &[u8]) -> tonic::transport::CertificateDer<'static> {

@@ -87,7 +87,10 @@ fn health_and_reflection(
 /// Opens the store in `cfg.data_dir` (creating it) without serving anything;
 /// used by the bootstrap command.
 pub fn open_store(cfg: &ControllerConfig) -> anyhow::Result<Store> {
+    use std::os::unix::fs::PermissionsExt;
     std::fs::create_dir_all(&cfg.data_dir)?;
+    // The store and its journal: the controller's alone.
+    std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
     Ok(Store::open(&cfg.data_dir.join("betang.db"))?)
 }
 

@@ -151,6 +151,14 @@ pub struct Store {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let conn = Connection::open(path)?;
+        // Token hashes, officials' personal data and user-data: the owner's
+        // alone, whatever the umask (SQLite gives the WAL and shared-memory
+        // files the database file's mode).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .map_err(|e| StoreError::File(format!("{}: {e}", path.display())))?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durability is the batch's job (`batch.rs`): a commit holding an
         // acknowledged write is flushed to disk before anyone hears of it,

@@ -1636,3 +1636,19 @@ fn tokens_expire_and_bootstrap_keeps_one_token() {
     assert!(e.to_string().starts_with("ttl_seconds: "), "{e}");
     assert!(e.to_string().contains("30 days"), "{e}");
 }
+
+/// Token hashes, officials' personal data and user-data are readable by the
+/// controller's user only, whatever the umask; so is the directory.
+#[test]
+fn the_store_files_are_the_owners_alone() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = crate::config::ControllerConfig::with_data_dir(dir.path().join("data"));
+    cfg.tls = None;
+    let s = crate::server::open_store(&cfg).unwrap();
+    register(&s, "a", 8);
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&cfg.data_dir), 0o700);
+    assert_eq!(mode(&cfg.data_dir.join("betang.db")), 0o600);
+    assert_eq!(mode(&cfg.data_dir.join("betang.db-wal")), 0o600);
+}
