@@ -16,7 +16,7 @@ use betang_agent::{
     server::RunningAgent,
 };
 use betang_controller::server::RunningController;
-use betang_proto::v1::{ListHostsRequest, Quota};
+use betang_proto::v1::{CreateVpsRequest, ListHostsRequest, Quota, VpsSpec};
 use virt::{connect::Connect, domain::Domain};
 
 use crate::{
@@ -222,6 +222,25 @@ impl RealHost {
         self.conn
             .lookup_domain_by_name(&format!("betang-{id}"))
             .ok()
+    }
+
+    /// An operator's request for a small VPS of the test image, named with
+    /// the test's prefix, for institution A.
+    pub fn small_vps(&self, name: &str) -> CreateVpsRequest {
+        CreateVpsRequest {
+            request_id: format!("{}-{name}", self.prefix),
+            spec: Some(VpsSpec {
+                name: format!("{}-{name}", self.prefix),
+                vcpus: 1,
+                memory_mib: 128,
+                disk_gib: 1,
+                image: IMAGE_NAME.into(),
+                ..Default::default()
+            }),
+            application: Some(crate::application()),
+            institution_id: self.people.inst_a.clone(),
+            ..Default::default()
+        }
     }
 
     pub fn root_disk(&self, id: &str) -> PathBuf {

@@ -11,12 +11,10 @@
 
 use std::time::Duration;
 
-use betang_proto::v1::{
-    CreateVpsRequest, DeleteVpsRequest, GetVpsRequest, Quota, StopVpsRequest, VpsSpec, VpsState,
-};
+use betang_proto::v1::{DeleteVpsRequest, GetVpsRequest, Quota, StopVpsRequest, VpsState};
 use betang_tests::{
-    application, eventually,
-    real::{IMAGE_NAME, RealHost, qemu_io, write_catalogue},
+    eventually,
+    real::{RealHost, qemu_io, write_catalogue},
     state_of, wait_state,
 };
 
@@ -54,23 +52,7 @@ async fn a_refreshed_image_and_a_lost_domain_keep_the_tenants_data() -> anyhow::
     };
     let mut host = RealHost::start(quota).await?;
     let mut c = host.operator().await?.vps;
-    let v = c
-        .create_vps(CreateVpsRequest {
-            request_id: format!("{}-keep", host.prefix),
-            spec: Some(VpsSpec {
-                name: format!("{}-keep", host.prefix),
-                vcpus: 1,
-                memory_mib: 128,
-                disk_gib: 1,
-                image: IMAGE_NAME.into(),
-                ..Default::default()
-            }),
-            application: Some(application()),
-            institution_id: host.people.inst_a.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
+    let v = c.create_vps(host.small_vps("keep")).await?.into_inner();
     let id = v.id.clone();
     let v = wait_state(&c, &id, VpsState::Running, T).await?;
     assert_eq!(

@@ -12,14 +12,8 @@
 
 use std::time::{Duration, Instant};
 
-use betang_proto::v1::{
-    CreateVpsRequest, GetVpsRequest, HostState, ListHostsRequest, Quota, Vps, VpsSpec, VpsState,
-};
-use betang_tests::{
-    Clients, application, eventually, http_get,
-    real::{IMAGE_NAME, RealHost},
-    sample, wait_state,
-};
+use betang_proto::v1::{GetVpsRequest, HostState, ListHostsRequest, Quota, Vps, VpsState};
+use betang_tests::{Clients, eventually, http_get, real::RealHost, sample, wait_state};
 
 const T: Duration = Duration::from_secs(180);
 /// How long the guest stays stopped.
@@ -70,24 +64,7 @@ fn libvirtd_pid() -> anyhow::Result<u32> {
 
 async fn create(host: &RealHost, c: &Clients, name: &str) -> anyhow::Result<String> {
     let mut vps = c.vps.clone();
-    let v = vps
-        .create_vps(CreateVpsRequest {
-            request_id: format!("{}-{name}", host.prefix),
-            spec: Some(VpsSpec {
-                name: format!("{}-{name}", host.prefix),
-                vcpus: 1,
-                memory_mib: 128,
-                disk_gib: 1,
-                image: IMAGE_NAME.into(),
-                ..Default::default()
-            }),
-            application: Some(application()),
-            institution_id: host.people.inst_a.clone(),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    Ok(v.id)
+    Ok(vps.create_vps(host.small_vps(name)).await?.into_inner().id)
 }
 
 async fn get(c: &Clients, id: &str) -> anyhow::Result<Vps> {

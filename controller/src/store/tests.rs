@@ -362,9 +362,8 @@ fn the_reconciler_reads_only_the_vps_that_need_work() {
     );
 }
 
-#[test]
-fn heartbeats_write_only_what_changed() {
-    use betang_proto::v1::{PowerState, VmStatus, VmUsage};
+/// A store with host "a" and one VPS on it, built and RUNNING.
+fn one_running_vps() -> (Store, vps::VpsRecord) {
     let s = Store::open_in_memory().unwrap();
     register(&s, "a", 8);
     let inst = institution(&s);
@@ -379,16 +378,24 @@ fn heartbeats_write_only_what_changed() {
             )
         })
         .unwrap();
-    s.run_sync(|c| {
-        as_built(c, &v.id.to_string())?;
+    let id = v.id.to_string();
+    s.run_sync(move |c| {
+        as_built(c, &id)?;
         c.execute(
             "UPDATE vps SET state = 'RUNNING', applied_generation = generation,
                  observed_power = 'running' WHERE id = ?1",
-            [v.id.to_string()],
+            [&id],
         )?;
         Ok(())
     })
     .unwrap();
+    (s, v)
+}
+
+#[test]
+fn heartbeats_write_only_what_changed() {
+    use betang_proto::v1::{PowerState, VmStatus, VmUsage};
+    let (s, v) = one_running_vps();
     s.run_sync(|c| {
         c.execute_batch(
             "CREATE TEMP TABLE vps_writes (n INTEGER);
@@ -1413,32 +1420,9 @@ fn reported_cpu_is_cpu_time_used_and_never_more_than_held() {
 #[test]
 fn a_host_whose_hypervisor_is_silent_is_degraded_and_its_vps_keep_their_state() {
     use betang_proto::v1::{HostState, PowerState, VmStatus, VpsState as P};
-    let s = Store::open_in_memory().unwrap();
-    register(&s, "a", 8);
-    let inst = institution(&s);
-    let created = s
-        .run_sync(|c| {
-            vps::create(
-                c,
-                &Caller::system(),
-                &new_vps(&inst, 0, 1),
-                &placement(),
-                NOW,
-            )
-        })
-        .unwrap();
+    let (s, created) = one_running_vps();
     let (vps_id, generation) = (created.id, created.generation);
     let id = vps_id.to_string();
-    s.run_sync(|c| {
-        as_built(c, &id)?;
-        c.execute(
-            "UPDATE vps SET state = 'RUNNING', applied_generation = generation,
-                 observed_power = 'running' WHERE id = ?1",
-            [&id],
-        )?;
-        Ok(())
-    })
-    .unwrap();
     let host = HostId::parse("a").unwrap();
     let beat = |b: HeartbeatRequest, at: i64| {
         let host = host.clone();
