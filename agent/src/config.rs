@@ -146,7 +146,17 @@ fn default_libvirt_timeout_s() -> u64 {
 
 impl AgentConfig {
     pub fn from_toml(text: &str) -> anyhow::Result<Self> {
-        let cfg: AgentConfig = toml::from_str(text)?;
+        let mut table: toml::Table = toml::from_str(text)?;
+        // Replaced by guest_unresponsive_after_ms and
+        // libvirt_unresponsive_after_ms; a configuration written by an
+        // earlier install still loads.
+        if table.remove("stats_deadline_ms").is_some() {
+            tracing::warn!(
+                "stats_deadline_ms is no longer used (see guest_unresponsive_after_ms and \
+                 libvirt_unresponsive_after_ms); it can be removed"
+            );
+        }
+        let cfg: AgentConfig = table.try_into()?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -289,6 +299,11 @@ vm_dir = "/var/lib/betang/vms"
              metrics_listen = \"0.0.0.0:9478\"\nmetrics_token_file = \"/etc/betang/m.token\"\n{tls}"
         ))
         .unwrap();
+    }
+
+    #[test]
+    fn an_earlier_installs_config_still_loads() {
+        AgentConfig::from_toml(&format!("{MINIMAL}stats_deadline_ms = 10000\n")).unwrap();
     }
 
     #[test]
