@@ -76,7 +76,8 @@ pub struct AgentConfig {
     /// A call that never waits on a guest (listing the domains) and has not
     /// returned after this long means libvirtd itself does not answer: the
     /// host is reported DEGRADED and calls are refused until it answers.
-    /// Keep it well under the controller's `host_down_after`.
+    /// Keep it longer than a guest takes to start under load: libvirtd holds
+    /// a starting domain's lock, and listing waits for it.
     #[serde(default = "default_libvirt_unresponsive_ms")]
     pub libvirt_unresponsive_after_ms: u64,
 }
@@ -138,7 +139,7 @@ fn default_guest_unresponsive_ms() -> u64 {
     10_000
 }
 fn default_libvirt_unresponsive_ms() -> u64 {
-    5_000
+    15_000
 }
 fn default_libvirt_timeout_s() -> u64 {
     30

@@ -44,6 +44,10 @@ impl Registration {
         let mut beats: u64 = 0;
         // What of the hypervisor does not answer, and since when (Unix ms).
         let mut problem: Option<(String, i64)> = None;
+        // The listing under way, if the last heartbeat did not see it end.
+        let mut listing: Option<
+            tokio::task::JoinHandle<Result<Vec<betang_proto::v1::VmStatus>, AgentError>>,
+        > = None;
         let mut ticker = tokio::time::interval(self.interval);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -57,20 +61,30 @@ impl Registration {
                     }
                 }
             }
-            // The listing never waits on a guest, and on libvirtd only up to
-            // the watchdog's patience: the heartbeat goes out either way,
-            // saying what does not answer.
-            let (vms, vms_listed) = match self.vms.list().await {
-                Ok(v) => {
+            // The heartbeat never waits long for the listing: a guest that is
+            // starting holds its domain's lock in libvirtd for seconds, and
+            // a silent libvirtd for ever. A listing still under way is left
+            // running (one at a time) and this heartbeat says nothing of the
+            // VMs; past the watchdog's patience it says libvirt is silent.
+            let handle = listing.get_or_insert_with(|| {
+                let vms = self.vms.clone();
+                tokio::spawn(async move { vms.list().await })
+            });
+            let wait = (self.interval / 2).min(Duration::from_secs(1));
+            let outcome = match tokio::time::timeout(wait, &mut *handle).await {
+                Ok(joined) => {
+                    listing = None;
+                    Some(joined.unwrap_or_else(|e| Err(AgentError::Internal(e.to_string()))))
+                }
+                Err(_) => None,
+            };
+            let silent = self.vms.hypervisor().watchdog().silent_for();
+            let (vms, vms_listed) = match outcome {
+                Some(Ok(v)) => {
                     problem = None;
                     (v, true)
                 }
-                Err(e) => {
-                    let silent = self.vms.hypervisor().watchdog().silent_for();
-                    let since = problem.as_ref().map_or_else(
-                        || now_ms() - silent.map_or(0, |d| d.as_millis() as i64),
-                        |(_, since)| *since,
-                    );
+                Some(Err(e)) => {
                     if problem.is_none() {
                         warn!(error = %e, "cannot list VMs for the heartbeat");
                     }
@@ -82,7 +96,21 @@ impl Registration {
                         }
                         other => other.to_string(),
                     };
+                    let since = problem.as_ref().map_or_else(
+                        || now_ms() - silent.map_or(0, |d| d.as_millis() as i64),
+                        |(_, since)| *since,
+                    );
                     problem = Some((what, since));
+                    (Vec::new(), false)
+                }
+                None => {
+                    if let (None, Some(d)) = (&problem, silent) {
+                        warn!(silent_for = ?d, "libvirt does not answer");
+                        problem = Some((
+                            "libvirt does not answer".to_owned(),
+                            now_ms() - d.as_millis() as i64,
+                        ));
+                    }
                     (Vec::new(), false)
                 }
             };

@@ -142,7 +142,7 @@ impl RealHost {
             metrics_token_file: None,
             stats_interval_ms: 1000,
             guest_unresponsive_after_ms: 3_000,
-            libvirt_unresponsive_after_ms: 3_000,
+            libvirt_unresponsive_after_ms: 8_000,
             host_id: host_id.clone(),
             listen: "127.0.0.1:0".parse()?,
             advertise_endpoint: None,

@@ -25,12 +25,14 @@ const LIBVIRTD_STOPPED_FOR: Duration = Duration::from_secs(20);
 /// interval to ask libvirt, a heartbeat (1 s); doubled for a busy machine.
 const FLAG_BOUND: Duration = Duration::from_secs(12);
 /// Bound for the host to read DEGRADED: `libvirt_unresponsive_after_ms`
-/// (3 s here) and a heartbeat, doubled.
-const DEGRADED_BOUND: Duration = Duration::from_secs(8);
-/// Longest wait between two rises of the running guest's CPU counter: the
-/// collector reads it every second; on a two-core machine busy booting two
-/// emulated guests a pass can come late.
-const CPU_GAP_BOUND: Duration = Duration::from_secs(4);
+/// (8 s here, longer than a guest takes to start on a busy machine) and a
+/// heartbeat, with room for a busy machine.
+const DEGRADED_BOUND: Duration = Duration::from_secs(14);
+/// The oldest the running guest's figures may be: the collector reads them
+/// every second; on a two-core machine busy with two emulated guests a pass
+/// can come late. (Its CPU counter itself may stand still for seconds: the
+/// idle test guest sleeps.)
+const AGE_BOUND: f64 = 3.5;
 
 /// Continues a stopped process however the test ends.
 struct Resume(u32);
@@ -118,14 +120,23 @@ async fn a_hung_guest_affects_only_itself_and_a_silent_libvirtd_degrades_its_hos
     })
     .await?;
 
+    // Start from a healthy host: while a guest starts, libvirtd holds its
+    // domain's lock and listings wait.
+    eventually(T, "the host up", || async {
+        let (state, _) = host_state(&op, &host.host_id).await.ok()?;
+        (state == HostState::Up).then_some(())
+    })
+    .await?;
+
     // One guest's QEMU stops, as one wedged on storage does.
     let pid = qemu_pid(&hung)?;
     signal(pid, "STOP");
     let resume = Resume(pid);
     let stopped_at = Instant::now();
     let mut flagged_after = None;
-    let mut calm_cpu = None::<(f64, Instant)>;
-    let mut longest_gap = Duration::ZERO;
+    let mut calm_cpu_first = None::<f64>;
+    let mut calm_cpu_last = 0.0;
+    let mut oldest_figures = 0.0f64;
     let mut most_threads = 0.0f64;
     while stopped_at.elapsed() < HUNG_FOR {
         let (state, reason) = host_state(&op, &host.host_id).await?;
@@ -140,20 +151,20 @@ async fn a_hung_guest_affects_only_itself_and_a_silent_libvirtd_degrades_its_hos
         }
         let body = http_get(metrics, "/metrics").await?;
         let now = cpu_of(&body, &calm).expect("the other guest's CPU counter");
-        match calm_cpu {
-            Some((before, at)) if now > before => {
-                longest_gap = longest_gap.max(at.elapsed());
-                calm_cpu = Some((now, Instant::now()));
-            }
-            Some((_, at)) => {
-                let waited = at.elapsed();
-                assert!(
-                    waited <= CPU_GAP_BOUND,
-                    "the other guest's CPU counter stood still for {waited:?}"
-                );
-            }
-            None => calm_cpu = Some((now, Instant::now())),
-        }
+        calm_cpu_first.get_or_insert(now);
+        calm_cpu_last = now;
+        // Read at the collector's interval, monitor figures included.
+        let age = sample(&body, "betang_vm_stats_age_seconds", &[("vps_id", &calm)])
+            .expect("the other guest's figures");
+        assert!(
+            age <= AGE_BOUND,
+            "the other guest's figures are {age} s old"
+        );
+        oldest_figures = oldest_figures.max(age);
+        assert_eq!(
+            sample(&body, "betang_vm_stats_stale", &[("vps_id", &calm)]),
+            Some(0.0)
+        );
         assert_eq!(
             sample(&body, "betang_vm_responding", &[("vps_id", &calm)]),
             Some(1.0)
@@ -163,6 +174,10 @@ async fn a_hung_guest_affects_only_itself_and_a_silent_libvirtd_degrades_its_hos
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
     let flagged_after = flagged_after.expect("the stopped guest is reported as not answering");
+    assert!(
+        calm_cpu_last > calm_cpu_first.unwrap_or_default(),
+        "the other guest's CPU counter rose over the minute"
+    );
     assert!(
         flagged_after <= FLAG_BOUND,
         "reported after {flagged_after:?}, bound {FLAG_BOUND:?}"
@@ -246,7 +261,7 @@ async fn a_hung_guest_affects_only_itself_and_a_silent_libvirtd_degrades_its_hos
         serde_json::json!({
             "hung_guest_flagged_s": flagged_after.as_secs_f64(),
             "hung_guest_recovered_s": recovered_after.as_secs_f64(),
-            "other_guest_longest_cpu_gap_s": longest_gap.as_secs_f64(),
+            "other_guest_oldest_figures_s": oldest_figures,
             "threads_in_libvirt_guest_hung_max": most_threads,
             "host_degraded_after_libvirtd_stop_s": degraded_after.as_secs_f64(),
             "threads_in_libvirt_libvirtd_stopped_max": threads_libvirtd_stopped,
