@@ -28,11 +28,12 @@ const FLAG_BOUND: Duration = Duration::from_secs(12);
 /// (8 s here, longer than a guest takes to start on a busy machine) and a
 /// heartbeat, with room for a busy machine.
 const DEGRADED_BOUND: Duration = Duration::from_secs(14);
-/// The oldest the running guest's figures may be: the collector reads them
-/// every second; on a two-core machine busy with two emulated guests a pass
-/// can come late. (Its CPU counter itself may stand still for seconds: the
-/// idle test guest sleeps.)
-const AGE_BOUND: f64 = 3.5;
+/// The oldest the running guest's figures may be. The collector reads them
+/// every second; now and then one pass comes seconds late just after the
+/// other guest hangs (up to 5.5 s seen). Before, they stood still for as
+/// long as the other guest hung. (Its CPU counter itself may stand still
+/// for seconds: the idle test guest sleeps.)
+const AGE_BOUND: f64 = 10.0;
 
 /// Continues a stopped process however the test ends.
 struct Resume(u32);
@@ -120,8 +121,22 @@ async fn a_hung_guest_affects_only_itself_and_a_silent_libvirtd_degrades_its_hos
     })
     .await?;
 
-    // Start from a healthy host: while a guest starts, libvirtd holds its
-    // domain's lock and listings wait.
+    // Start from booted, idle guests and a healthy host: while a guest
+    // starts, libvirtd holds its domain's lock and listings wait, and two
+    // booting emulated guests keep both cores busy.
+    for id in [&hung, &calm] {
+        let console = host.agent().vms.serial_log(id)?;
+        eventually(T, "the guest booted", || {
+            let c = console.clone();
+            async move {
+                let text = std::fs::read(&c).unwrap_or_default();
+                String::from_utf8_lossy(&text)
+                    .contains("BETANG-HOSTNAME")
+                    .then_some(())
+            }
+        })
+        .await?;
+    }
     eventually(T, "the host up", || async {
         let (state, _) = host_state(&op, &host.host_id).await.ok()?;
         (state == HostState::Up).then_some(())
