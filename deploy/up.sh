@@ -98,7 +98,7 @@ if ! betangctl whoami >/dev/null 2>&1; then
   token=$(betang-controller --config /etc/betang/controller.toml bootstrap-admin 2>/dev/null)
   echo "$token" | betangctl login --endpoint "$endpoint" --token-stdin >/dev/null
 fi
-institution=$(betangctl whoami | awk '{print $4}')
+institution=$(betangctl whoami | sed -n 's/^institution: *//p')
 # The operators' own institution gets a small quota for trying things out.
 # (Output is captured first: with pipefail, grep -q closing the pipe early
 # would count as a failure.)
@@ -134,7 +134,7 @@ image betang-test in the catalogue, and root's betangctl logged in as the first 
 Then: betangctl vps list | get ID | stop ID | start ID | reboot ID | delete ID
 Institutions request through members' tokens and wait for approval:
   betangctl institution create --code dinkes --name "Dinas Kesehatan" --vcpus 16 --memory-mib 32768 --disk-gib 500 --vps 10
-  betangctl user create --username siti --institution ID --role member
+  betangctl user create --username siti --institution dinkes --role member
   betangctl token create --user USER_ID
   betangctl vps list --pending; betangctl vps approve ID; betangctl audit list
 The guest's serial console: /var/lib/betang/vms/<VPS id>/console.log
