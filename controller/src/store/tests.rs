@@ -362,6 +362,16 @@ fn the_reconciler_reads_only_the_vps_that_need_work() {
     );
 }
 
+/// Siti, a member of `inst`.
+fn member_of(inst: &str) -> Caller {
+    Caller {
+        user_id: "u-siti".into(),
+        username: "siti".into(),
+        institution_id: inst.to_owned(),
+        role: crate::auth::Role::Member,
+    }
+}
+
 /// A store with host "a" and one VPS on it, built and RUNNING.
 fn one_running_vps() -> (Store, vps::VpsRecord) {
     let s = Store::open_in_memory().unwrap();
@@ -830,7 +840,7 @@ fn totals_agree_with_the_lifecycle_in_every_state() {
 /// both hosts, so approvals made while its disk is copied cannot take either.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
-    use crate::{auth::Role, lifecycle::VpsState, store::moves};
+    use crate::{lifecycle::VpsState, store::moves};
     let s = Store::open_in_memory().unwrap();
     register(&s, "a", 8);
     register(&s, "b", 4);
@@ -861,12 +871,7 @@ async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
         Ok(())
     })
     .unwrap();
-    let member = Caller {
-        user_id: "u-siti".into(),
-        username: "siti".into(),
-        institution_id: inst.clone(),
-        role: Role::Member,
-    };
+    let member = member_of(&inst);
     let mut requests = Vec::new();
     for n in 1..=12 {
         let (m, i) = (member.clone(), inst.clone());
@@ -1033,12 +1038,7 @@ fn builds_time_out_from_placement_and_never_while_their_host_is_down() {
     let s = Store::open_in_memory().unwrap();
     register(&s, "a", 8);
     let inst = institution(&s);
-    let member = Caller {
-        user_id: "u-siti".into(),
-        username: "siti".into(),
-        institution_id: inst.clone(),
-        role: crate::auth::Role::Member,
-    };
+    let member = member_of(&inst);
     // Asked long ago, approved now: the clock starts at the approval.
     let (m, i) = (member.clone(), inst.clone());
     let asked = s
@@ -1272,12 +1272,7 @@ fn a_vps_below_its_images_memory_is_refused_at_request_time() {
     s.run_sync(move |c| hosts::register(c, &info, "http://127.0.0.1:1", NOW))
         .unwrap();
     let inst = institution(&s);
-    let member = Caller {
-        user_id: "u-siti".into(),
-        username: "siti".into(),
-        institution_id: inst.clone(),
-        role: crate::auth::Role::Member,
-    };
+    let member = member_of(&inst);
     for who in [member, Caller::system()] {
         let mut n = new_vps(&inst, 7, 1);
         n.spec.memory_mib = 64;
@@ -1535,12 +1530,7 @@ fn an_institutions_waiting_requests_are_capped() {
     let s = Store::open_in_memory().unwrap();
     register(&s, "a", 64);
     let inst = institution(&s);
-    let member = Caller {
-        user_id: "u-siti".into(),
-        username: "siti".into(),
-        institution_id: inst.clone(),
-        role: crate::auth::Role::Member,
-    };
+    let member = member_of(&inst);
     let cap = || Placement {
         max_pending: 3,
         ..placement()
