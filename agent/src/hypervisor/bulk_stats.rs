@@ -40,14 +40,19 @@ impl Value {
 struct Record {
     name: String,
     fields: BTreeMap<String, Value>,
-    /// Held only for libvirt's test driver, which reports nothing but the
-    /// state in bulk, so the caller can ask the domain call by call instead.
+    /// For what is asked of the domain call by call: its CPU time, and for
+    /// libvirt's test driver (which reports nothing but the state in bulk)
+    /// the guest figures.
     domain: Option<Domain>,
 }
 
-/// What the host itself knows; needs no job on the domain.
+/// What the host itself knows; needs no job on the domain. Not CPU_TOTAL:
+/// since libvirt 9.0 that group takes the domain's job and asks its monitor
+/// (`query-stats`, for halt-polling time), so a guest that hung an instant
+/// before would hold the quick pass and, with it, every listing behind it.
+/// CPU time comes from `virDomainGetInfo` instead, which reads `/proc`.
 const QUICK: sys::virDomainStatsTypes =
-    sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_CPU_TOTAL | sys::VIR_DOMAIN_STATS_INTERFACE;
+    sys::VIR_DOMAIN_STATS_STATE | sys::VIR_DOMAIN_STATS_INTERFACE;
 
 /// What only the guest's monitor gives.
 const GUEST: sys::virDomainStatsTypes =
@@ -57,7 +62,7 @@ fn records(
     conn: &Connect,
     groups: sys::virDomainStatsTypes,
     flags: u32,
-    test_driver: bool,
+    keep_domains: bool,
 ) -> Result<Vec<Record>, virt::error::Error> {
     let mut list: *mut sys::virDomainStatsRecordPtr = ptr::null_mut();
     // SAFETY: `conn` is open for the whole call; libvirt allocates `list`, a
@@ -101,7 +106,7 @@ fn records(
                 };
                 fields.insert(key, v);
             }
-            let domain = if !test_driver {
+            let domain = if !keep_domains {
                 None
             } else if sys::virDomainRef((*rec).dom) == 0 {
                 Some(Domain::from_ptr((*rec).dom))
@@ -120,8 +125,8 @@ fn records(
 }
 
 /// Power, CPU time and network counters of Betang's domains on `conn`.
-pub fn quick(conn: &Connect, test_driver: bool) -> Result<Vec<DomainSample>, virt::error::Error> {
-    Ok(records(conn, QUICK, 0, test_driver)?
+pub fn quick(conn: &Connect) -> Result<Vec<DomainSample>, virt::error::Error> {
+    Ok(records(conn, QUICK, 0, true)?
         .into_iter()
         .map(|r| {
             let mut sample = sample_of(&r.name, &r.fields);

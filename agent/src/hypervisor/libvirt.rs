@@ -254,10 +254,7 @@ impl Hypervisor for LibvirtHypervisor {
     }
 
     fn quick_stats(&self) -> Result<Vec<DomainSample>> {
-        Ok(super::bulk_stats::quick(
-            &self.watch_conn()?,
-            self.test_driver,
-        )?)
+        Ok(super::bulk_stats::quick(&self.watch_conn()?)?)
     }
 
     fn guest_stats(&self) -> Result<Vec<DomainSample>> {

@@ -232,6 +232,7 @@ impl Collector {
             Ok(h) => Some(tokio::spawn(async move {
                 match h.await {
                     Ok(Ok(samples)) => {
+                        tracing::debug!(took = ?started.elapsed(), domains = samples.len(), "guest stats pass");
                         let mut f = lock(&figures);
                         for s in samples {
                             let newer = f.get(&s.name).is_none_or(|(_, at)| *at < started);
