@@ -67,6 +67,9 @@ pub struct ControllerConfig {
     /// `authorization: { credentials_file: … }`); no token asked when absent.
     #[serde(default)]
     pub metrics_token_file: Option<PathBuf>,
+    /// Request budgets per token and the servers' bounds.
+    #[serde(default)]
+    pub limits: crate::limits::LimitsConfig,
 }
 
 fn default_listen() -> SocketAddr {
@@ -165,6 +168,7 @@ impl ControllerConfig {
              on 127.0.0.1",
             self.agent_listen
         );
+        self.limits.validate()?;
         betang_exposition::check_listen(
             "metrics_listen",
             self.metrics_listen,
@@ -193,6 +197,7 @@ impl ControllerConfig {
             metrics_token_file: None,
             max_pending_requests: default_max_pending(),
             max_token_lifetime_days: default_max_token_days(),
+            limits: crate::limits::LimitsConfig::default(),
         }
     }
 }

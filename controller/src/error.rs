@@ -3,6 +3,9 @@
 
 use thiserror::Error;
 
+/// The metadata key of the wait a rate-limited caller is told to keep.
+pub const RETRY_AFTER_MS: &str = "retry-after-ms";
+
 #[derive(Debug, Error)]
 pub enum ApiError {
     #[error("{field}: {rule}")]
@@ -28,6 +31,16 @@ pub enum ApiError {
          may have; cancel one or wait for a decision"
     )]
     TooManyPending { institution: String, limit: u32 },
+    /// A token past its request budget.
+    #[error(
+        "too many requests with this token; retry in {} s",
+        retry_after_ms.div_ceil(1000)
+    )]
+    RateLimited { retry_after_ms: u64 },
+    /// More tokens unknown to the cache are being looked up than the store
+    /// is given at once.
+    #[error("the controller is busy signing in other callers; retry in a moment")]
+    SignInsBusy,
     #[error("{0}")]
     Unauthenticated(String),
     #[error("{0}")]
@@ -110,6 +123,14 @@ impl From<ApiError> for tonic::Status {
             ApiError::NoHostFits(_) | ApiError::TooManyPending { .. } => {
                 tonic::Status::resource_exhausted(msg)
             }
+            ApiError::RateLimited { retry_after_ms } => {
+                let mut status = tonic::Status::resource_exhausted(msg);
+                status
+                    .metadata_mut()
+                    .insert(RETRY_AFTER_MS, retry_after_ms.into());
+                status
+            }
+            ApiError::SignInsBusy => tonic::Status::unavailable(msg),
             ApiError::WrongState { .. } => tonic::Status::failed_precondition(msg),
             ApiError::Agent { .. } => tonic::Status::unavailable(msg),
             ApiError::Store(_) => {

@@ -8,6 +8,7 @@ pub mod config;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;
+pub mod limits;
 pub mod metrics;
 pub mod moves;
 pub mod pki;

@@ -84,6 +84,18 @@ fn health_and_reflection(
     Ok((reporter, health, reflection.build_v1()?))
 }
 
+/// A server that ends calls past their time, bounds the calls one
+/// connection may have open, and closes connections whose client stopped
+/// answering.
+fn bounded(b: Server, limits: &crate::limits::LimitsConfig) -> Server {
+    b.timeout(limits.request_timeout())
+        .max_concurrent_streams(limits.streams_per_connection)
+        .concurrency_limit_per_connection(limits.streams_per_connection as usize)
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+}
+
 /// Opens the store in `cfg.data_dir` (creating it) without serving anything;
 /// used by the bootstrap command.
 pub fn open_store(cfg: &ControllerConfig) -> anyhow::Result<Store> {
@@ -125,7 +137,9 @@ pub async fn start(
         cfg: Arc::new(cfg.clone()),
         moves: move_wake.clone(),
         rebooting: Arc::default(),
+        limits: Arc::new(crate::limits::RateLimits::new(&cfg.limits)),
     };
+    let budgets = ctx.limits.clone();
     let mover = Arc::new(crate::moves::Mover::new(
         store.clone(),
         agents.clone(),
@@ -158,18 +172,29 @@ pub async fn start(
         <AuditServiceServer<AuditApi> as NamedService>::NAME,
     ])?;
     reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
-    let mut user = Server::builder();
+    let limits = cfg.limits;
+    let mut user = bounded(Server::builder(), &limits);
     if let Some(t) = tls.as_ref().filter(|t| t.user_api) {
         user = user.tls_config(t.user_server())?;
     }
+    let most = limits.max_request_bytes;
     let user_server = user
         .layer(RpcLayer(metrics.rpc.clone()))
         .add_service(health)
         .add_service(reflection)
-        .add_service(VpsServiceServer::new(VpsApi { ctx: ctx.clone() }))
-        .add_service(HostServiceServer::new(HostApi { ctx: ctx.clone() }))
-        .add_service(IdentityServiceServer::new(IdentityApi { ctx: ctx.clone() }))
-        .add_service(AuditServiceServer::new(AuditApi { ctx: ctx.clone() }))
+        .add_service(
+            VpsServiceServer::new(VpsApi { ctx: ctx.clone() }).max_decoding_message_size(most),
+        )
+        .add_service(
+            HostServiceServer::new(HostApi { ctx: ctx.clone() }).max_decoding_message_size(most),
+        )
+        .add_service(
+            IdentityServiceServer::new(IdentityApi { ctx: ctx.clone() })
+                .max_decoding_message_size(most),
+        )
+        .add_service(
+            AuditServiceServer::new(AuditApi { ctx: ctx.clone() }).max_decoding_message_size(most),
+        )
         .serve_with_incoming(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
         );
@@ -179,7 +204,7 @@ pub async fn start(
     agent_reporter
         .set_serving::<RegistryServiceServer<RegistryApi>>()
         .await;
-    let mut agent = Server::builder();
+    let mut agent = bounded(Server::builder(), &limits);
     if let Some(t) = &tls {
         agent = agent.tls_config(t.agent_server())?;
     }
@@ -230,6 +255,13 @@ pub async fn start(
         tokio::spawn(reconciler.run()),
         tokio::spawn(mover.run()),
         tokio::spawn(prune_history(store.clone())),
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                every.tick().await;
+                budgets.forget_idle();
+            }
+        }),
     ]);
     Ok(RunningController {
         addr,

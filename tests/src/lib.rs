@@ -311,6 +311,9 @@ pub struct ClusterOptions {
     pub simulated: bool,
     /// The name the hosts' one image is listed under.
     pub image: &'static str,
+    /// Request budgets and server bounds; without them no token is
+    /// rate-limited (tests make hundreds of calls a second with one token).
+    pub limits: Option<betang_controller::limits::LimitsConfig>,
 }
 
 impl Default for ClusterOptions {
@@ -334,6 +337,7 @@ impl Default for ClusterOptions {
             },
             simulated: false,
             image: "tiny",
+            limits: None,
         }
     }
 }
@@ -354,6 +358,12 @@ impl Cluster {
         controller_cfg.usage_interval_ms = 0;
         // Some tests queue hundreds of requests from one institution.
         controller_cfg.max_pending_requests = 1000;
+        controller_cfg.limits = opts
+            .limits
+            .unwrap_or(betang_controller::limits::LimitsConfig {
+                requests_per_second: 0,
+                ..Default::default()
+            });
         controller_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
         controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -32,6 +32,8 @@ pub struct Ctx {
     pub moves: Arc<Notify>,
     /// VPS whose reboot an agent is carrying out now, shown as "rebooting".
     pub rebooting: Arc<Rebooting>,
+    /// Each token's request budget.
+    pub limits: Arc<crate::limits::RateLimits>,
 }
 
 /// The VPS being rebooted: a reboot is one call to the agent, so this is
@@ -94,7 +96,9 @@ impl Ctx {
     /// The caller behind the request's bearer token.
     pub async fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let secret = auth::bearer(req.metadata())?;
-        self.store.caller(&secret, now_ms()).await
+        let caller = self.store.caller(&secret, now_ms()).await?;
+        self.limits.check(&auth::hash_secret(&secret))?;
+        Ok(caller)
     }
 }
 

@@ -57,6 +57,9 @@ struct Entry {
 struct Cached {
     generation: u64,
     entries: HashMap<String, Entry>,
+    /// Secrets the store refused (unknown, expired, revoked, disabled),
+    /// with why and since when: asking again does not reach the store.
+    refused: HashMap<String, (String, i64)>,
 }
 
 #[derive(Clone, Default)]
@@ -87,13 +90,20 @@ impl CallerCache {
         self.generation.load(Ordering::SeqCst)
     }
 
-    pub fn get(&self, secret_hash: &str, now_ms: i64) -> Option<Caller> {
+    /// The cached answer for a secret: its caller, or why it was refused.
+    pub fn get(&self, secret_hash: &str, now_ms: i64) -> Option<Result<Caller, String>> {
         let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         let current = self.generation();
         if c.generation != current {
             c.entries.clear();
+            c.refused.clear();
             c.generation = current;
             return None;
+        }
+        if let Some((why, at)) = c.refused.get(secret_hash)
+            && now_ms - at <= MAX_AGE_MS
+        {
+            return Some(Err(why.clone()));
         }
         let e = c.entries.get(secret_hash)?;
         if e.expires_at_ms != 0 && e.expires_at_ms <= now_ms {
@@ -102,7 +112,20 @@ impl CallerCache {
         if now_ms - e.cached_at_ms > MAX_AGE_MS {
             return None;
         }
-        Some(e.caller.clone())
+        Some(Ok(e.caller.clone()))
+    }
+
+    /// Remembers that the store refused a secret, unless something changed
+    /// since `seen`.
+    pub fn refuse(&self, secret_hash: String, why: String, seen: u64, now_ms: i64) {
+        let mut c = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if seen != self.generation() || c.generation != seen {
+            return;
+        }
+        if c.refused.len() >= MAX_ENTRIES {
+            c.refused.clear();
+        }
+        c.refused.insert(secret_hash, (why, now_ms));
     }
 
     pub fn insert(
@@ -120,6 +143,7 @@ impl CallerCache {
         if c.generation != seen || c.entries.len() >= MAX_ENTRIES {
             c.generation = seen;
             c.entries.clear();
+            c.refused.clear();
         }
         c.entries.insert(
             secret_hash,
@@ -143,5 +167,19 @@ mod tests {
         cache.insert("h".into(), Caller::system(), 0, seen, 1_000);
         assert!(cache.get("h", 1_000 + MAX_AGE_MS).is_some());
         assert!(cache.get("h", 1_001 + MAX_AGE_MS).is_none());
+    }
+
+    #[test]
+    fn a_refused_secret_is_answered_from_memory_until_something_changes() {
+        let cache = CallerCache::default();
+        let seen = cache.generation();
+        cache.refuse("bad".into(), "unknown token".into(), seen, 1_000);
+        assert_eq!(
+            cache.get("bad", 1_500),
+            Some(Err("unknown token".to_owned()))
+        );
+        assert!(cache.get("bad", 1_001 + MAX_AGE_MS).is_none());
+        cache.generation.fetch_add(1, Ordering::SeqCst);
+        assert!(cache.get("bad", 1_500).is_none());
     }
 }

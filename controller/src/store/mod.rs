@@ -141,11 +141,19 @@ impl Db {
     }
 }
 
+/// Enough for a data center's people signing in at the same moment; a
+/// flood of made-up tokens holds no more of the store than this.
+const SIGN_INS_AT_ONCE: usize = 8;
+/// How long a sign-in waits for its turn before it is refused.
+const SIGN_IN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Mutex<Db>>,
     queue: batch::Queue,
     callers: caller_cache::CallerCache,
+    /// Store lookups of secrets the cache does not know, at once.
+    sign_ins: Arc<tokio::sync::Semaphore>,
 }
 
 impl Store {
@@ -213,6 +221,7 @@ impl Store {
             queue: batch::spawn(db.clone())?,
             db,
             callers,
+            sign_ins: Arc::new(tokio::sync::Semaphore::new(SIGN_INS_AT_ONCE)),
         })
     }
 
@@ -242,17 +251,42 @@ impl Store {
     /// its user are unchanged since it was last read.
     pub async fn caller(&self, secret: &str, now_ms: i64) -> Result<Caller, ApiError> {
         let hash = crate::auth::hash_secret(secret);
-        if let Some(caller) = self.callers.get(&hash, now_ms) {
-            return Ok(caller);
+        let cached = |callers: &caller_cache::CallerCache| match callers.get(&hash, now_ms) {
+            Some(Ok(caller)) => Some(Ok(caller)),
+            Some(Err(why)) => Some(Err(ApiError::Unauthenticated(why))),
+            None => None,
+        };
+        if let Some(answer) = cached(&self.callers) {
+            return answer;
+        }
+        // Secrets not in the cache (mostly made-up ones in a flood) reach
+        // the store a few at a time, so they never queue in front of
+        // everyone's real work; the others wait a moment, then are refused.
+        let _permit = tokio::time::timeout(SIGN_IN_WAIT, self.sign_ins.acquire())
+            .await
+            .map_err(|_| ApiError::SignInsBusy)?
+            .map_err(|_| ApiError::SignInsBusy)?;
+        // The same token's other calls, made at once, were waiting too.
+        if let Some(answer) = cached(&self.callers) {
+            return answer;
         }
         let seen = self.callers.generation();
         let key = hash.clone();
-        let (caller, expires) = self
+        match self
             .run(move |c| identity::caller_for_hash(c, &key, now_ms))
-            .await?;
-        self.callers
-            .insert(hash, caller.clone(), expires, seen, now_ms);
-        Ok(caller)
+            .await
+        {
+            Ok((caller, expires)) => {
+                self.callers
+                    .insert(hash, caller.clone(), expires, seen, now_ms);
+                Ok(caller)
+            }
+            Err(ApiError::Unauthenticated(why)) => {
+                self.callers.refuse(hash, why.clone(), seen, now_ms);
+                Err(ApiError::Unauthenticated(why))
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Flushes of the write-ahead log so far: one per commit that held a
