@@ -22,9 +22,22 @@ for bin in betang-controller betang-agent betangctl; do
   install -m 0755 "$repo/target/release/$bin" "/usr/local/bin/$bin"
 done
 
+echo "==> the controller's own user"
+# The controller needs no privilege: it runs as betang and owns only its
+# store. The agent stays root (libvirt's system connection and the guests'
+# disks), cut down by its unit.
+if ! id -u betang >/dev/null 2>&1; then
+  useradd --system --user-group --home-dir /var/lib/betang/controller --no-create-home \
+    --shell /usr/sbin/nologin betang
+fi
+mkdir -p /var/lib/betang/controller
+# A store written while the controller ran as root is handed over.
+chown -R betang:betang /var/lib/betang/controller
+chmod 0700 /var/lib/betang/controller
+
 echo "==> image catalogue"
 images=/var/lib/betang/images
-mkdir -p "$images" /var/lib/betang/vms /var/lib/betang/controller /etc/betang /var/log/betang /run/betang
+mkdir -p "$images" /var/lib/betang/vms /etc/betang /var/log/betang /run/betang
 chmod 0755 /var/lib/betang "$images" /var/lib/betang/vms
 built=$("$here/build-test-image.sh")
 if ! cmp -s "$built" "$images/betang-test.qcow2"; then
@@ -61,9 +74,16 @@ pki=/etc/betang/pki
 betangctl pki init --dir "$pki" >/dev/null
 [ -f "$pki/betang-controller.pem" ] || betangctl pki issue betang-controller --dir "$pki" --san 127.0.0.1 >/dev/null
 [ -f "$pki/$host_id.pem" ] || betangctl pki issue "$host_id" --dir "$pki" --san 127.0.0.1 >/dev/null
+# The controller reads its configuration and its key through its group; the
+# CA's key and the agent's stay root's alone.
+chgrp betang /etc/betang/controller.toml "$pki/betang-controller-key.pem"
+chmod 0640 /etc/betang/controller.toml "$pki/betang-controller-key.pem"
+as_betang=(setpriv --reuid=betang --regid=betang --init-groups --bounding-set=-all)
 
 start_service() {
   local name=$1 bin=$2 conf=$3
+  shift 3
+  # The rest: what runs the binary as its user when systemd does not.
   if [ -d /run/systemd/system ] && command -v systemctl >/dev/null; then
     install -m 0644 "$here/systemd/$name.service" "/etc/systemd/system/$name.service"
     systemctl daemon-reload
@@ -73,15 +93,16 @@ start_service() {
   fi
   local pidfile=/run/betang/$name.pid
   if [ -f "$pidfile" ] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
+    # SIGTERM: it finishes the calls under way (at most 30 s) and exits.
     kill "$(cat "$pidfile")"
-    for _ in $(seq 1 50); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
+    for _ in $(seq 1 400); do kill -0 "$(cat "$pidfile")" 2>/dev/null || break; sleep 0.1; done
   fi
-  setsid "$bin" --config "$conf" >>"/var/log/betang/$name.log" 2>&1 </dev/null &
+  setsid "$@" "$bin" --config "$conf" >>"/var/log/betang/$name.log" 2>&1 </dev/null &
   echo $! >"$pidfile"
 }
 
 echo "==> starting the controller and the agent"
-start_service betang-controller /usr/local/bin/betang-controller /etc/betang/controller.toml
+start_service betang-controller /usr/local/bin/betang-controller /etc/betang/controller.toml "${as_betang[@]}"
 start_service betang-agent /usr/local/bin/betang-agent /etc/betang/agent.toml
 
 endpoint=http://$(sed -n 's/^listen = "\(.*\)"/\1/p' /etc/betang/controller.toml)
@@ -95,7 +116,7 @@ done
 # The first admin, once: its token goes into root's betangctl config.
 if ! betangctl whoami >/dev/null 2>&1; then
   echo "==> bootstrapping the first admin"
-  token=$(betang-controller --config /etc/betang/controller.toml bootstrap-admin 2>/dev/null)
+  token=$("${as_betang[@]}" betang-controller --config /etc/betang/controller.toml bootstrap-admin 2>/dev/null)
   echo "$token" | betangctl login --endpoint "$endpoint" --token-stdin >/dev/null
 fi
 institution=$(betangctl whoami | sed -n 's/^institution: *//p')

@@ -31,14 +31,30 @@ pub struct RunningAgent {
     pub metrics_addr: Option<SocketAddr>,
     pub vms: Arc<VmManager>,
     pub host: Arc<HostReporter>,
+    /// Tells the gRPC server to stop taking calls.
+    stop: tokio::sync::watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningAgent {
     pub fn shutdown(&mut self) {
-        for t in self.tasks.drain(..) {
+        for t in self.server.take().into_iter().chain(self.tasks.drain(..)) {
             t.abort();
         }
+    }
+
+    /// Stops taking calls and lets those under way (a VM being built, a
+    /// disk being received) finish for at most `within`; work cut short is
+    /// undone or picked up again, as after a crash. Guests keep running.
+    pub async fn drain(mut self, within: Duration) {
+        let _ = self.stop.send(true);
+        if let Some(server) = self.server.take()
+            && tokio::time::timeout(within, server).await.is_err()
+        {
+            warn!(?within, "calls still under way; stopping anyway");
+        }
+        self.shutdown();
     }
 }
 
@@ -162,7 +178,12 @@ pub async fn start_with(
         host: host.clone(),
     };
     let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
-    let mut builder = Server::builder();
+    // No time limit on a call: a disk stream lasts as long as the disk is
+    // large. A controller that vanished is noticed by its missing pings.
+    let mut builder = Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some(t) = &tls {
         builder = builder.tls_config(t.server())?;
     } else {
@@ -174,21 +195,23 @@ pub async fn start_with(
         } else {
             Ok
         };
+    let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgentServiceServer::with_interceptor(api, check))
-        .serve_with_incoming(
+        .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stop_rx.wait_for(|s| *s).await;
+            },
         );
-    let mut tasks = vec![
-        tokio::spawn(async move {
-            if let Err(e) = server.await {
-                warn!(error = %e, "agent gRPC server stopped");
-            }
-        }),
-        tokio::spawn(collector.run()),
-    ];
+    let server = Some(tokio::spawn(async move {
+        if let Err(e) = server.await {
+            warn!(error = %e, "agent gRPC server stopped");
+        }
+    }));
+    let mut tasks = vec![tokio::spawn(collector.run())];
     let mut metrics_addr = None;
     if let Some(at) = cfg.metrics_listen {
         let listener = betang_exposition::bind("metrics_listen", at).await?;
@@ -252,6 +275,8 @@ pub async fn start_with(
         metrics_addr,
         vms,
         host: registration_host,
+        stop,
+        server,
         tasks,
     })
 }

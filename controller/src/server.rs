@@ -45,15 +45,38 @@ pub struct RunningController {
     /// Where `/metrics` is served, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
     pub store: Store,
+    /// Tells both gRPC servers to stop taking calls.
+    stop: tokio::sync::watch::Sender<bool>,
+    servers: Vec<JoinHandle<()>>,
     tasks: Vec<JoinHandle<()>>,
 }
 
 impl RunningController {
     pub fn shutdown(&mut self) {
-        for t in self.tasks.drain(..) {
+        for t in self.servers.drain(..).chain(self.tasks.drain(..)) {
             t.abort();
         }
     }
+
+    /// Stops taking calls, lets those under way finish (for at most
+    /// `within`), then stops the rest. What they committed is on disk: the
+    /// store acknowledges a write only once it is.
+    pub async fn drain(mut self, within: Duration) {
+        let _ = self.stop.send(true);
+        let deadline = tokio::time::Instant::now() + within;
+        for server in std::mem::take(&mut self.servers) {
+            if tokio::time::timeout_at(deadline, server).await.is_err() {
+                warn!(?within, "calls still under way; stopping anyway");
+                break;
+            }
+        }
+        self.shutdown();
+    }
+}
+
+/// Resolves once `stop` says so (or its sender is gone).
+async fn stopped(mut stop: tokio::sync::watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
 }
 
 impl Drop for RunningController {
@@ -173,6 +196,7 @@ pub async fn start(
     ])?;
     reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
     let limits = cfg.limits;
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut user = bounded(Server::builder(), &limits);
     if let Some(t) = tls.as_ref().filter(|t| t.user_api) {
         user = user.tls_config(t.user_server())?;
@@ -195,8 +219,9 @@ pub async fn start(
         .add_service(
             AuditServiceServer::new(AuditApi { ctx: ctx.clone() }).max_decoding_message_size(most),
         )
-        .serve_with_incoming(
+        .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            stopped(stop_rx.clone()),
         );
 
     let (agent_reporter, agent_health, agent_reflection) =
@@ -216,8 +241,9 @@ pub async fn start(
             ctx,
             mutual_tls: tls.is_some(),
         }))
-        .serve_with_incoming(
+        .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(agent_listener).with_nodelay(Some(true)),
+            stopped(stop_rx),
         );
 
     let mut metrics_addr = None;
@@ -241,7 +267,7 @@ pub async fn start(
             }
         }));
     }
-    tasks.extend([
+    let servers = vec![
         tokio::spawn(async move {
             if let Err(e) = user_server.await {
                 warn!(error = %e, "user API server stopped");
@@ -252,6 +278,8 @@ pub async fn start(
                 warn!(error = %e, "agent API server stopped");
             }
         }),
+    ];
+    tasks.extend([
         tokio::spawn(reconciler.run()),
         tokio::spawn(mover.run()),
         tokio::spawn(prune_history(store.clone())),
@@ -268,6 +296,8 @@ pub async fn start(
         agent_addr,
         metrics_addr,
         store,
+        stop,
+        servers,
         tasks,
     })
 }

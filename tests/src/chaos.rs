@@ -198,7 +198,8 @@ fn write_controller_config(
              data_dir = {:?}\nhost_down_after_ms = 3000\nheartbeat_interval_ms = 300\n\
              reconcile_interval_ms = 300\nbuild_timeout_seconds = 120\n\
              move_stall_seconds = 10\nmove_give_up_seconds = 120\nusage_interval_ms = 0\n\
-             [tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
+             # Each round's calls come from one member's token at once.\n\
+             [limits]\nrequests_per_second = 0\n[tls]\nca = {:?}\ncert = {:?}\nkey = {:?}\n",
             dir.join("data").display().to_string(),
             pki.ca_cert().display().to_string(),
             files.cert.display().to_string(),

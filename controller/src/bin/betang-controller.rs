@@ -36,6 +36,21 @@ enum Cmd {
     },
 }
 
+/// The longest calls under way may take to finish once asked to stop; the
+/// systemd unit's `TimeoutStopSec` is longer.
+const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// SIGINT from a terminal, or SIGTERM from systemd or `kill`.
+async fn stop_requested() -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -59,10 +74,12 @@ async fn main() -> anyhow::Result<()> {
             let agent_listener = tokio::net::TcpListener::bind(cfg.agent_listen)
                 .await
                 .with_context(|| format!("binding {}", cfg.agent_listen))?;
-            let _controller =
+            let controller =
                 betang_controller::server::start(cfg, listener, agent_listener).await?;
-            tokio::signal::ctrl_c().await?;
-            tracing::info!("shutting down");
+            stop_requested().await?;
+            tracing::info!("stopping: no new calls; finishing those under way");
+            controller.drain(DRAIN_WITHIN).await;
+            tracing::info!("stopped");
         }
         Cmd::BootstrapAdmin {
             username,

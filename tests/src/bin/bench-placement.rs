@@ -73,7 +73,8 @@ async fn start_controller(dir: &Path) -> anyhow::Result<Controller> {
         format!(
             "listen = \"127.0.0.1:{api}\"\nagent_listen = \"127.0.0.1:{registry}\"\n\
              data_dir = \"{}\"\nhost_down_after_ms = 10000\nheartbeat_interval_ms = 2000\n\
-             reconcile_interval_ms = 1000\n",
+             reconcile_interval_ms = 1000\n\
+             # One token drives the whole benchmark.\n[limits]\nrequests_per_second = 0\n",
             dir.join("data").display()
         ),
     )?;
