@@ -22,17 +22,20 @@ pub struct Registration {
     pub host: Arc<HostReporter>,
     pub vms: Arc<VmManager>,
     pub interval: Duration,
+    /// The revoked certificates, refreshed from each answer.
+    pub revoked: Arc<crate::tls::Revoked>,
 }
 
 impl Registration {
     async fn register(&self, client: &mut RegistryServiceClient<Channel>) -> anyhow::Result<()> {
         let info = self.host.info(&self.vms).await?;
-        client
+        let answer = client
             .register_host(RegisterHostRequest {
                 info: Some(info),
                 agent_endpoint: self.advertise.clone(),
             })
             .await?;
+        self.revoked.replace(answer.into_inner().revoked_serials);
         info!(host_id = %self.host.host_id(), "registered with the controller");
         Ok(())
     }
@@ -145,7 +148,10 @@ impl Registration {
                 hypervisor_problem_since_ms: problem.as_ref().map_or(0, |p| p.1),
             };
             match client.heartbeat(hb).await {
-                Ok(_) => self.host.heartbeat_accepted(),
+                Ok(answer) => {
+                    self.revoked.replace(answer.into_inner().revoked_serials);
+                    self.host.heartbeat_accepted();
+                }
                 Err(s) if s.code() == tonic::Code::NotFound => {
                     warn!("controller does not know this host; registering again");
                     registered = false;

@@ -189,12 +189,17 @@ pub async fn start_with(
     } else {
         warn!("no [tls] configured: anyone who reaches this port can drive the guests");
     }
-    let check: fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> =
-        if tls.is_some() {
-            crate::tls::only_controller
-        } else {
-            Ok
-        };
+    let revoked = Arc::new(crate::tls::Revoked::default());
+    let check = {
+        let (revoked, mutual_tls) = (revoked.clone(), tls.is_some());
+        move |req| {
+            if mutual_tls {
+                crate::tls::only_controller(&revoked, req)
+            } else {
+                Ok(req)
+            }
+        }
+    };
     let (stop, mut stop_rx) = tokio::sync::watch::channel(false);
     let server = builder
         .add_service(health_service)
@@ -252,6 +257,7 @@ pub async fn start_with(
         host,
         vms: vms.clone(),
         interval: Duration::from_millis(cfg.heartbeat_interval_ms),
+        revoked,
     };
     tasks.push(tokio::spawn(registration.run()));
 

@@ -61,8 +61,50 @@ fn peer_name(req: &tonic::Request<()>) -> Option<String> {
     })
 }
 
-/// Interceptor: only the controller may call the agent.
-pub fn only_controller(req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+/// Serials (lowercase hex) of the installation's revoked certificates, as
+/// the controller last listed them.
+#[derive(Debug, Default)]
+pub struct Revoked(std::sync::RwLock<std::collections::HashSet<String>>);
+
+impl Revoked {
+    pub fn replace(&self, serials: Vec<String>) {
+        let mut set = self.0.write().unwrap_or_else(|p| p.into_inner());
+        if set.len() != serials.len() {
+            tracing::info!(
+                revoked = serials.len(),
+                "revoked certificates from the controller"
+            );
+        }
+        *set = serials.into_iter().collect();
+    }
+
+    fn holds(&self, req: &tonic::Request<()>) -> Option<String> {
+        let der = req.peer_certs()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(der.first()?.as_ref()).ok()?;
+        let serial: String = cert
+            .raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        self.0
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains(&serial)
+            .then_some(serial)
+    }
+}
+
+/// Interceptor: only the controller may call the agent, and not with a
+/// revoked certificate.
+pub fn only_controller(
+    revoked: &Revoked,
+    req: tonic::Request<()>,
+) -> Result<tonic::Request<()>, tonic::Status> {
+    if let Some(serial) = revoked.holds(&req) {
+        return Err(tonic::Status::permission_denied(format!(
+            "certificate {serial} has been revoked"
+        )));
+    }
     match peer_name(&req) {
         Some(n) if n == CONTROLLER_NAME => Ok(req),
         Some(n) => Err(tonic::Status::permission_denied(format!(

@@ -4,6 +4,7 @@
 pub mod agents;
 pub mod api;
 pub mod auth;
+pub mod certs;
 pub mod config;
 pub mod error;
 pub mod ids;

@@ -240,6 +240,33 @@ fn read_figures(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Store
     })
 }
 
+/// When each certificate the controller knows expires.
+#[derive(Debug)]
+struct CertCollector(Arc<crate::certs::CertWatch>);
+
+impl Collector for CertCollector {
+    fn encode(&self, mut e: DescriptorEncoder) -> Result<(), Error> {
+        let rows: Vec<(Labels, i64)> = self
+            .0
+            .expiries()
+            .into_iter()
+            .map(|x| {
+                (
+                    vec![("name", x.name), ("role", x.role.to_owned())],
+                    x.not_after_ms / 1000,
+                )
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "betang_certificate_expires_timestamp_seconds",
+            "When a certificate of the installation expires: the controller's own, and each \
+             host's as it last presented it.",
+            &rows,
+        )
+    }
+}
+
 /// Renders the last figures read; `ControllerMetrics::render` fills them in
 /// just before encoding.
 #[derive(Debug)]
@@ -489,7 +516,13 @@ pub struct ControllerMetrics {
 }
 
 impl ControllerMetrics {
-    pub fn new(store: Store, ratios: Ratios, policy: Policy, down_after_ms: i64) -> Self {
+    pub fn new(
+        store: Store,
+        ratios: Ratios,
+        policy: Policy,
+        down_after_ms: i64,
+        certs: Arc<crate::certs::CertWatch>,
+    ) -> Self {
         let rpc = Arc::new(RpcMetrics::new());
         let figures = Arc::new(Mutex::new(Arc::new(StoreFigures::default())));
         let mut registry = Registry::default();
@@ -508,6 +541,7 @@ impl ControllerMetrics {
             ratios,
             policy,
         }));
+        registry.register_collector(Box::new(CertCollector(certs)));
         ControllerMetrics {
             rpc,
             registry,

@@ -95,6 +95,75 @@ impl PkiDir {
         write_public(&files.cert, &cert.pem())?;
         Ok(files)
     }
+
+    /// The certificates revoked so far, beside the CA: one line each,
+    /// `SERIAL NAME REVOKED_AT_MS`, the serial in lowercase hex. The
+    /// controller reads it again whenever it changes.
+    pub fn revoked_list(&self) -> PathBuf {
+        self.0.join(REVOKED_LIST)
+    }
+
+    /// Revokes the certificate now in `NAME.pem` (a retired host, a key that
+    /// got out). Answers its serial. Issuing again gives a new one.
+    pub fn revoke(&self, name: &str, now_ms: i64) -> anyhow::Result<String> {
+        check_name(name)?;
+        let files = self.files(name);
+        let pem = std::fs::read(&files.cert)
+            .with_context(|| format!("no certificate {}", files.cert.display()))?;
+        let (_, p) = x509_parser::pem::parse_x509_pem(&pem)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", files.cert.display()))?;
+        let serial = serial_of(&p.contents)
+            .with_context(|| format!("{}: not a certificate", files.cert.display()))?;
+        let list = self.revoked_list();
+        let mut text = match std::fs::read_to_string(&list) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => return Err(e).with_context(|| format!("reading {}", list.display())),
+        };
+        if !text
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some(serial.as_str()))
+        {
+            text.push_str(&format!("{serial} {name} {now_ms}\n"));
+            write_public(&list, &text)?;
+        }
+        Ok(serial)
+    }
+}
+
+/// The revoked list's file name, beside `ca.pem`.
+pub const REVOKED_LIST: &str = "revoked.txt";
+
+/// A certificate's serial (DER), lowercase hex, as the revoked list has it.
+pub fn serial_of(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.raw_serial()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect(),
+    )
+}
+
+/// When a certificate (DER) expires, in ms since the epoch.
+pub fn not_after_ms(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_after.timestamp() * 1000)
+}
+
+/// The serials in a revoked list.
+pub fn read_revoked(path: &Path) -> std::io::Result<std::collections::HashSet<String>> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Default::default()),
+        Err(e) => return Err(e),
+    };
+    Ok(text
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|s| !s.starts_with('#'))
+        .map(str::to_owned)
+        .collect())
 }
 
 fn validity(p: &mut CertificateParams, days: u64) {

@@ -161,6 +161,7 @@ pub async fn start(
         moves: move_wake.clone(),
         rebooting: Arc::default(),
         limits: Arc::new(crate::limits::RateLimits::new(&cfg.limits)),
+        certs: Arc::new(crate::certs::CertWatch::new(cfg.tls.as_ref())?),
     };
     let budgets = ctx.limits.clone();
     let mover = Arc::new(crate::moves::Mover::new(
@@ -187,6 +188,7 @@ pub async fn start(
         cfg.overcommit,
         cfg.placement,
         cfg.host_down_after_ms as i64,
+        ctx.certs.clone(),
     ));
     let (reporter, health, reflection) = health_and_reflection(&[
         <VpsServiceServer<VpsApi> as NamedService>::NAME,

@@ -6,11 +6,12 @@ set -euo pipefail
 # Run: libvirtd with the QEMU driver, QEMU itself, qemu-img.
 # Test guest: dosfstools, mtools, syslinux and cpio build the offline image.
 # Monitoring tests: prometheus (the server, and promtool to check metrics,
-# rules and the scrape configuration).
+# rules and the scrape configuration). systemd: systemd-analyze rates the
+# units' hardening.
 BETANG_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils protobuf-compiler pkg-config gcc
-  dosfstools mtools syslinux syslinux-common cpio prometheus
+  dosfstools mtools syslinux syslinux-common cpio prometheus systemd
 )
 
 missing_packages() {

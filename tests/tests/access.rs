@@ -609,6 +609,22 @@ async fn tokens_expire_and_can_be_revoked() -> anyhow::Result<()> {
         .clone()
         .who_am_i(WhoAmIRequest {})
         .await?;
+    // Each token's use is recorded, with the address it came from.
+    let long_id = long.token.clone().unwrap().id;
+    let used = betang_tests::eventually(T, "the long token's use recorded", || async {
+        let list = member
+            .identity
+            .clone()
+            .list_tokens(ListTokensRequest::default())
+            .await
+            .ok()?
+            .into_inner();
+        list.tokens
+            .into_iter()
+            .find(|t| t.id == long_id && t.last_used_at_ms != 0)
+    })
+    .await?;
+    assert_eq!(used.last_used_from, "127.0.0.1");
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let err = with_short
         .identity

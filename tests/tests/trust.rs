@@ -8,12 +8,14 @@ use betang_agent::{
     config::{AgentConfig, CapacityConfig, DomainTypeSetting, NetworkConfig},
     hypervisor::{Hypervisor, LibvirtHypervisor},
 };
-use betang_controller::pki::PkiDir;
+use betang_controller::pki::{CONTROLLER_NAME, PkiDir};
 use betang_proto::v1::{
-    HeartbeatRequest, HostInfoRequest, HostInfoResponse, RegisterHostRequest,
+    HeartbeatRequest, HostInfoRequest, HostInfoResponse, HostState, RegisterHostRequest,
     agent_service_client::AgentServiceClient, registry_service_client::RegistryServiceClient,
 };
-use betang_tests::{Cluster, ClusterOptions, agent_tls, make_image_dir, mtls_channel};
+use betang_tests::{
+    Cluster, ClusterOptions, agent_tls, http_get, make_image_dir, mtls_channel, sample,
+};
 use tonic::Code;
 
 /// A refused peer may get an error or no answer at all; either way the call
@@ -312,5 +314,88 @@ async fn the_user_api_can_be_served_over_tls() -> anyhow::Result<()> {
             .is_err(),
     };
     assert!(refused, "plaintext still answered");
+    Ok(())
+}
+
+/// A revoked certificate stops working at the next heartbeat and a new one
+/// is taken at once: `betangctl pki revoke` on a host's certificate makes
+/// the controller refuse that host (it goes DOWN); on the controller's own,
+/// the agents, told by the controller, refuse calls made with it. The
+/// controller shows when each certificate it knows expires.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_revoked_certificate_is_refused_and_a_new_one_is_taken() -> anyhow::Result<()> {
+    let mut cluster = Cluster::start(ClusterOptions::default()).await?;
+    let host = cluster.hosts[0].host_id.clone();
+    cluster.wait_host_state(&host, HostState::Up).await?;
+    let metrics = cluster
+        .controller
+        .as_ref()
+        .and_then(|c| c.metrics_addr)
+        .expect("metrics_listen is set");
+    let body = http_get(metrics, "/metrics").await?;
+    let now_s = betang_controller::now_ms() as f64 / 1000.0;
+    for (name, role) in [(host.as_str(), "host"), (CONTROLLER_NAME, "controller")] {
+        let at = sample(
+            &body,
+            "betang_certificate_expires_timestamp_seconds",
+            &[("name", name), ("role", role)],
+        )
+        .unwrap_or_else(|| panic!("{name}'s expiry in {body}"));
+        let days = (at - now_s) / 86_400.0;
+        assert!((395.0..=397.0).contains(&days), "{name}: {days} days");
+    }
+
+    // The host's certificate, revoked: refused, and the host goes DOWN.
+    let now = betang_controller::now_ms();
+    cluster.pki.revoke(&host, now)?;
+    cluster.wait_host_state(&host, HostState::Down).await?;
+    // Its own heartbeat says why.
+    let ch = mtls_channel(
+        &cluster.agent_endpoint,
+        &cluster.pki,
+        &host,
+        CONTROLLER_NAME,
+    )
+    .await?;
+    let err = RegistryServiceClient::new(ch)
+        .heartbeat(HeartbeatRequest {
+            host_id: host.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied);
+    assert!(
+        err.message().contains("has been revoked"),
+        "{}",
+        err.message()
+    );
+    // A new certificate: the agent restarted with it is back.
+    cluster.pki.issue(&host, &["127.0.0.1".into()])?;
+    cluster.stop_agent(0);
+    cluster.start_agent(0).await?;
+    cluster.wait_host_state(&host, HostState::Up).await?;
+
+    // The controller's certificate, revoked: the other agent refuses it
+    // once told (with its next heartbeat), and takes the new one.
+    let other = cluster.hosts[1].host_id.clone();
+    let agent = format!("https://{}", cluster.hosts[1].agent.as_ref().unwrap().addr);
+    cluster.pki.revoke(CONTROLLER_NAME, now)?;
+    betang_tests::eventually(Duration::from_secs(30), "the agent refuses it", || async {
+        let ch = mtls_channel(&agent, &cluster.pki, CONTROLLER_NAME, &other)
+            .await
+            .ok()?;
+        let err = AgentServiceClient::new(ch)
+            .host_info(HostInfoRequest {})
+            .await
+            .err()?;
+        (err.code() == Code::PermissionDenied && err.message().contains("revoked")).then_some(())
+    })
+    .await?;
+    cluster.pki.issue(CONTROLLER_NAME, &["127.0.0.1".into()])?;
+    let ch = mtls_channel(&agent, &cluster.pki, CONTROLLER_NAME, &other).await?;
+    AgentServiceClient::new(ch)
+        .host_info(HostInfoRequest {})
+        .await?;
     Ok(())
 }

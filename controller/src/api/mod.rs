@@ -34,6 +34,8 @@ pub struct Ctx {
     pub rebooting: Arc<Rebooting>,
     /// Each token's request budget.
     pub limits: Arc<crate::limits::RateLimits>,
+    /// Revoked certificates and when those seen expire.
+    pub certs: Arc<crate::certs::CertWatch>,
 }
 
 /// The VPS being rebooted: a reboot is one call to the agent, so this is
@@ -96,8 +98,15 @@ impl Ctx {
     /// The caller behind the request's bearer token.
     pub async fn caller<T>(&self, req: &tonic::Request<T>) -> Result<Caller, ApiError> {
         let secret = auth::bearer(req.metadata())?;
-        let caller = self.store.caller(&secret, now_ms()).await?;
-        self.limits.check(&auth::hash_secret(&secret))?;
+        let now = now_ms();
+        let caller = self.store.caller(&secret, now).await?;
+        let hash = auth::hash_secret(&secret);
+        self.limits.check(&hash)?;
+        let from = req
+            .remote_addr()
+            .map(|a| a.ip().to_string())
+            .unwrap_or_default();
+        self.store.note_token_use(hash, from, now);
         Ok(caller)
     }
 }

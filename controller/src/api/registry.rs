@@ -23,7 +23,12 @@ impl RegistryApi {
         }
         let name = peer.as_deref().and_then(|c| pki::peer_name(c));
         match name {
-            Some(n) if n == host.as_str() => Ok(()),
+            Some(n) if n == host.as_str() => {
+                let der = peer.as_deref().and_then(|c| c.first());
+                self.ctx
+                    .certs
+                    .admit(host.as_str(), der.map_or(&[][..], |d| d.as_ref()))
+            }
             Some(n) => Err(ApiError::PermissionDenied(format!(
                 "this certificate is for {n}, not for host {host}"
             ))),
@@ -90,6 +95,7 @@ impl RegistryService for RegistryApi {
         self.ctx.wake.notify_one();
         Ok(Response::new(RegisterHostResponse {
             heartbeat_interval_ms: self.ctx.cfg.heartbeat_interval_ms,
+            revoked_serials: self.ctx.certs.revoked_serials(),
         }))
     }
 
@@ -111,6 +117,8 @@ impl RegistryService for RegistryApi {
                 Ok(())
             })
             .await?;
-        Ok(Response::new(HeartbeatResponse {}))
+        Ok(Response::new(HeartbeatResponse {
+            revoked_serials: self.ctx.certs.revoked_serials(),
+        }))
     }
 }

@@ -503,6 +503,14 @@ enum PkiCmd {
         #[arg(long)]
         san: Vec<String>,
     },
+    /// Revoke the certificate now issued to a host id (a retired host, a key
+    /// that got out): the controller refuses it from then on, and tells
+    /// the agents. `pki issue` gives the host a new one.
+    Revoke {
+        name: String,
+        #[arg(long, default_value = "/etc/betang/pki")]
+        dir: PathBuf,
+    },
 }
 
 /// The config file: where the controller is and how to prove who you are.
@@ -1346,16 +1354,22 @@ async fn main() -> anyhow::Result<()> {
                 .await
                 .map_err(status_error)?;
             println!(
-                "{:<20}  {:<36}  {:<16}  {:<24}  REVOKED",
-                "ID", "USER", "NAME", "EXPIRES"
+                "{:<20}  {:<36}  {:<16}  {:<24}  {:<24}  {:<15}  REVOKED",
+                "ID", "USER", "NAME", "EXPIRES", "LAST USED", "FROM"
             );
             for t in &list.get_ref().tokens {
                 println!(
-                    "{:<20}  {:<36}  {:<16}  {:<24}  {}",
+                    "{:<20}  {:<36}  {:<16}  {:<24}  {:<24}  {:<15}  {}",
                     t.id,
                     t.user_id,
                     t.name,
                     ms_to_text(t.expires_at_ms),
+                    ms_to_text(t.last_used_at_ms),
+                    if t.last_used_from.is_empty() {
+                        "-"
+                    } else {
+                        &t.last_used_from
+                    },
                     ms_to_text(t.revoked_at_ms)
                 );
             }
@@ -1439,6 +1453,14 @@ fn pki(cmd: &PkiCmd) -> anyhow::Result<()> {
         PkiCmd::Issue { name, dir, san } => {
             let files = PkiDir(dir.clone()).issue(name, san)?;
             println!("{}\n{}", files.cert.display(), files.key.display());
+        }
+        PkiCmd::Revoke { name, dir } => {
+            let pki = PkiDir(dir.clone());
+            let serial = pki.revoke(name, betang_controller::now_ms())?;
+            println!(
+                "revoked {name} (serial {serial}) in {}",
+                pki.revoked_list().display()
+            );
         }
     }
     Ok(())

@@ -32,7 +32,8 @@ END;
 CREATE TEMP TRIGGER identity_user_removed AFTER DELETE ON main.users BEGIN
     SELECT betang_identity_changed();
 END;
-CREATE TEMP TRIGGER identity_token_changed AFTER UPDATE ON main.tokens BEGIN
+CREATE TEMP TRIGGER identity_token_changed
+AFTER UPDATE OF user_id, secret_sha256, expires_at_ms, revoked_at_ms ON main.tokens BEGIN
     SELECT betang_identity_changed();
 END;
 CREATE TEMP TRIGGER identity_token_removed AFTER DELETE ON main.tokens BEGIN

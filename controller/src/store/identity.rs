@@ -663,10 +663,22 @@ fn token_row(r: &Row<'_>) -> rusqlite::Result<Token> {
         created_at_ms: r.get(3)?,
         expires_at_ms: r.get(4)?,
         revoked_at_ms: r.get(5)?,
+        last_used_at_ms: r.get(6)?,
+        last_used_from: r.get(7)?,
     })
 }
 
-const TOKEN_COLS: &str = "id, user_id, name, created_at_ms, expires_at_ms, revoked_at_ms";
+const TOKEN_COLS: &str = "id, user_id, name, created_at_ms, expires_at_ms, revoked_at_ms, last_used_at_ms, last_used_from";
+
+/// Records that the token with this secret hash was used, when and from
+/// where. Not a change of who the caller is: the caller cache stays.
+pub fn note_token_use(c: &Connection, hash: &str, from: &str, now_ms: i64) -> Result<(), ApiError> {
+    c.prepare_cached(
+        "UPDATE tokens SET last_used_at_ms = ?2, last_used_from = ?3 WHERE secret_sha256 = ?1",
+    )?
+    .execute(params![hash, now_ms, from])?;
+    Ok(())
+}
 
 /// The longest a token may live unless the controller's
 /// `max_token_lifetime_days` says otherwise: every token expires.

@@ -18,6 +18,7 @@ pub mod transitions;
 pub mod vps;
 
 use std::{
+    collections::HashMap,
     ops::{Deref, DerefMut},
     path::Path,
     sync::{Arc, Mutex},
@@ -40,6 +41,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0006_usage_history.sql")),
     M::up(include_str!("../../migrations/0007_durable_moves.sql")),
     M::up(include_str!("../../migrations/0008_hung_guests.sql")),
+    M::up(include_str!("../../migrations/0009_token_use.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the
@@ -144,6 +146,8 @@ impl Db {
 /// Enough for a data center's people signing in at the same moment; a
 /// flood of made-up tokens holds no more of the store than this.
 const SIGN_INS_AT_ONCE: usize = 8;
+/// How often a token's use is written at most.
+const TOKEN_USE_EVERY_MS: i64 = 60_000;
 /// How long a sign-in waits for its turn before it is refused.
 const SIGN_IN_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 
@@ -154,6 +158,8 @@ pub struct Store {
     callers: caller_cache::CallerCache,
     /// Store lookups of secrets the cache does not know, at once.
     sign_ins: Arc<tokio::sync::Semaphore>,
+    /// When and from where each token's use was last written.
+    token_use: Arc<Mutex<HashMap<String, (i64, String)>>>,
 }
 
 impl Store {
@@ -222,6 +228,7 @@ impl Store {
             db,
             callers,
             sign_ins: Arc::new(tokio::sync::Semaphore::new(SIGN_INS_AT_ONCE)),
+            token_use: Arc::default(),
         })
     }
 
@@ -287,6 +294,34 @@ impl Store {
             }
             Err(e) => Err(e),
         }
+    }
+
+    /// Records a token's use (when, from which address) without holding up
+    /// the call: written at most once a minute per token, or when the
+    /// address changes, with the next batch's relaxed writes.
+    pub fn note_token_use(&self, secret_hash: String, from: String, now_ms: i64) {
+        {
+            let mut seen = self.token_use.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, addr)) = seen.get(&secret_hash)
+                && now_ms - at < TOKEN_USE_EVERY_MS
+                && *addr == from
+            {
+                return;
+            }
+            if seen.len() >= 10_000 {
+                seen.clear();
+            }
+            seen.insert(secret_hash.clone(), (now_ms, from.clone()));
+        }
+        let store = self.clone();
+        tokio::spawn(async move {
+            let written = store
+                .run(move |c| identity::note_token_use(c, &secret_hash, &from, now_ms))
+                .await;
+            if let Err(e) = written {
+                tracing::warn!(error = %e, "cannot record a token's use");
+            }
+        });
     }
 
     /// Flushes of the write-ahead log so far: one per commit that held a

@@ -1626,3 +1626,29 @@ fn the_store_files_are_the_owners_alone() {
     assert_eq!(mode(&cfg.data_dir.join("betang.db")), 0o600);
     assert_eq!(mode(&cfg.data_dir.join("betang.db-wal")), 0o600);
 }
+
+/// A token's use is recorded (when, from where) without counting as a
+/// change of who the caller is: cached callers stay, while a revocation
+/// still empties the cache.
+#[test]
+fn a_tokens_use_is_recorded_and_keeps_the_callers_cached() {
+    let s = Store::open_in_memory().unwrap();
+    let (admin, secret) = s
+        .run_sync(|c| identity::bootstrap_admin(c, "dc", "Data center", "root", NOW))
+        .unwrap();
+    let before = s.callers.generation();
+    let hash = crate::auth::hash_secret(&secret);
+    s.run_sync(move |c| identity::note_token_use(c, &hash, "192.0.2.7", NOW + 5))
+        .unwrap();
+    assert_eq!(s.callers.generation(), before, "the cache stays");
+    let id = admin.id.clone();
+    let tokens = s.run_sync(move |c| identity::list_tokens(c, &id)).unwrap();
+    assert_eq!(
+        (tokens[0].last_used_at_ms, tokens[0].last_used_from.as_str()),
+        (NOW + 5, "192.0.2.7")
+    );
+    let token = tokens[0].id.clone();
+    s.run_sync(move |c| identity::revoke_token(c, &Caller::system(), &token, NOW + 6))
+        .unwrap();
+    assert_ne!(s.callers.generation(), before, "a revocation empties it");
+}
