@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "betang/v1/host.proto",
         "betang/v1/agent.proto",
         "betang/v1/identity.proto",
+        "betang/v1/network.proto",
     ];
     tonic_prost_build::configure()
         // The descriptor set feeds the reflection service, so grpcurl works

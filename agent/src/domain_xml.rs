@@ -71,6 +71,10 @@ pub struct DomainSpec {
     pub seed_disk: PathBuf,
     pub serial_log: PathBuf,
     pub network: crate::config::NetworkConfig,
+    /// The VPS's own network, address and MAC: when present, it replaces
+    /// `network`, and libvirt's `clean-traffic` filter holds the guest to
+    /// that MAC and address.
+    pub attachment: Option<crate::attachment::Attachment>,
 }
 
 #[derive(Serialize)]
@@ -215,8 +219,35 @@ struct DiskTarget {
 struct Interface<'a> {
     #[serde(rename = "@type")]
     kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    mac: Option<Mac<'a>>,
     source: InterfaceSource<'a>,
     model: InterfaceModel,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    filterref: Option<FilterRef>,
+}
+
+#[derive(Serialize)]
+struct Mac<'a> {
+    #[serde(rename = "@address")]
+    address: &'a str,
+}
+
+/// libvirt's `clean-traffic`: no other MAC or IP from this guest, no ARP
+/// spoofing, no DHCP server of its own.
+#[derive(Serialize)]
+struct FilterRef {
+    #[serde(rename = "@filter")]
+    filter: &'static str,
+    parameter: FilterParameter,
+}
+
+#[derive(Serialize)]
+struct FilterParameter {
+    #[serde(rename = "@name")]
+    name: &'static str,
+    #[serde(rename = "@value")]
+    value: String,
 }
 
 #[derive(Serialize)]
@@ -282,24 +313,61 @@ impl DomainSpec {
     pub fn to_xml(&self) -> Result<String> {
         use crate::config::NetworkConfig;
         let serial_path = path_string(&self.serial_log)?;
-        let interface = match &self.network {
-            NetworkConfig::None => None,
-            NetworkConfig::Network { source } => Some(Interface {
-                kind: "network",
-                source: InterfaceSource {
+        let plain = |kind, source| Interface {
+            kind,
+            mac: None,
+            source,
+            model: InterfaceModel { kind: "virtio" },
+            filterref: None,
+        };
+        let interface = match (&self.attachment, &self.network) {
+            (Some(a), _) => {
+                use crate::attachment::AttachKind;
+                let (kind, source) = match a.kind {
+                    AttachKind::Bridge => (
+                        "bridge",
+                        InterfaceSource {
+                            network: None,
+                            bridge: Some(&a.source),
+                        },
+                    ),
+                    AttachKind::Network => (
+                        "network",
+                        InterfaceSource {
+                            network: Some(&a.source),
+                            bridge: None,
+                        },
+                    ),
+                };
+                Some(Interface {
+                    kind,
+                    mac: Some(Mac { address: &a.mac }),
+                    source,
+                    model: InterfaceModel { kind: "virtio" },
+                    filterref: Some(FilterRef {
+                        filter: "clean-traffic",
+                        parameter: FilterParameter {
+                            name: "IP",
+                            value: a.ip.to_string(),
+                        },
+                    }),
+                })
+            }
+            (None, NetworkConfig::None) => None,
+            (None, NetworkConfig::Network { source }) => Some(plain(
+                "network",
+                InterfaceSource {
                     network: Some(source),
                     bridge: None,
                 },
-                model: InterfaceModel { kind: "virtio" },
-            }),
-            NetworkConfig::Bridge { source } => Some(Interface {
-                kind: "bridge",
-                source: InterfaceSource {
+            )),
+            (None, NetworkConfig::Bridge { source }) => Some(plain(
+                "bridge",
+                InterfaceSource {
                     network: None,
                     bridge: Some(source),
                 },
-                model: InterfaceModel { kind: "virtio" },
-            }),
+            )),
         };
         let doc = Domain {
             kind: self.domain_type.as_str(),
@@ -424,7 +492,35 @@ mod tests {
             seed_disk: "/var/lib/betang/vms/x/seed.img".into(),
             serial_log: "/var/lib/betang/vms/x/console.log".into(),
             network: NetworkConfig::None,
+            attachment: None,
         }
+    }
+
+    #[test]
+    fn an_attachment_brings_its_mac_and_the_traffic_filter() {
+        let mut s = spec("web");
+        s.network = NetworkConfig::Bridge {
+            source: "br0".into(),
+        };
+        s.attachment = Some(
+            crate::attachment::Attachment::from_proto(&betang_proto::v1::NetworkAttachment {
+                network: "internal".into(),
+                ip_address: "198.18.0.2".into(),
+                prefix_len: 28,
+                mac_address: "52:54:00:0a:0b:0c".into(),
+                attach_kind: "bridge".into(),
+                attach_source: "br-test".into(),
+                ..Default::default()
+            })
+            .unwrap(),
+        );
+        let xml = s.to_xml().unwrap();
+        assert!(
+            xml.contains(
+                r#"<interface type="bridge"><mac address="52:54:00:0a:0b:0c"/><source bridge="br-test"/><model type="virtio"/><filterref filter="clean-traffic"><parameter name="IP" value="198.18.0.2"/></filterref></interface>"#
+            ),
+            "{xml}"
+        );
     }
 
     #[test]

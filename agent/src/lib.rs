@@ -1,6 +1,7 @@
 //! betang-agent: runs on every host, converges libvirt guests to the state the
 //! controller asks for, and reports what they use.
 
+pub mod attachment;
 pub mod config;
 pub mod digests;
 pub mod disks;

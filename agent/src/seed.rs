@@ -16,6 +16,8 @@ pub struct SeedContent {
     pub hostname: String,
     pub ssh_public_key: String,
     pub user_data: String,
+    /// Written as `network-config` when the VPS has a Betang network.
+    pub network: Option<crate::attachment::Attachment>,
 }
 
 impl SeedContent {
@@ -78,10 +80,17 @@ impl SeedContent {
         let fs = fatfs::FileSystem::new(&mut file, fatfs::FsOptions::new()).map_err(seed_err)?;
         {
             let root = fs.root_dir();
+            let network = self
+                .network
+                .as_ref()
+                .map(|a| ("network-config", a.network_config()));
             for (name, body) in [
                 ("meta-data", self.meta_data()),
                 ("user-data", self.user_data()),
-            ] {
+            ]
+            .into_iter()
+            .chain(network)
+            {
                 let mut f = root.create_file(name).map_err(seed_err)?;
                 f.truncate().map_err(seed_err)?;
                 f.write_all(body.as_bytes()).map_err(seed_err)?;
@@ -109,6 +118,7 @@ mod tests {
             hostname: "web-01".into(),
             ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB user@opd".into(),
             user_data: "#cloud-config\npackages: [nginx]\n".into(),
+            network: None,
         }
     }
 
@@ -138,6 +148,40 @@ mod tests {
             .unwrap();
         assert!(user.starts_with("#cloud-config\nssh_authorized_keys:\n  - \"ssh-ed25519 "));
         assert!(user.ends_with("packages: [nginx]\n"), "{user}");
+        assert!(
+            fs.root_dir().open_file("network-config").is_err(),
+            "no network-config without a network"
+        );
+    }
+
+    #[test]
+    fn a_network_brings_its_network_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seed.img");
+        let mut c = content();
+        let a = crate::attachment::Attachment::from_proto(&betang_proto::v1::NetworkAttachment {
+            network: "internal".into(),
+            ip_address: "198.18.0.9".into(),
+            prefix_len: 24,
+            mac_address: "52:54:00:0a:0b:0c".into(),
+            attach_kind: "network".into(),
+            attach_source: "default".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        c.network = Some(a.clone());
+        c.write_image(&path).unwrap();
+        let fs =
+            fatfs::FileSystem::new(std::fs::File::open(&path).unwrap(), fatfs::FsOptions::new())
+                .unwrap();
+        let mut config = String::new();
+        fs.root_dir()
+            .open_file("network-config")
+            .unwrap()
+            .read_to_string(&mut config)
+            .unwrap();
+        assert_eq!(config, a.network_config());
+        assert!(config.contains("\"198.18.0.9/24\""), "{config}");
     }
 
     #[test]

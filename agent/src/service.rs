@@ -94,6 +94,11 @@ impl AgentService for AgentApi {
                 institution_id: names::check_institution_id(&r.institution_id)
                     .map_err(AgentError::from)?,
                 image_digest: names::check_digest(&r.image_digest).map_err(AgentError::from)?,
+                attachment: r
+                    .attachment
+                    .as_ref()
+                    .map(crate::attachment::Attachment::from_proto)
+                    .transpose()?,
             })
             .await?;
         Ok(Response::new(status))

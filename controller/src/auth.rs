@@ -66,9 +66,11 @@ pub enum Permission {
     ManageUsers,
     /// Create, list and revoke tokens of other users.
     ManageAllTokens,
+    /// Define networks and grant them to institutions.
+    ManageNetworks,
 }
 
-pub const ALL_PERMISSIONS: [Permission; 10] = [
+pub const ALL_PERMISSIONS: [Permission; 11] = [
     Permission::OwnVps,
     Permission::AllVps,
     Permission::ViewHosts,
@@ -79,6 +81,7 @@ pub const ALL_PERMISSIONS: [Permission; 10] = [
     Permission::ManageInstitutions,
     Permission::ManageUsers,
     Permission::ManageAllTokens,
+    Permission::ManageNetworks,
 ];
 
 pub fn allowed(role: Role, p: Permission) -> bool {
@@ -87,7 +90,14 @@ pub fn allowed(role: Role, p: Permission) -> bool {
         Role::Member => matches!(p, OwnVps),
         Role::Operator => matches!(
             p,
-            OwnVps | AllVps | ViewHosts | ManageHosts | ViewInstitutions | SetQuota | ViewAudit
+            OwnVps
+                | AllVps
+                | ViewHosts
+                | ManageHosts
+                | ViewInstitutions
+                | SetQuota
+                | ViewAudit
+                | ManageNetworks
         ),
         Role::Admin => true,
     }

@@ -31,6 +31,9 @@ pub enum ApiError {
          may have; cancel one or wait for a decision"
     )]
     TooManyPending { institution: String, limit: u32 },
+    /// A network with no free address left.
+    #[error("{0}")]
+    NoAddress(String),
     /// A token past its request budget.
     #[error(
         "too many requests with this token; retry in {} s",
@@ -131,6 +134,7 @@ impl From<ApiError> for tonic::Status {
                 status
             }
             ApiError::SignInsBusy => tonic::Status::unavailable(msg),
+            ApiError::NoAddress(_) => tonic::Status::resource_exhausted(msg),
             ApiError::WrongState { .. } => tonic::Status::failed_precondition(msg),
             ApiError::Agent { .. } => tonic::Status::unavailable(msg),
             ApiError::Store(_) => {

@@ -294,6 +294,7 @@ pub fn ensure_request(v: &VpsRecord, desired: betang_proto::v1::PowerState) -> E
         force_stop: v.force_stop,
         institution_id: v.institution_id.clone().unwrap_or_default(),
         image_digest: v.image_digest.clone(),
+        attachment: v.attachment.clone(),
     }
 }
 

@@ -5,8 +5,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use betang_proto::v1::{
     audit_service_server::AuditServiceServer, host_service_server::HostServiceServer,
-    identity_service_server::IdentityServiceServer, registry_service_server::RegistryServiceServer,
-    vps_service_server::VpsServiceServer,
+    identity_service_server::IdentityServiceServer, network_service_server::NetworkServiceServer,
+    registry_service_server::RegistryServiceServer, vps_service_server::VpsServiceServer,
 };
 use tokio::{net::TcpListener, sync::Notify, task::JoinHandle};
 use tonic::{server::NamedService, transport::Server};
@@ -15,8 +15,8 @@ use tracing::{info, warn};
 use crate::{
     agents::AgentClients,
     api::{
-        Ctx, audit::AuditApi, hosts::HostApi, identity::IdentityApi, registry::RegistryApi,
-        vps::VpsApi,
+        Ctx, audit::AuditApi, hosts::HostApi, identity::IdentityApi, networks::NetworkApi,
+        registry::RegistryApi, vps::VpsApi,
     },
     config::ControllerConfig,
     metrics::{ControllerMetrics, RpcLayer},
@@ -195,6 +195,7 @@ pub async fn start(
         <HostServiceServer<HostApi> as NamedService>::NAME,
         <IdentityServiceServer<IdentityApi> as NamedService>::NAME,
         <AuditServiceServer<AuditApi> as NamedService>::NAME,
+        <NetworkServiceServer<NetworkApi> as NamedService>::NAME,
     ])?;
     reporter.set_serving::<VpsServiceServer<VpsApi>>().await;
     let limits = cfg.limits;
@@ -220,6 +221,10 @@ pub async fn start(
         )
         .add_service(
             AuditServiceServer::new(AuditApi { ctx: ctx.clone() }).max_decoding_message_size(most),
+        )
+        .add_service(
+            NetworkServiceServer::new(NetworkApi { ctx: ctx.clone() })
+                .max_decoding_message_size(most),
         )
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),

@@ -165,6 +165,16 @@ pub fn spec(s: &VpsSpec) -> Result<(), ApiError> {
     }
     image(&s.image)?;
     ssh_public_key(&s.ssh_public_key)?;
+    let network_ok = s.network.len() <= 32
+        && s.network
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-');
+    if !network_ok {
+        return Err(ApiError::invalid(
+            "network",
+            format!("{:?} is not a network name (a-z, 0-9, '-')", s.network),
+        ));
+    }
     if s.user_data.len() > MAX_USER_DATA {
         return Err(ApiError::invalid(
             "user_data",
@@ -190,6 +200,7 @@ mod tests {
             image: "debian-12".into(),
             ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIGx admin@opd".into(),
             user_data: "#cloud-config\n".into(),
+            network: String::new(),
         }
     }
 

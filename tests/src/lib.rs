@@ -552,6 +552,7 @@ impl Cluster {
             image: IMAGE.into(),
             ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAITestKeyOnly test@betang".into(),
             user_data: String::new(),
+            network: String::new(),
         }
     }
 
@@ -564,6 +565,7 @@ impl Cluster {
             institution_id: self.people.inst_a.clone(),
             host_id: String::new(),
             placement: None,
+            ip_address: String::new(),
         }
     }
 }

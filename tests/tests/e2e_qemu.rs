@@ -70,11 +70,13 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
                 image: "betang-test".into(),
                 ssh_public_key: "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIE2eTestKey e2e@betang".into(),
                 user_data: "#cloud-config\nruncmd: [echo hi]\n".into(),
+                network: String::new(),
             }),
             application: Some(application()),
             institution_id: String::new(),
             host_id: String::new(),
             placement: None,
+            ip_address: String::new(),
         })
         .await?
         .into_inner();

@@ -33,6 +33,7 @@ fn domain(hv: &SimulatedHypervisor, n: u32, vps_name: &str) -> String {
         seed_disk: "/nonexistent/seed.img".into(),
         serial_log: "/nonexistent/console.log".into(),
         network: NetworkConfig::None,
+        attachment: None,
     };
     hv.define(&spec.to_xml().unwrap()).unwrap();
     hv.start(&name).unwrap();

@@ -464,6 +464,7 @@ fn prepare_probe_disk(dir: &Path) -> Result<()> {
         hostname: "kvm-probe".into(),
         ssh_public_key: String::new(),
         user_data: String::new(),
+        network: None,
     }
     .write_image(&dir.join("seed.img"))
 }
@@ -495,6 +496,7 @@ fn probe_once(
         seed_disk: dir.join("seed.img"),
         serial_log: serial.clone(),
         network: crate::config::NetworkConfig::None,
+        attachment: None,
     }
     .to_xml()?;
     let conn = Connect::open(Some(uri))?;

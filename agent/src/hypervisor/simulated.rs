@@ -577,6 +577,7 @@ mod tests {
             seed_disk: "/v/seed.img".into(),
             serial_log: "/v/console.log".into(),
             network: crate::config::NetworkConfig::None,
+            attachment: None,
         }
     }
 

@@ -63,6 +63,8 @@ pub struct EnsureArgs {
     /// SHA-256 of the image the VPS was built on ("" for VPS recorded
     /// before digests were kept).
     pub image_digest: String,
+    /// Its network, address and MAC, when it has a Betang network.
+    pub attachment: Option<crate::attachment::Attachment>,
 }
 
 pub struct VmManager {
@@ -418,6 +420,7 @@ impl VmManager {
             hostname: args.spec.name.clone(),
             ssh_public_key: args.spec.ssh_public_key.clone(),
             user_data: args.spec.user_data.clone(),
+            network: args.attachment.clone(),
         };
         // Both disks in one trip to the blocking pool (and the domain in
         // one more): the hand-over costs more than a simulated host's work.
@@ -475,6 +478,7 @@ impl VmManager {
             seed_disk: dir.join(SEED_DISK),
             serial_log: dir.join(SERIAL_LOG),
             network: self.network.clone(),
+            attachment: args.attachment.clone(),
         }
         .to_xml()
     }
@@ -866,6 +870,7 @@ mod tests {
             force_stop: true,
             institution_id: "inst".into(),
             image_digest: digest.into(),
+            attachment: None,
         }
     }
 

@@ -5,6 +5,7 @@
 pub mod audit;
 pub mod hosts;
 pub mod identity;
+pub mod networks;
 pub mod registry;
 pub mod vps;
 

@@ -148,6 +148,7 @@ impl VpsService for VpsApi {
             institution_id: r.institution_id,
             pin: pin(&r.host_id)?,
             placement,
+            ip_address: r.ip_address,
         };
         let placement = self.ctx.placement();
         let now = now_ms();
@@ -417,6 +418,7 @@ impl VpsService for VpsApi {
             memory_mib: r.memory_mib,
             disk_gib: r.disk_gib,
             pin: pin(&r.host_id)?,
+            ip_address: r.ip_address,
         };
         let placement = self.ctx.placement();
         let now = now_ms();
@@ -459,6 +461,7 @@ impl VpsService for VpsApi {
             memory_mib: r.memory_mib,
             disk_gib: r.disk_gib,
             pin: None,
+            ip_address: String::new(),
         };
         let placement = self.ctx.placement();
         let now = now_ms();

@@ -11,7 +11,8 @@ use betang_proto::v1::{
     QuotaChange, RebootVpsRequest, RejectVpsRequest, RevokeTokenRequest, Role, SetEnabledRequest,
     SetQuotaRequest, StartVpsRequest, StopVpsRequest, User, Vps, VpsSpec, VpsState, WhoAmIRequest,
     audit_service_client::AuditServiceClient, host_service_client::HostServiceClient,
-    identity_service_client::IdentityServiceClient, vps_service_client::VpsServiceClient,
+    identity_service_client::IdentityServiceClient, network_service_client::NetworkServiceClient,
+    vps_service_client::VpsServiceClient,
 };
 use clap::{Parser, Subcommand};
 use serde::{Deserialize, Serialize};
@@ -65,6 +66,10 @@ enum Cmd {
     /// The audit trail (operators).
     #[command(subcommand)]
     Audit(AuditCmd),
+    /// Networks and the addresses VPS get on them (operators manage them;
+    /// members see those granted to their institution).
+    #[command(subcommand)]
+    Network(NetworkCmd),
     /// Reports for billing and planning.
     #[command(subcommand)]
     Report(ReportCmd),
@@ -147,6 +152,13 @@ enum VpsCmd {
         /// VPS of one group land on different hosts.
         #[arg(long, default_value = "")]
         anti_affinity_group: String,
+        /// The network it goes on (granted to its institution); without it,
+        /// the institution's default network.
+        #[arg(long, default_value = "")]
+        network: String,
+        /// Operators: this free address on its network.
+        #[arg(long, default_value = "")]
+        ip: String,
         /// Makes retries safe: the same id never creates a second VPS.
         #[arg(long)]
         request_id: Option<String>,
@@ -224,6 +236,9 @@ enum VpsCmd {
         disk_gib: u64,
         #[arg(long, default_value = "")]
         host: String,
+        /// This free address on its network.
+        #[arg(long, default_value = "")]
+        ip: String,
     },
     /// Operators: reject a request; the member sees the reason.
     Reject {
@@ -488,6 +503,56 @@ enum AuditCmd {
 }
 
 #[derive(Subcommand)]
+enum NetworkCmd {
+    /// Define a network: how hosts attach it and its IPv4 addresses.
+    Create {
+        name: String,
+        /// An IPv4 network, e.g. 198.18.0.0/24.
+        #[arg(long)]
+        cidr: String,
+        /// A Linux bridge of this name on each host...
+        #[arg(long, conflicts_with = "libvirt_network")]
+        bridge: Option<String>,
+        /// ...or a libvirt network of this name.
+        #[arg(long)]
+        libvirt_network: Option<String>,
+        #[arg(long, default_value = "")]
+        gateway: String,
+        /// A name server; may be repeated (at most 3).
+        #[arg(long)]
+        dns: Vec<String>,
+        /// Kept out of allocation: FIRST-LAST or one address; may be repeated.
+        #[arg(long)]
+        reserve: Vec<String>,
+        /// Hosts of this zone attach it; VPS on it are placed there.
+        #[arg(long, default_value = "")]
+        zone: String,
+        #[arg(long, default_value_t = 0)]
+        vlan: u32,
+    },
+    List,
+    Get {
+        name: String,
+    },
+    /// Let an institution put its VPS on a network.
+    Grant {
+        name: String,
+        /// By code or id.
+        #[arg(long)]
+        institution: String,
+        /// Its VPS get this network when they name none.
+        #[arg(long)]
+        default: bool,
+    },
+    /// Take a network back from an institution (its VPS keep their addresses).
+    Revoke {
+        name: String,
+        #[arg(long)]
+        institution: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum PkiCmd {
     /// Create the installation's CA in DIR unless it exists.
     Init {
@@ -576,6 +641,7 @@ struct Clients {
     hosts: HostServiceClient<Authed>,
     identity: IdentityServiceClient<Authed>,
     audit: AuditServiceClient<Authed>,
+    networks: NetworkServiceClient<Authed>,
 }
 
 async fn connect(cli: &Cli) -> anyhow::Result<Clients> {
@@ -620,7 +686,8 @@ async fn connect_to(
         vps: VpsServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         hosts: HostServiceClient::with_interceptor(channel.clone(), bearer.clone()),
         identity: IdentityServiceClient::with_interceptor(channel.clone(), bearer.clone()),
-        audit: AuditServiceClient::with_interceptor(channel, bearer),
+        audit: AuditServiceClient::with_interceptor(channel.clone(), bearer.clone()),
+        networks: NetworkServiceClient::with_interceptor(channel, bearer),
     })
 }
 
@@ -805,6 +872,16 @@ fn print_vps_of(v: &Vps, institution: &str) {
             format!(", moving to {}", v.move_target)
         }
     );
+    match &v.attachment {
+        Some(a) => println!(
+            "address:   {}/{} on network {} (MAC {})",
+            a.ip_address, a.prefix_len, a.network, a.mac_address
+        ),
+        None if !spec.network.is_empty() => {
+            println!("network:   {} (an address once placed)", spec.network)
+        }
+        None => {}
+    }
     if !institution.is_empty() {
         println!("institution: {institution}");
     }
@@ -1381,6 +1458,7 @@ async fn main() -> anyhow::Result<()> {
                 .map_err(status_error)?;
             println!("{id}: revoked");
         }
+        Cmd::Network(cmd) => network(&mut c, cmd).await?,
         Cmd::Whoami => {
             let u = c
                 .identity
@@ -1435,6 +1513,148 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Cmd::Pki(_) | Cmd::Login { .. } => unreachable!("handled before connecting"),
+    }
+    Ok(())
+}
+
+async fn network(c: &mut Clients, cmd: NetworkCmd) -> anyhow::Result<()> {
+    use betang_proto::v1::{
+        CreateNetworkRequest, GetNetworkRequest, GrantNetworkRequest, ListNetworksRequest, Network,
+        RevokeNetworkRequest,
+    };
+    let n = match cmd {
+        NetworkCmd::Create {
+            name,
+            cidr,
+            bridge,
+            libvirt_network,
+            gateway,
+            dns,
+            reserve,
+            zone,
+            vlan,
+        } => {
+            let (attach_kind, attach_source) = match (bridge, libvirt_network) {
+                (Some(b), _) => ("bridge", b),
+                (None, Some(n)) => ("network", n),
+                (None, None) => {
+                    anyhow::bail!("say how hosts attach it: --bridge or --libvirt-network")
+                }
+            };
+            let network = Network {
+                name,
+                zone,
+                attach_kind: attach_kind.into(),
+                attach_source,
+                cidr,
+                gateway,
+                dns,
+                reserved: reserve.join(","),
+                vlan,
+                ..Default::default()
+            };
+            c.networks
+                .create_network(CreateNetworkRequest {
+                    network: Some(network),
+                })
+                .await
+                .map_err(status_error)?
+                .into_inner()
+        }
+        NetworkCmd::List => {
+            let list = c
+                .networks
+                .list_networks(ListNetworksRequest {})
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            println!(
+                "{:<16}  {:<18}  {:<8}  {:<16}  {:<12}  {:>9}  GRANTED TO",
+                "NAME", "CIDR", "ATTACH", "SOURCE", "ZONE", "USED"
+            );
+            for n in list.networks {
+                let grants: Vec<String> = n
+                    .grants
+                    .iter()
+                    .map(|g| {
+                        format!(
+                            "{}{}",
+                            g.institution_code,
+                            if g.is_default { " (default)" } else { "" }
+                        )
+                    })
+                    .collect();
+                println!(
+                    "{:<16}  {:<18}  {:<8}  {:<16}  {:<12}  {:>9}  {}",
+                    n.name,
+                    n.cidr,
+                    n.attach_kind,
+                    n.attach_source,
+                    if n.zone.is_empty() { "-" } else { &n.zone },
+                    format!("{}/{}", n.addresses_used, n.addresses_total),
+                    grants.join(", ")
+                );
+            }
+            return Ok(());
+        }
+        NetworkCmd::Get { name } => c
+            .networks
+            .get_network(GetNetworkRequest { name })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        NetworkCmd::Grant {
+            name,
+            institution,
+            default,
+        } => c
+            .networks
+            .grant_network(GrantNetworkRequest {
+                name,
+                institution_id: institution,
+                is_default: default,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+        NetworkCmd::Revoke { name, institution } => c
+            .networks
+            .revoke_network(RevokeNetworkRequest {
+                name,
+                institution_id: institution,
+            })
+            .await
+            .map_err(status_error)?
+            .into_inner(),
+    };
+    println!("name:      {}", n.name);
+    println!("cidr:      {}", n.cidr);
+    println!("attach:    {} {}", n.attach_kind, n.attach_source);
+    if !n.gateway.is_empty() {
+        println!("gateway:   {}", n.gateway);
+    }
+    if !n.dns.is_empty() {
+        println!("dns:       {}", n.dns.join(", "));
+    }
+    if !n.reserved.is_empty() {
+        println!("reserved:  {}", n.reserved);
+    }
+    if !n.zone.is_empty() {
+        println!("zone:      {}", n.zone);
+    }
+    if n.vlan != 0 {
+        println!("vlan:      {}", n.vlan);
+    }
+    println!(
+        "addresses: {} of {} held",
+        n.addresses_used, n.addresses_total
+    );
+    for g in &n.grants {
+        println!(
+            "granted:   {}{}",
+            g.institution_code,
+            if g.is_default { " (default)" } else { "" }
+        );
     }
     Ok(())
 }
@@ -1621,6 +1841,8 @@ async fn vps(
             zone,
             host_labels,
             anti_affinity_group,
+            network,
+            ip,
             request_id,
             wait,
             wait_seconds,
@@ -1646,6 +1868,7 @@ async fn vps(
                         image,
                         ssh_public_key,
                         user_data,
+                        network,
                     }),
                     application: Some(Application {
                         name: app.app_name,
@@ -1664,6 +1887,7 @@ async fn vps(
                         host_labels: labels,
                         anti_affinity_group,
                     }),
+                    ip_address: ip,
                 })
                 .await
                 .map_err(status_error)?
@@ -1714,7 +1938,7 @@ async fn vps(
                         );
                     } else {
                         println!(
-                            "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}",
+                            "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6}  ADDRESS",
                             "ID", "NAME", "STATE", "VCPU", "MEM MiB", "DISK G", "HOST", "CPU %"
                         );
                     }
@@ -1737,7 +1961,7 @@ async fn vps(
                         continue;
                     }
                     println!(
-                        "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6.1}",
+                        "{:<36}  {:<20}  {:<16}  {:>4}  {:>7}  {:>6}  {:<16}  {:>6.1}  {}",
                         v.id,
                         s.name,
                         state_shown(v),
@@ -1745,7 +1969,8 @@ async fn vps(
                         s.memory_mib,
                         s.disk_gib,
                         v.host_id,
-                        v.usage.map_or(0.0, |u| u.cpu_rate * 100.0)
+                        v.usage.map_or(0.0, |u| u.cpu_rate * 100.0),
+                        v.attachment.as_ref().map_or("-", |a| a.ip_address.as_str())
                     );
                 }
                 if page.next_page_token.is_empty() {
@@ -1817,6 +2042,7 @@ async fn vps(
             memory_mib,
             disk_gib,
             host,
+            ip,
         } => {
             let v = c
                 .approve_vps(ApproveVpsRequest {
@@ -1825,6 +2051,7 @@ async fn vps(
                     memory_mib,
                     disk_gib,
                     host_id: host,
+                    ip_address: ip,
                 })
                 .await
                 .map_err(status_error)?;

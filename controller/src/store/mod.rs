@@ -13,6 +13,7 @@ pub mod host_index;
 pub mod hosts;
 pub mod identity;
 pub mod moves;
+pub mod networks;
 pub mod totals;
 pub mod transitions;
 pub mod vps;
@@ -42,6 +43,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0007_durable_moves.sql")),
     M::up(include_str!("../../migrations/0008_hung_guests.sql")),
     M::up(include_str!("../../migrations/0009_token_use.sql")),
+    M::up(include_str!("../../migrations/0010_networks.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the
@@ -172,6 +174,16 @@ impl Store {
             use std::os::unix::fs::PermissionsExt;
             std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
                 .map_err(|e| StoreError::File(format!("{}: {e}", path.display())))?;
+            // Journal files an older version left with the umask's mode.
+            for side in ["-wal", "-shm"] {
+                let mut p = path.as_os_str().to_owned();
+                p.push(side);
+                match std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::File(format!("{}: {e}", p.display()))),
+                }
+            }
         }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // Durability is the batch's job (`batch.rs`): a commit holding an
@@ -316,7 +328,7 @@ impl Store {
         let store = self.clone();
         tokio::spawn(async move {
             let written = store
-                .run(move |c| identity::note_token_use(c, &secret_hash, &from, now_ms))
+                .run_relaxed(move |c| identity::note_token_use(c, &secret_hash, &from, now_ms))
                 .await;
             if let Err(e) = written {
                 tracing::warn!(error = %e, "cannot record a token's use");

@@ -106,6 +106,7 @@ fn new_vps(institution: &str, n: usize, vcpus: u32) -> NewVps {
         institution_id: institution.into(),
         pin: None,
         placement: Default::default(),
+        ip_address: String::new(),
     }
 }
 
@@ -220,6 +221,7 @@ fn totals_follow_every_change_of_a_vps() {
         memory_mib: 0,
         disk_gib: 20,
         pin: None,
+        ip_address: String::new(),
     };
     s.run_sync(|c| vps::resize(c, &op, &ids[2], &bigger, &p, NOW))
         .unwrap();
@@ -593,6 +595,7 @@ fn allocation_spans_open_and_close_with_the_vps() {
         memory_mib: 0,
         disk_gib: 20,
         pin: None,
+        ip_address: String::new(),
     };
     s.run_sync(|c| vps::resize(c, &op, &v.id, &bigger, &p, NOW))
         .unwrap();
@@ -896,6 +899,7 @@ async fn a_moving_vps_holds_its_quota_against_concurrent_approvals() {
                         memory_mib: 0,
                         disk_gib: 0,
                         pin: None,
+                        ip_address: String::new(),
                     };
                     vps::approve(c, &Caller::system(), &r, &none, &placement(), NOW)
                 })
@@ -1050,6 +1054,7 @@ fn builds_time_out_from_placement_and_never_while_their_host_is_down() {
         memory_mib: 0,
         disk_gib: 0,
         pin: None,
+        ip_address: String::new(),
     };
     let v = s
         .run_sync(move |c| vps::approve(c, &Caller::system(), &id, &none(), &placement(), NOW))

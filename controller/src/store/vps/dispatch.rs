@@ -223,12 +223,18 @@ pub fn call_failed(
 }
 
 /// The agent confirmed the VM is gone: the VPS is deleted and its claim released.
+/// Its address goes back to its network: nothing on the host refers to it
+/// any more.
 pub fn deleted(c: &Connection, id: &VpsId, now_ms: i64) -> Result<(), ApiError> {
-    c.prepare_cached(
-        "UPDATE vps SET state = 'DELETED', observed_power = 'absent', updated_at_ms = ?2
-         WHERE id = ?1 AND state = 'DELETING'",
-    )?
-    .execute(params![id.to_string(), now_ms])?;
+    let n = c
+        .prepare_cached(
+            "UPDATE vps SET state = 'DELETED', observed_power = 'absent', updated_at_ms = ?2
+             WHERE id = ?1 AND state = 'DELETING'",
+        )?
+        .execute(params![id.to_string(), now_ms])?;
+    if n == 1 {
+        crate::store::networks::release(c, id)?;
+    }
     Ok(())
 }
 

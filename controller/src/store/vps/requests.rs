@@ -15,7 +15,7 @@ use crate::{
     ids::{HostId, VpsId},
     lifecycle::VpsState,
     scheduler::{self, Demand, HostView, Resources},
-    store::{Db, hosts, identity},
+    store::{Db, hosts, identity, networks},
     validation,
 };
 
@@ -27,6 +27,8 @@ pub struct NewVps {
     pub institution_id: String,
     pub pin: Option<HostId>,
     pub placement: PlacementRequest,
+    /// Operators only: this free address on the VPS's network.
+    pub ip_address: String,
 }
 
 /// A member's request waits for approval; an operator's VPS is placed at
@@ -89,13 +91,23 @@ pub fn create(
         }
         return Ok(existing);
     }
+    // Chosen (and checked) before the host, so its zone can steer the
+    // placement; the address is taken once the row exists.
+    let network = networks::choose(&tx, &institution, &n.spec.network)?;
+    if !n.ip_address.is_empty() && (!staff || network.is_none()) {
+        return Err(ApiError::invalid(
+            "ip_address",
+            "only operators choose an address, on a VPS with a network",
+        ));
+    }
     let (state, host) = if staff {
         identity::check_quota(&tx, &institution, need(&n.spec), 1)?;
+        let wish = networks::steer(&n.placement, network.as_ref())?;
         let host = place(
             &tx,
             &mut db.hosts,
             &n.spec,
-            &n.placement,
+            &wish,
             &institution,
             "",
             Target::pinned(n.pin.as_ref()),
@@ -136,10 +148,11 @@ pub fn create(
                           user_data, state, desired_power, host_id, created_at_ms, updated_at_ms,
                           institution_id, app_name, app_kind, app_purpose, app_domain, resp_name,
                           resp_nip, resp_email, resp_phone, requested_by, decided_by, pinned_host,
-                          zone, host_labels, anti_affinity_group, image_digest, build_since_ms)
+                          zone, host_labels, anti_affinity_group, image_digest, build_since_ms,
+                          network)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'running', ?11, ?12, ?12, ?13, ?14, ?15,
                  ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28,
-                 CASE WHEN ?11 IS NULL THEN 0 ELSE ?12 END)
+                 CASE WHEN ?11 IS NULL THEN 0 ELSE ?12 END, ?29)
          RETURNING {COLS}"
         ))?
         .query_row(params![
@@ -177,7 +190,15 @@ pub fn create(
         .unwrap_or_else(|_| "{}".into()),
         n.placement.anti_affinity_group,
         digest,
+        n.spec.network,
     ], from_row)?;
+    let rec = match (&host, &network) {
+        (Some(_), Some(net)) => {
+            networks::allocate(&tx, net, &id, &n.ip_address, now_ms)?;
+            get_any(&tx, &id)?
+        }
+        _ => rec,
+    };
     let (action, result) = match &host {
         Some(h) => ("vps.create", format!("SCHEDULED on {h}")),
         None => ("vps.request", "PENDING_APPROVAL".to_owned()),
@@ -200,6 +221,8 @@ pub struct Approval {
     pub memory_mib: u64,
     pub disk_gib: u64,
     pub pin: Option<HostId>,
+    /// This free address on the VPS's network.
+    pub ip_address: String,
 }
 
 impl Approval {
@@ -243,11 +266,19 @@ pub fn approve(
             .flatten()
             .and_then(|h| HostId::parse(&h).ok())
     });
+    let network = networks::choose(&tx, v.institution(), &spec.network)?;
+    if !a.ip_address.is_empty() && network.is_none() {
+        return Err(ApiError::invalid(
+            "ip_address",
+            "this VPS has no network to take an address on",
+        ));
+    }
+    let wish = networks::steer(&v.placement, network.as_ref())?;
     let host = place(
         &tx,
         &mut db.hosts,
         &spec,
-        &v.placement,
+        &wish,
         v.institution(),
         "",
         Target::pinned(pin.as_ref()),
@@ -271,8 +302,15 @@ pub fn approve(
         now_ms,
         digest
     ])?;
+    let address = match &network {
+        Some(net) => {
+            let held = networks::allocate(&tx, net, id, &a.ip_address, now_ms)?;
+            format!(", {} on {}", held.ip_address, held.network)
+        }
+        None => String::new(),
+    };
     let result = format!(
-        "SCHEDULED on {host}: {} vCPU, {} MiB, {} GiB",
+        "SCHEDULED on {host}: {} vCPU, {} MiB, {} GiB{address}",
         spec.vcpus, spec.memory_mib, spec.disk_gib
     );
     identity::audit(

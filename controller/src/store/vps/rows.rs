@@ -1,7 +1,7 @@
 //! The VPS row as the store keeps it: reading it (by id, by request,
 //! paged lists) and the check every change of state goes through.
 
-use betang_proto::v1::{Application, PlacementRequest, VmUsage, Vps, VpsSpec};
+use betang_proto::v1::{Application, NetworkAttachment, PlacementRequest, VmUsage, Vps, VpsSpec};
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use crate::{
@@ -46,6 +46,8 @@ pub struct VpsRecord {
     pub build_since_ms: i64,
     /// Since when its guest has not answered its host (0: it answers).
     pub unresponsive_since_ms: i64,
+    /// Its address on a Betang network, once placed.
+    pub attachment: Option<NetworkAttachment>,
 }
 
 pub(super) const COLS: &str =
@@ -56,7 +58,7 @@ pub(super) const COLS: &str =
     disk_write_bytes, net_rx_bytes, net_tx_bytes, usage_at_ms, mem_rss_bytes,
     institution_id, app_name, app_kind, app_purpose, app_domain, resp_name, resp_nip,
     resp_email, resp_phone, requested_by, decided_by, zone, host_labels, anti_affinity_group,
-    image_digest, move_target, build_since_ms, unresponsive_since_ms";
+    image_digest, move_target, build_since_ms, unresponsive_since_ms, network";
 
 pub(super) fn corrupt(what: &str, v: &str) -> rusqlite::Error {
     rusqlite::Error::ToSqlConversionFailure(Box::new(StoreError::Corrupt(format!("{what}: {v}"))))
@@ -83,6 +85,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
             image: r.get(7)?,
             ssh_public_key: r.get(8)?,
             user_data: r.get(9)?,
+            network: r.get(51)?,
         },
         state: VpsState::parse(&state).ok_or_else(|| corrupt("state", &state))?,
         state_reason: r.get(11)?,
@@ -133,6 +136,7 @@ pub(super) fn from_row(r: &Row<'_>) -> rusqlite::Result<VpsRecord> {
         move_target: host_column(r.get("move_target")?)?,
         build_since_ms: r.get("build_since_ms")?,
         unresponsive_since_ms: r.get(50)?,
+        attachment: None,
     })
 }
 
@@ -183,6 +187,7 @@ impl VpsRecord {
             } else {
                 0
             },
+            attachment: self.attachment.clone(),
         }
     }
 
@@ -203,10 +208,13 @@ pub fn get(c: &Connection, id: &VpsId, scope: &Scope) -> Result<VpsRecord, ApiEr
 
 /// For the dispatcher, which acts for no caller.
 pub fn get_any(c: &Connection, id: &VpsId) -> Result<VpsRecord, ApiError> {
-    c.prepare_cached(&format!("SELECT {COLS} FROM vps WHERE id = ?1"))?
+    let mut v = c
+        .prepare_cached(&format!("SELECT {COLS} FROM vps WHERE id = ?1"))?
         .query_row([id.to_string()], from_row)
         .optional()?
-        .ok_or_else(|| ApiError::VpsNotFound(id.to_string()))
+        .ok_or_else(|| ApiError::VpsNotFound(id.to_string()))?;
+    v.attachment = crate::store::networks::attachment(c, &v.id)?;
+    Ok(v)
 }
 
 pub(super) fn by_request(c: &Connection, request_id: &str) -> Result<Option<VpsRecord>, ApiError> {
@@ -252,7 +260,11 @@ pub fn list(c: &Connection, scope: &Scope, f: &ListFilter) -> Result<Vec<VpsReco
         ],
         from_row,
     )?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut out: Vec<VpsRecord> = rows.collect::<Result<_, _>>()?;
+    for v in &mut out {
+        v.attachment = crate::store::networks::attachment(c, &v.id)?;
+    }
+    Ok(out)
 }
 
 pub(in crate::store) fn transition(
