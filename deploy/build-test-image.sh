@@ -116,6 +116,33 @@ if [ -n "$seed" ]; then
   hostname "$h"
   echo "BETANG-HOSTNAME=$h"
   echo "BETANG-INSTANCE-ID=$i"
+  # cloud-init's network-config (version 2) as Betang writes it: the
+  # interface with this MAC gets the address and the default route. Then
+  # the guest answers on TCP port 80 with its hostname.
+  nc_cfg=/mnt/network-config
+  if [ -f "$nc_cfg" ]; then
+    mac=$(sed -n 's/^ *macaddress: *"\(.*\)"$/\1/p' "$nc_cfg" | head -1)
+    addr=$(sed -n 's/^ *- *"\([0-9.]*\/[0-9]*\)"$/\1/p' "$nc_cfg" | head -1)
+    gw=$(sed -n 's/^ *via: *"\(.*\)"$/\1/p' "$nc_cfg" | head -1)
+    # Tests make one guest try to take another's address.
+    other=$(sed -n 's/^#betang-test-address: *//p' /mnt/user-data | head -1 | tr -d '\r')
+    [ -n "$other" ] && addr=$other
+    dev=""
+    for n in /sys/class/net/*; do
+      [ "$(cat "$n/address")" = "$mac" ] && dev=${n##*/}
+    done
+    if [ -n "$dev" ] && [ -n "$addr" ]; then
+      ip link set "$dev" up
+      ip addr add "$addr" dev "$dev"
+      [ -n "$gw" ] && ip route add default via "$gw"
+      printf '#!/bin/sh\necho "BETANG-HOSTNAME=%s"\n' "$h" >/bin/answer
+      chmod +x /bin/answer
+      nc -ll -p 80 -e /bin/answer &
+      echo "BETANG-ADDRESS=$addr"
+    else
+      echo "BETANG-NO-ADDRESS mac=$mac"
+    fi
+  fi
 else
   echo "BETANG-NO-SEED"
 fi

@@ -3,7 +3,9 @@
 set -euo pipefail
 
 # Build: protoc for the gRPC code, libvirt-dev and pkg-config for the virt crate.
-# Run: libvirtd with the QEMU driver, QEMU itself, qemu-img.
+# Run: libvirtd with the QEMU driver, QEMU itself, qemu-img; libvirt's
+# standard network filters (clean-traffic holds each guest to its MAC and
+# address) with the ebtables and iptables they drive.
 # Test guest: dosfstools, mtools, syslinux and cpio build the offline image.
 # Monitoring tests: prometheus (the server, and promtool to check metrics,
 # rules and the scrape configuration). systemd: systemd-analyze rates the
@@ -11,6 +13,7 @@ set -euo pipefail
 BETANG_PACKAGES=(
   libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients libvirt-dev
   qemu-system-x86 qemu-utils protobuf-compiler pkg-config gcc
+  libvirt-daemon-config-nwfilter ebtables iptables
   dosfstools mtools syslinux syslinux-common cpio prometheus systemd
 )
 

@@ -16,9 +16,26 @@ fix_kvm_node() {
   fi
 }
 
+# libvirtd reads the network filters when it starts: one Betang started
+# before they were installed is started again (one someone else runs is
+# left alone, and says so).
+filters_missing() {
+  [ -f /etc/libvirt/nwfilter/clean-traffic.xml ] &&
+    ! virsh -c qemu:///system nwfilter-list 2>/dev/null | grep -qw clean-traffic
+}
+
 ensure_libvirtd() {
   getent group kvm >/dev/null || groupadd --system kvm
   fix_kvm_node
+  if libvirtd_answers && filters_missing; then
+    if [ -f /run/betang/libvirtd.started ] && ! [ -d /run/systemd/system ]; then
+      echo "restarting libvirtd (started by Betang) to read the network filters" >&2
+      pkill -x libvirtd || true
+      for _ in $(seq 1 50); do pgrep -x libvirtd >/dev/null || break; sleep 0.1; done
+    else
+      echo "libvirtd lacks the clean-traffic filter: restart it to read /etc/libvirt/nwfilter" >&2
+    fi
+  fi
   if libvirtd_answers; then
     return 0
   fi
@@ -33,7 +50,10 @@ ensure_libvirtd() {
   fi
   if ! libvirtd_answers; then
     pgrep -x virtlogd >/dev/null || virtlogd -d
-    pgrep -x libvirtd >/dev/null || libvirtd -d
+    if ! pgrep -x libvirtd >/dev/null; then
+      libvirtd -d
+      mkdir -p /run/betang && touch /run/betang/libvirtd.started
+    fi
   fi
   for _ in $(seq 1 50); do
     libvirtd_answers && return 0

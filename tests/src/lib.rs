@@ -131,6 +131,7 @@ pub struct Clients {
     pub hosts: HostServiceClient<Authed>,
     pub identity: IdentityServiceClient<Authed>,
     pub audit: AuditServiceClient<Authed>,
+    pub networks: betang_proto::v1::network_service_client::NetworkServiceClient<Authed>,
 }
 
 impl Clients {
@@ -143,7 +144,11 @@ impl Clients {
             vps: VpsServiceClient::with_interceptor(ch.clone(), b.clone()),
             hosts: HostServiceClient::with_interceptor(ch.clone(), b.clone()),
             identity: IdentityServiceClient::with_interceptor(ch.clone(), b.clone()),
-            audit: AuditServiceClient::with_interceptor(ch, b),
+            audit: AuditServiceClient::with_interceptor(ch.clone(), b.clone()),
+            networks:
+                betang_proto::v1::network_service_client::NetworkServiceClient::with_interceptor(
+                    ch, b,
+                ),
         })
     }
 }

@@ -1,0 +1,242 @@
+//! Networks and addresses through the API, on libvirt's test driver:
+//! concurrent creates fill a /28 exactly and never share an address, the
+//! next is refused naming the full network, the agent attaches the address
+//! with its MAC and the traffic filter, a deleted VPS's address is free
+//! again, and institutions see only the networks granted to them.
+
+use std::{collections::BTreeSet, time::Duration};
+
+use betang_proto::v1::{
+    CreateNetworkRequest, CreateVpsRequest, DeleteVpsRequest, GetNetworkRequest,
+    GrantNetworkRequest, ListNetworksRequest, Network, VpsState,
+};
+use betang_tests::{Cluster, ClusterOptions, wait_state};
+use tonic::Code;
+
+const T: Duration = Duration::from_secs(120);
+
+fn network(name: &str) -> Network {
+    Network {
+        name: name.into(),
+        attach_kind: "bridge".into(),
+        attach_source: "br-betang-t".into(),
+        cidr: "198.18.0.0/28".into(),
+        gateway: "198.18.0.1".into(),
+        dns: vec!["198.18.0.1".into()],
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_creates_fill_a_network_exactly_and_never_share_an_address() -> anyhow::Result<()>
+{
+    let cluster = Cluster::start(ClusterOptions::default()).await?;
+    let op = cluster.as_operator().await?;
+    let name = format!("{}-net", cluster.prefix.to_lowercase())
+        .chars()
+        .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+        .take(32)
+        .collect::<String>();
+
+    // Bad input names the field, and creates nothing.
+    for (field, bad) in [
+        (
+            "name",
+            Network {
+                name: "a\"b<&/..".into(),
+                ..network(&name)
+            },
+        ),
+        (
+            "cidr",
+            Network {
+                cidr: "198.18.0.1/28".into(),
+                ..network(&name)
+            },
+        ),
+        (
+            "cidr",
+            Network {
+                cidr: "198.18.0.0/31".into(),
+                ..network(&name)
+            },
+        ),
+        (
+            "gateway",
+            Network {
+                gateway: "198.19.0.1".into(),
+                ..network(&name)
+            },
+        ),
+        (
+            "reserved",
+            Network {
+                reserved: "198.18.0.9-198.18.1.2".into(),
+                ..network(&name)
+            },
+        ),
+        (
+            "attach_source",
+            Network {
+                attach_source: "br0\"/><x".into(),
+                ..network(&name)
+            },
+        ),
+    ] {
+        let e = op
+            .networks
+            .clone()
+            .create_network(CreateNetworkRequest { network: Some(bad) })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e}");
+        assert!(e.message().starts_with(field), "{field}: {}", e.message());
+    }
+    let listed = op
+        .networks
+        .clone()
+        .list_networks(ListNetworksRequest {})
+        .await?
+        .into_inner();
+    assert!(listed.networks.is_empty(), "nothing created");
+
+    let created = op
+        .networks
+        .clone()
+        .create_network(CreateNetworkRequest {
+            network: Some(network(&name)),
+        })
+        .await?
+        .into_inner();
+    // 16 addresses less the network's, the broadcast and the gateway.
+    assert_eq!(created.addresses_total, 13);
+    op.networks
+        .clone()
+        .grant_network(GrantNetworkRequest {
+            name: name.clone(),
+            institution_id: cluster.people.inst_a.clone(),
+            is_default: true,
+        })
+        .await?;
+
+    // Another institution does not see it, nor can use it.
+    let b = cluster.clients(&cluster.people.member_b).await?;
+    let e = b
+        .networks
+        .clone()
+        .get_network(GetNetworkRequest { name: name.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    let mut asked = cluster.spec("b-asks");
+    asked.network = name.clone();
+    let e = b
+        .vps
+        .clone()
+        .create_vps(CreateVpsRequest {
+            institution_id: String::new(),
+            ..cluster.create(asked)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("not granted"), "{}", e.message());
+
+    // Twenty at once on thirteen addresses.
+    let creates = (0..20).map(|i| {
+        let (op, req) = (op.clone(), cluster.create(cluster.spec(&format!("n{i}"))));
+        async move { op.vps.clone().create_vps(req).await }
+    });
+    let answers = futures::future::join_all(creates).await;
+    let mut addresses = BTreeSet::new();
+    let mut placed = Vec::new();
+    for a in &answers {
+        match a {
+            Ok(v) => {
+                let v = v.get_ref();
+                let at = v.attachment.clone().expect("an address");
+                assert_eq!(at.network, name);
+                assert_eq!(at.prefix_len, 28);
+                assert!(
+                    addresses.insert(at.ip_address.clone()),
+                    "{} twice",
+                    at.ip_address
+                );
+                placed.push(v.clone());
+            }
+            Err(e) => {
+                assert_eq!(e.code(), Code::ResourceExhausted, "{e}");
+                assert!(
+                    e.message()
+                        .contains(&format!("network {name} (198.18.0.0/28) is full")),
+                    "{}",
+                    e.message()
+                );
+            }
+        }
+    }
+    assert_eq!(placed.len(), 13, "{answers:?}");
+    let expected: BTreeSet<String> = (2..=14).map(|i| format!("198.18.0.{i}")).collect();
+    assert_eq!(addresses, expected);
+    let macs: BTreeSet<String> = placed
+        .iter()
+        .map(|v| v.attachment.clone().unwrap().mac_address)
+        .collect();
+    assert_eq!(macs.len(), 13, "every MAC its own");
+
+    // The agent attaches it with its MAC and the filter bound to it.
+    let first = placed[0].clone();
+    wait_state(&op.vps, &first.id, VpsState::Running, T).await?;
+    let at = first.attachment.clone().unwrap();
+    let host = cluster
+        .hosts
+        .iter()
+        .find(|h| h.host_id == first.host_id)
+        .expect("its host");
+    let lv = host.libvirt.clone().expect("libvirt's test driver");
+    let xml = lv
+        .conn()?
+        .lookup_domain_by_name(&betang_agent::names::domain_name(&first.id))?
+        .xml_desc(0)?;
+    assert!(
+        xml.contains(&format!("<mac address='{}'/>", at.mac_address)),
+        "{xml}"
+    );
+    assert!(xml.contains("<source bridge='br-betang-t'/>"), "{xml}");
+    assert!(xml.contains("<filterref filter='clean-traffic'>"), "{xml}");
+    assert!(
+        xml.contains(&format!("<parameter name='IP' value='{}'/>", at.ip_address)),
+        "{xml}"
+    );
+
+    // Deleted, its address is free again, and only then.
+    op.vps
+        .clone()
+        .delete_vps(DeleteVpsRequest {
+            id: first.id.clone(),
+        })
+        .await?;
+    wait_state(&op.vps, &first.id, VpsState::Deleted, T).await?;
+    let again = op
+        .vps
+        .clone()
+        .create_vps(cluster.create(cluster.spec("again")))
+        .await?
+        .into_inner();
+    assert_eq!(again.attachment.unwrap().ip_address, at.ip_address);
+
+    // An operator may name a free address, never a held one.
+    let mut specific = cluster.create(cluster.spec("specific"));
+    specific.ip_address = "198.18.0.3".into();
+    let e = op.vps.clone().create_vps(specific).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().starts_with("ip_address"), "{}", e.message());
+    let n = op
+        .networks
+        .clone()
+        .get_network(GetNetworkRequest { name: name.clone() })
+        .await?
+        .into_inner();
+    assert_eq!((n.addresses_used, n.addresses_total), (13, 13));
+    Ok(())
+}

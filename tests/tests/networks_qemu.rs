@@ -1,0 +1,243 @@
+//! Addresses on the real libvirtd with real guests: a bridge with no uplink
+//! and a client in a network namespace of the test's own, on addresses from
+//! 198.18.0.0/15, so nothing can route off the machine. The guests configure
+//! themselves from the seed's network-config and answer on TCP port 80 with
+//! their hostname. A guest that takes another's address is dropped by
+//! libvirt's clean-traffic filter, and a deleted VPS's address serves the
+//! next one. Every interface and namespace is removed, even on failure.
+//!
+//! Needs root, libvirtd and the nwfilter package (`deploy/test.sh` provides
+//! them); fails, never skips, when they are missing.
+
+use std::{process::Command, time::Duration};
+
+use betang_proto::v1::{
+    CreateNetworkRequest, DeleteVpsRequest, GrantNetworkRequest, Network, NetworkAttachment, Quota,
+    StopVpsRequest, Vps, VpsState,
+};
+use betang_tests::{Clients, eventually, real::RealHost, wait_state};
+
+const T: Duration = Duration::from_secs(240);
+
+fn ip(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("ip").args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ip {}: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+/// A bridge with no uplink and no address, and a namespace holding one end
+/// of a veth pair whose other end is on the bridge.
+struct Lan {
+    bridge: String,
+    ns: String,
+    subnet: u8,
+}
+
+impl Lan {
+    fn create() -> anyhow::Result<Lan> {
+        let tag = format!("{:08x}", fastrand::u32(..));
+        let lan = Lan {
+            bridge: format!("btb{tag}"),
+            ns: format!("btn{tag}"),
+            subnet: fastrand::u8(1..=250),
+        };
+        let (host_end, ns_end) = (format!("btv{tag}h"), format!("btv{tag}n"));
+        ip(&["link", "add", &lan.bridge, "type", "bridge"])?;
+        ip(&["link", "set", &lan.bridge, "up"])?;
+        ip(&["netns", "add", &lan.ns])?;
+        ip(&[
+            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
+        ])?;
+        ip(&["link", "set", &host_end, "master", &lan.bridge])?;
+        ip(&["link", "set", &host_end, "up"])?;
+        ip(&["link", "set", &ns_end, "netns", &lan.ns])?;
+        let me = format!("{}/28", lan.client());
+        ip(&["-n", &lan.ns, "addr", "add", &me, "dev", &ns_end])?;
+        ip(&["-n", &lan.ns, "link", "set", &ns_end, "up"])?;
+        ip(&["-n", &lan.ns, "link", "set", "lo", "up"])?;
+        Ok(lan)
+    }
+
+    fn cidr(&self) -> String {
+        format!("198.18.{}.0/28", self.subnet)
+    }
+
+    /// The namespace's own address, kept out of the network's allocation.
+    fn client(&self) -> String {
+        format!("198.18.{}.14", self.subnet)
+    }
+
+    /// What answers on TCP port 80 at `addr`, asked from the namespace.
+    fn ask(&self, addr: &str) -> Option<String> {
+        let _ = Command::new("ip")
+            .args(["-n", &self.ns, "neigh", "flush", "all"])
+            .status();
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns, "timeout", "3", "bash", "-c"])
+            .arg(format!("exec 3<>/dev/tcp/{addr}/80 && timeout 2 cat <&3"))
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (!text.is_empty()).then_some(text)
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        // The veth pair goes with the namespace.
+        let _ = ip(&["netns", "del", &self.ns]);
+        let _ = ip(&["link", "del", &self.bridge]);
+    }
+}
+
+async fn console_says(host: &RealHost, id: &str, what: &str) -> anyhow::Result<()> {
+    let log = host.agent().vms.serial_log(id)?;
+    eventually(T, what, || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read(&log).unwrap_or_default();
+            String::from_utf8_lossy(&text).contains(what).then_some(())
+        }
+    })
+    .await
+}
+
+async fn running(
+    host: &RealHost,
+    op: &Clients,
+    name: &str,
+    user_data: &str,
+) -> anyhow::Result<(Vps, NetworkAttachment)> {
+    let mut req = host.small_vps(name);
+    if let Some(s) = req.spec.as_mut() {
+        s.user_data = user_data.into();
+    }
+    let v = op.vps.clone().create_vps(req).await?.into_inner();
+    let at = v.attachment.clone().expect("an address with the placement");
+    wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
+    Ok((v, at))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn guests_answer_at_their_addresses_and_a_spoofer_is_dropped() -> anyhow::Result<()> {
+    let host = RealHost::start(Quota {
+        vcpus: 8,
+        memory_mib: 2048,
+        disk_gib: 10,
+        vps_count: 8,
+    })
+    .await?;
+    let lan = Lan::create()?;
+    let op = host.operator().await?;
+    let name = format!("n{:08x}", fastrand::u32(..));
+    op.networks
+        .clone()
+        .create_network(CreateNetworkRequest {
+            network: Some(Network {
+                name: name.clone(),
+                attach_kind: "bridge".into(),
+                attach_source: lan.bridge.clone(),
+                cidr: lan.cidr(),
+                reserved: lan.client(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    op.networks
+        .clone()
+        .grant_network(GrantNetworkRequest {
+            name: name.clone(),
+            institution_id: host.people.inst_a.clone(),
+            is_default: true,
+        })
+        .await?;
+
+    // Two guests, each at its own address.
+    let (a, at_a) = running(&host, &op, "web-a", "").await?;
+    let (b, at_b) = running(&host, &op, "web-b", "").await?;
+    assert_ne!(at_a.ip_address, at_b.ip_address);
+    for (v, at) in [(&a, &at_a), (&b, &at_b)] {
+        console_says(
+            &host,
+            &v.id,
+            &format!("BETANG-ADDRESS={}/28", at.ip_address),
+        )
+        .await?;
+        let hostname = v.spec.clone().unwrap_or_default().name;
+        let heard = eventually(T, "the guest answers at its address", || async {
+            lan.ask(&at.ip_address)
+        })
+        .await?;
+        assert_eq!(heard, format!("BETANG-HOSTNAME={hostname}"));
+    }
+
+    // A third guest takes the first one's address: with the first stopped,
+    // nothing answers there, because the filter drops what the third sends
+    // from an address that is not its own.
+    let spoof = format!(
+        "#cloud-config\n#betang-test-address: {}/28\n",
+        at_a.ip_address
+    );
+    let (c, at_c) = running(&host, &op, "spoofer", &spoof).await?;
+    console_says(
+        &host,
+        &c.id,
+        &format!("BETANG-ADDRESS={}/28", at_a.ip_address),
+    )
+    .await?;
+    op.vps
+        .clone()
+        .stop_vps(StopVpsRequest {
+            id: a.id.clone(),
+            force: true,
+            ..Default::default()
+        })
+        .await?;
+    wait_state(&op.vps, &a.id, VpsState::Stopped, T).await?;
+    for _ in 0..3 {
+        assert_eq!(lan.ask(&at_a.ip_address), None, "the spoofer is dropped");
+    }
+    assert_eq!(lan.ask(&at_c.ip_address), None, "it never took its own");
+    assert!(
+        lan.ask(&at_b.ip_address).is_some(),
+        "the other still answers"
+    );
+
+    // Deleted, the first one's address serves the next VPS.
+    op.vps
+        .clone()
+        .delete_vps(DeleteVpsRequest { id: a.id.clone() })
+        .await?;
+    wait_state(&op.vps, &a.id, VpsState::Deleted, T).await?;
+    let (d, at_d) = running(&host, &op, "web-d", "").await?;
+    assert_eq!(at_d.ip_address, at_a.ip_address);
+    let hostname = d.spec.clone().unwrap_or_default().name;
+    let heard = eventually(T, "the next VPS answers at the freed address", || async {
+        lan.ask(&at_d.ip_address)
+    })
+    .await?;
+    assert_eq!(heard, format!("BETANG-HOSTNAME={hostname}"));
+
+    for v in [&b, &c, &d] {
+        op.vps
+            .clone()
+            .delete_vps(DeleteVpsRequest { id: v.id.clone() })
+            .await?;
+    }
+    for v in [&b, &c, &d] {
+        wait_state(&op.vps, &v.id, VpsState::Deleted, T).await?;
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "network": lan.cidr(),
+            "guest_addresses": [at_b.ip_address, at_d.ip_address],
+        })
+    );
+    Ok(())
+}
