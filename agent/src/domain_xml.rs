@@ -28,7 +28,7 @@ impl DomainType {
 
 /// What Betang keeps in the domain itself, so an agent can adopt its guests
 /// from libvirt alone.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename = "vps")]
 pub struct VpsMetadata {
     #[serde(rename = "@id")]
@@ -44,6 +44,12 @@ pub struct VpsMetadata {
         skip_serializing_if = "String::is_empty"
     )]
     pub institution: String,
+    /// Its network and address, when it has a Betang network (for the
+    /// metrics, read back from libvirt alone).
+    #[serde(rename = "@network", default, skip_serializing_if = "String::is_empty")]
+    pub network: String,
+    #[serde(rename = "@address", default, skip_serializing_if = "String::is_empty")]
+    pub address: String,
 }
 
 impl VpsMetadata {
@@ -485,6 +491,7 @@ mod tests {
                 generation: 7,
                 name: title.into(),
                 institution: String::new(),
+                ..Default::default()
             },
             vcpus: 2,
             memory_mib: 128,
@@ -580,6 +587,7 @@ mod tests {
             generation: 42,
             name: "a<b&\"c".into(),
             institution: "dinas-<kominfo>&\"".into(),
+            ..Default::default()
         };
         let xml = m.to_xml().unwrap();
         assert_eq!(VpsMetadata::from_xml(&xml).unwrap(), m);

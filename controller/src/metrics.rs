@@ -190,6 +190,7 @@ pub struct StoreFigures {
     vps_by_state: BTreeMap<String, i64>,
     hosts: Vec<betang_proto::v1::Host>,
     institutions: Vec<(betang_proto::v1::Institution, f64, u64)>,
+    networks: Vec<betang_proto::v1::Network>,
 }
 
 fn read_figures(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<StoreFigures, ApiError> {
@@ -237,6 +238,7 @@ fn read_figures(c: &Connection, now_ms: i64, down_after_ms: i64) -> Result<Store
         vps_by_state,
         hosts,
         institutions,
+        networks: crate::store::networks::list(c, &crate::auth::Scope::All)?,
     })
 }
 
@@ -501,6 +503,24 @@ impl Collector for StoreCollector {
             "betang_institution_memory_used_bytes",
             "Memory in use inside the institution's VPS, where guests report it.",
             &per_inst(&|i| i.2 as f64),
+        )?;
+        let per_network = |v: &dyn Fn(&betang_proto::v1::Network) -> u32| -> Vec<(Labels, i64)> {
+            f.networks
+                .iter()
+                .map(|n| (vec![("network", n.name.clone())], i64::from(v(n))))
+                .collect()
+        };
+        gauge(
+            &mut e,
+            "betang_network_addresses",
+            "Addresses the network can hand out (less its gateway and reserved ranges).",
+            &per_network(&|n| n.addresses_total),
+        )?;
+        gauge(
+            &mut e,
+            "betang_network_addresses_used",
+            "Addresses VPS hold on the network.",
+            &per_network(&|n| n.addresses_used),
         )?;
         Ok(())
     }

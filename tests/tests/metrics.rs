@@ -26,6 +26,7 @@ fn domain(hv: &SimulatedHypervisor, n: u32, vps_name: &str) -> String {
             generation: 1,
             name: vps_name.into(),
             institution: "dinas-kominfo".into(),
+            ..Default::default()
         },
         vcpus: 2,
         memory_mib: 1024,

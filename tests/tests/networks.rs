@@ -238,5 +238,22 @@ async fn concurrent_creates_fill_a_network_exactly_and_never_share_an_address() 
         .await?
         .into_inner();
     assert_eq!((n.addresses_used, n.addresses_total), (13, 13));
+    // And on the controller's /metrics.
+    let metrics = cluster
+        .controller
+        .as_ref()
+        .and_then(|c| c.metrics_addr)
+        .expect("metrics_listen is set");
+    let body = betang_tests::http_get(metrics, "/metrics").await?;
+    for (family, want) in [
+        ("betang_network_addresses", 13.0),
+        ("betang_network_addresses_used", 13.0),
+    ] {
+        assert_eq!(
+            betang_tests::sample(&body, family, &[("network", &name)]),
+            Some(want),
+            "{family}"
+        );
+    }
     Ok(())
 }

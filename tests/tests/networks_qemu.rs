@@ -39,7 +39,34 @@ struct Lan {
 }
 
 impl Lan {
+    /// Removes what a run killed outright (no Drop ran) left behind: only
+    /// this test makes `btb…` bridges and `btn…` namespaces.
+    fn sweep() {
+        let list = |args: &[&str]| {
+            Command::new("ip")
+                .args(args)
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        for line in list(&["netns", "list"]).lines() {
+            if let Some(ns) = line
+                .split_whitespace()
+                .next()
+                .filter(|n| n.starts_with("btn"))
+            {
+                let _ = ip(&["netns", "del", ns]);
+            }
+        }
+        for line in list(&["-o", "link", "show", "type", "bridge"]).lines() {
+            if let Some(br) = line.split(": ").nth(1).filter(|n| n.starts_with("btb")) {
+                let _ = ip(&["link", "del", br]);
+            }
+        }
+    }
+
     fn create() -> anyhow::Result<Lan> {
+        Lan::sweep();
         let tag = format!("{:08x}", fastrand::u32(..));
         let lan = Lan {
             bridge: format!("btb{tag}"),
@@ -206,6 +233,22 @@ async fn guests_answer_at_their_addresses_and_a_spoofer_is_dropped() -> anyhow::
     assert!(
         lan.ask(&at_b.ip_address).is_some(),
         "the other still answers"
+    );
+    // The agent's metrics name each guest's address.
+    let metrics = host.agent().metrics_addr.expect("metrics_listen is set");
+    let body = betang_tests::http_get(metrics, "/metrics").await?;
+    assert_eq!(
+        betang_tests::sample(
+            &body,
+            "betang_vm_address_info",
+            &[
+                ("vps_id", &b.id),
+                ("network", &name),
+                ("address", &at_b.ip_address)
+            ]
+        ),
+        Some(1.0),
+        "{body}"
     );
 
     // Deleted, the first one's address serves the next VPS.

@@ -489,6 +489,7 @@ fn probe_once(
             generation: 0,
             name: "kvm-probe".into(),
             institution: String::new(),
+            ..Default::default()
         },
         vcpus: 1,
         memory_mib: 32,

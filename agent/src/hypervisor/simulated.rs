@@ -570,6 +570,7 @@ mod tests {
                 generation: 3,
                 name: "web".into(),
                 institution: "dinas-a".into(),
+                ..Default::default()
             },
             vcpus: 2,
             memory_mib: 1024,

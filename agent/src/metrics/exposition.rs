@@ -179,6 +179,27 @@ impl Collector for AgentMetrics {
             "The VM's power state, as the label `state` with value 1.",
             &power,
         )?;
+        let addresses: Vec<(Labels, i64)> = s
+            .vms
+            .values()
+            .filter_map(|v| {
+                let m = v
+                    .state
+                    .metadata
+                    .as_ref()
+                    .filter(|m| !m.address.is_empty())?;
+                let mut l = vm_labels(v);
+                l.push(("network", escape(&m.network)));
+                l.push(("address", escape(&m.address)));
+                Some((l, 1))
+            })
+            .collect();
+        gauge(
+            &mut e,
+            "betang_vm_address_info",
+            "The VM's address on its Betang network, as labels with value 1.",
+            &addresses,
+        )?;
         let stale: Vec<(Labels, i64)> = s
             .vms
             .values()

@@ -190,6 +190,16 @@ impl VmManager {
             generation: args.generation,
             name: args.spec.name.clone(),
             institution: args.institution_id.clone(),
+            network: args
+                .attachment
+                .as_ref()
+                .map(|a| a.network.clone())
+                .unwrap_or_default(),
+            address: args
+                .attachment
+                .as_ref()
+                .map(|a| a.ip.to_string())
+                .unwrap_or_default(),
         };
         match existing {
             // The create applied the desired power and saw the result.
