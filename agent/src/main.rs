@@ -39,24 +39,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     let agent = betang_agent::server::start(cfg, listener).await?;
-    stop_requested().await?;
+    betang_exposition::stop_requested().await?;
     tracing::info!("stopping: no new calls; finishing those under way; guests keep running");
-    agent.drain(DRAIN_WITHIN).await;
+    agent.drain(betang_exposition::DRAIN_WITHIN).await;
     tracing::info!("stopped");
-    Ok(())
-}
-
-/// The longest calls under way may take to finish once asked to stop; the
-/// systemd unit's `TimeoutStopSec` is longer.
-const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// SIGINT from a terminal, or SIGTERM from systemd or `kill`.
-async fn stop_requested() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
     Ok(())
 }

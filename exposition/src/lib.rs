@@ -1,4 +1,5 @@
-//! What the agent's and the controller's `/metrics` share. `prometheus-client`
+//! What the agent's and the controller's daemons share: the stop signal
+//! and, mostly, `/metrics`. `prometheus-client`
 //! writes OpenMetrics, which Prometheus asks for first; tools that ask for the
 //! classic text format (`curl`, `promtool check metrics`) get that instead, the
 //! same samples with `_total` on the counter families' own names.
@@ -228,6 +229,22 @@ pub async fn bind(field: &str, addr: SocketAddr) -> std::io::Result<TcpListener>
         .await
         .map_err(|e| std::io::Error::new(e.kind(), format!("{field}: cannot bind {addr}: {e}")))
 }
+
+/// SIGINT from a terminal, or SIGTERM from systemd or `kill`: either asks a
+/// daemon to finish the calls under way and stop.
+pub async fn stop_requested() -> std::io::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
+    Ok(())
+}
+
+/// The longest the calls under way may take to finish once a daemon is
+/// asked to stop; the systemd units' `TimeoutStopSec` is longer.
+pub const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
 
 #[cfg(test)]
 mod tests {

@@ -188,7 +188,12 @@ async fn a_vps_boots_as_a_real_qemu_guest() -> anyhow::Result<()> {
         },
     )
     .await?;
-    assert_eq!(rules.len(), 9);
+    // Every rule the shipped file defines.
+    let shipped = std::fs::read_to_string(
+        betang_tests::workspace_root().join("deploy/prometheus/betang-rules.yml"),
+    )?;
+    assert_eq!(rules.len(), shipped.matches("- alert:").count());
+    assert_eq!(rules.len(), 11);
     drop(prom);
 
     // Graceful stop: the test guest powers off on the ACPI button.

@@ -36,21 +36,6 @@ enum Cmd {
     },
 }
 
-/// The longest calls under way may take to finish once asked to stop; the
-/// systemd unit's `TimeoutStopSec` is longer.
-const DRAIN_WITHIN: std::time::Duration = std::time::Duration::from_secs(30);
-
-/// SIGINT from a terminal, or SIGTERM from systemd or `kill`.
-async fn stop_requested() -> anyhow::Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r?,
-        _ = term.recv() => {}
-    }
-    Ok(())
-}
-
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
@@ -76,9 +61,9 @@ async fn main() -> anyhow::Result<()> {
                 .with_context(|| format!("binding {}", cfg.agent_listen))?;
             let controller =
                 betang_controller::server::start(cfg, listener, agent_listener).await?;
-            stop_requested().await?;
+            betang_exposition::stop_requested().await?;
             tracing::info!("stopping: no new calls; finishing those under way");
-            controller.drain(DRAIN_WITHIN).await;
+            controller.drain(betang_exposition::DRAIN_WITHIN).await;
             tracing::info!("stopped");
         }
         Cmd::BootstrapAdmin {

@@ -167,6 +167,23 @@ fn usable(net: &Ipv4Net, ip: Ipv4Addr) -> bool {
     net.contains(&ip) && ip != net.network() && ip != net.broadcast()
 }
 
+/// A stored gateway (0: none) as the API shows it.
+fn gateway_text(gateway: u32) -> String {
+    if gateway == 0 {
+        String::new()
+    } else {
+        Ipv4Addr::from(gateway).to_string()
+    }
+}
+
+/// Stored name servers (comma-separated) as a list.
+fn dns_list(dns: &str) -> Vec<String> {
+    dns.split(',')
+        .filter(|d| !d.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 const COLS: &str = "name, zone, attach_kind, attach_source, base, prefix_len, gateway, dns, reserved, vlan, created_at_ms";
 
 fn row(r: &Row<'_>) -> rusqlite::Result<Network> {
@@ -180,16 +197,8 @@ fn row(r: &Row<'_>) -> rusqlite::Result<Network> {
         attach_kind: r.get(2)?,
         attach_source: r.get(3)?,
         cidr: format!("{}/{prefix}", Ipv4Addr::from(base)),
-        gateway: if gateway == 0 {
-            String::new()
-        } else {
-            Ipv4Addr::from(gateway).to_string()
-        },
-        dns: dns
-            .split(',')
-            .filter(|d| !d.is_empty())
-            .map(str::to_owned)
-            .collect(),
+        gateway: gateway_text(gateway),
+        dns: dns_list(&dns),
         reserved: r.get(8)?,
         vlan: r.get(9)?,
         created_at_ms: r.get(10)?,
@@ -584,16 +593,8 @@ pub fn attachment(c: &Connection, vps: &VpsId) -> Result<Option<NetworkAttachmen
                 attach_kind: r.get(3)?,
                 attach_source: r.get(4)?,
                 prefix_len: r.get(5)?,
-                gateway: if gateway == 0 {
-                    String::new()
-                } else {
-                    Ipv4Addr::from(gateway).to_string()
-                },
-                dns: dns
-                    .split(',')
-                    .filter(|d| !d.is_empty())
-                    .map(str::to_owned)
-                    .collect(),
+                gateway: gateway_text(gateway),
+                dns: dns_list(&dns),
                 vlan: r.get(8)?,
             })
         })
