@@ -146,6 +146,9 @@ if [ -n "$seed" ]; then
 else
   echo "BETANG-NO-SEED"
 fi
+# A shell on the serial console, for `betangctl vps console`.
+(while true; do setsid cttyhack sh -c 'exec sh </dev/ttyS0 >/dev/ttyS0 2>&1'; done) &
+echo "BETANG-CONSOLE-READY"
 while true; do sleep 60; done
 INIT
 chmod +x initrd/init

@@ -270,18 +270,21 @@ struct InterfaceModel {
     kind: &'static str,
 }
 
+/// A pty, which the agent relays as the interactive console, with
+/// everything the guest prints also kept in a log (written by virtlogd,
+/// which rotates it: a guest can print without end).
 #[derive(Serialize)]
 struct Serial {
     #[serde(rename = "@type")]
     kind: &'static str,
-    source: PathSource,
+    log: LogFile,
     target: SerialTarget,
 }
 
 #[derive(Serialize)]
-struct PathSource {
-    #[serde(rename = "@path")]
-    path: String,
+struct LogFile {
+    #[serde(rename = "@file")]
+    file: String,
     /// Keep the console history across restarts instead of truncating it.
     #[serde(rename = "@append")]
     append: &'static str,
@@ -297,7 +300,6 @@ struct SerialTarget {
 struct Console {
     #[serde(rename = "@type")]
     kind: &'static str,
-    source: PathSource,
     target: ConsoleTarget,
 }
 
@@ -447,19 +449,15 @@ impl DomainSpec {
                 ],
                 interface,
                 serial: Serial {
-                    kind: "file",
-                    source: PathSource {
-                        path: serial_path.clone(),
+                    kind: "pty",
+                    log: LogFile {
+                        file: serial_path,
                         append: "on",
                     },
                     target: SerialTarget { port: 0 },
                 },
                 console: Console {
-                    kind: "file",
-                    source: PathSource {
-                        path: serial_path,
-                        append: "on",
-                    },
+                    kind: "pty",
                     target: ConsoleTarget {
                         kind: "serial",
                         port: 0,
@@ -560,7 +558,8 @@ mod tests {
             r#"<target dev="vdb" bus="virtio"/><readonly/>"#,
             r#"<memballoon model="virtio"><stats period="10"/></memballoon>"#,
             r#"<betang:vps xmlns:betang="https://betang.dev/xmlns/vps/1" id="0192c3a4-5b6c-7d8e-9f00-112233445566" generation="7" name="web"/>"#,
-            r#"<serial type="file"><source path="/var/lib/betang/vms/x/console.log" append="on"/>"#,
+            r#"<serial type="pty"><log file="/var/lib/betang/vms/x/console.log" append="on"/><target port="0"/></serial>"#,
+            r#"<console type="pty"><target type="serial" port="0"/></console>"#,
         ] {
             assert!(xml.contains(needle), "missing {needle} in {xml}");
         }

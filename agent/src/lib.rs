@@ -3,6 +3,7 @@
 
 pub mod attachment;
 pub mod config;
+pub mod console;
 pub mod digests;
 pub mod disks;
 pub mod domain_xml;

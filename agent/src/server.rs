@@ -176,6 +176,7 @@ pub async fn start_with(
     let api = AgentApi {
         vms: vms.clone(),
         host: host.clone(),
+        consoles: Arc::default(),
     };
     let tls = cfg.tls.as_ref().map(Tls::load).transpose()?;
     // No time limit on a call: a disk stream lasts as long as the disk is

@@ -3,9 +3,10 @@
 use std::{sync::Arc, time::Duration};
 
 use betang_proto::v1::{
-    DeleteVmRequest, DeleteVmResponse, DiskChunk, EnsureVmRequest, ExportDiskRequest,
-    HostInfoRequest, HostInfoResponse, ImportDiskRequest, ImportDiskResponse, ListVmsRequest,
-    ListVmsResponse, PowerState, RebootVmRequest, VmStatus, agent_service_server::AgentService,
+    ConsoleInput, ConsoleOutput, DeleteVmRequest, DeleteVmResponse, DiskChunk, EnsureVmRequest,
+    ExportDiskRequest, HostInfoRequest, HostInfoResponse, ImportDiskRequest, ImportDiskResponse,
+    ListVmsRequest, ListVmsResponse, PowerState, RebootVmRequest, VmStatus,
+    agent_service_server::AgentService,
 };
 use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status};
@@ -19,15 +20,78 @@ use crate::{
 };
 
 type ChunkStream = std::pin::Pin<Box<dyn Stream<Item = Result<DiskChunk, Status>> + Send>>;
+type ConsoleStream = std::pin::Pin<Box<dyn Stream<Item = Result<ConsoleOutput, Status>> + Send>>;
 
 pub struct AgentApi {
     pub vms: Arc<VmManager>,
     pub host: Arc<HostReporter>,
+    /// The guests' consoles open now.
+    pub consoles: Arc<crate::console::Hub>,
 }
 
 #[tonic::async_trait]
 impl AgentService for AgentApi {
     type ExportDiskStream = ChunkStream;
+    type ConsoleStream = ConsoleStream;
+
+    #[instrument(skip_all, fields(host_id = %self.host.host_id()))]
+    async fn console(
+        &self,
+        req: Request<tonic::Streaming<ConsoleInput>>,
+    ) -> Result<Response<ConsoleStream>, Status> {
+        let mut input_stream = req.into_inner();
+        let first = input_stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("vps_id: the first message names the VPS"))?;
+        let pty = self.vms.console_pty(&first.vps_id).await?;
+        let (hub, vps_id) = (self.consoles.clone(), first.vps_id.clone());
+        let attached = tokio::task::spawn_blocking(move || hub.attach(&vps_id, &pty))
+            .await
+            .map_err(|e| Status::internal(e.to_string()))??;
+        tracing::info!(vps_id = %first.vps_id, "console opened");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let mut output = attached.output;
+        tokio::spawn(async move {
+            loop {
+                let data = match output.recv().await {
+                    Ok(d) => d,
+                    // A slow session misses some output rather than holding the others.
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => break,
+                };
+                let msg = ConsoleOutput {
+                    data,
+                    notice: String::new(),
+                };
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let input = attached.input;
+        let mut pending = first.data;
+        tokio::spawn(async move {
+            loop {
+                if !pending.is_empty() {
+                    let (data, pty) = (std::mem::take(&mut pending), input.clone());
+                    let typed =
+                        tokio::task::spawn_blocking(move || crate::console::type_in(&pty, &data))
+                            .await;
+                    if !matches!(typed, Ok(Ok(()))) {
+                        return;
+                    }
+                }
+                match input_stream.message().await {
+                    Ok(Some(m)) => pending = m.data,
+                    _ => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(rx),
+        )))
+    }
 
     #[instrument(skip_all, fields(vps_id = %req.get_ref().vps_id, host_id = %self.host.host_id()))]
     async fn export_disk(

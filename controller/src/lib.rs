@@ -6,6 +6,7 @@ pub mod api;
 pub mod auth;
 pub mod certs;
 pub mod config;
+pub mod console;
 pub mod error;
 pub mod ids;
 pub mod lifecycle;

@@ -162,6 +162,7 @@ pub async fn start(
         rebooting: Arc::default(),
         limits: Arc::new(crate::limits::RateLimits::new(&cfg.limits)),
         certs: Arc::new(crate::certs::CertWatch::new(cfg.tls.as_ref())?),
+        consoles: Arc::default(),
     };
     let budgets = ctx.limits.clone();
     let mover = Arc::new(crate::moves::Mover::new(

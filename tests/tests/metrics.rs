@@ -276,6 +276,22 @@ async fn controller_metrics_follow_requests_vps_hosts_and_institutions() -> anyh
         .as_ref()
         .and_then(|c| c.metrics_addr)
         .expect("controller metrics_listen was set");
+    // A network, so that its figures are served (a VPS of institution B
+    // would go on it; this test's VPS is for A).
+    cluster
+        .as_operator()
+        .await?
+        .networks
+        .create_network(betang_proto::v1::CreateNetworkRequest {
+            network: Some(betang_proto::v1::Network {
+                name: "metrics-net".into(),
+                attach_kind: "bridge".into(),
+                attach_source: "br-metrics".into(),
+                cidr: "198.18.0.0/24".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
     let mut c = cluster.vps_client().await?;
     let v = c
         .create_vps(cluster.create(cluster.spec("m")))

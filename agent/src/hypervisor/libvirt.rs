@@ -264,6 +264,14 @@ impl Hypervisor for LibvirtHypervisor {
         )?)
     }
 
+    fn console_pty(&self, name: &str) -> Result<Option<std::path::PathBuf>> {
+        let dom = self.must(name)?;
+        if !dom.is_active()? {
+            return Ok(None);
+        }
+        Ok(crate::console::pty_of(&dom.xml_desc(0)?))
+    }
+
     fn control(&self, name: &str) -> Result<Control> {
         match self.watch_conn()?.lookup_domain_by_name(name) {
             Ok(d) => Ok(super::bulk_stats::control(&d)?),

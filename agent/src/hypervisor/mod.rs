@@ -147,6 +147,12 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn guest_stats(&self) -> Result<Vec<DomainSample>>;
     /// Whether the domain's monitor answers; never waits on it.
     fn control(&self, name: &str) -> Result<Control>;
+    /// The running domain's serial console pty, if it has one (the
+    /// simulated hypervisor has none).
+    fn console_pty(&self, name: &str) -> Result<Option<std::path::PathBuf>> {
+        let _ = name;
+        Ok(None)
+    }
     /// How this hypervisor's disks are made; real ones are qcow2 files.
     fn disks(&self) -> &dyn DiskTool {
         &QemuImg

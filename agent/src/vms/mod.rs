@@ -152,6 +152,19 @@ impl VmManager {
         self.vm_dir.join(vps_id)
     }
 
+    /// The running guest's console pty.
+    pub async fn console_pty(&self, vps_id: &str) -> Result<PathBuf> {
+        names::check_vps_id(vps_id)?;
+        let name = names::domain_name(vps_id);
+        self.hv
+            .call(move |hv| hv.console_pty(&name))
+            .await?
+            .ok_or_else(|| AgentError::InvalidArgument {
+                field: "vps_id",
+                rule: format!("VPS {vps_id} is not running here: its console exists while it runs"),
+            })
+    }
+
     pub fn serial_log(&self, vps_id: &str) -> Result<PathBuf> {
         names::check_vps_id(vps_id)?;
         Ok(self.dir_of(vps_id).join(SERIAL_LOG))

@@ -3,6 +3,7 @@
 //! `From<ApiError> for Status`.
 
 pub mod audit;
+pub mod console;
 pub mod hosts;
 pub mod identity;
 pub mod networks;
@@ -37,6 +38,8 @@ pub struct Ctx {
     pub limits: Arc<crate::limits::RateLimits>,
     /// Revoked certificates and when those seen expire.
     pub certs: Arc<crate::certs::CertWatch>,
+    /// Who types on each VPS's console.
+    pub consoles: Arc<crate::console::Consoles>,
 }
 
 /// The VPS being rebooted: a reboot is one call to the agent, so this is

@@ -104,6 +104,15 @@ fn pin(host_id: &str) -> Result<Option<HostId>, ApiError> {
 
 #[tonic::async_trait]
 impl VpsService for VpsApi {
+    type ConsoleVpsStream = super::console::ConsoleStream;
+
+    async fn console_vps(
+        &self,
+        req: Request<tonic::Streaming<betang_proto::v1::ConsoleInput>>,
+    ) -> Result<Response<Self::ConsoleVpsStream>, Status> {
+        Ok(Response::new(super::console::open(&self.ctx, req).await?))
+    }
+
     #[instrument(skip_all, fields(vps_id = %req.get_ref().id, user))]
     async fn move_vps(&self, req: Request<MoveVpsRequest>) -> Result<Response<Vps>, Status> {
         let caller = self.ctx.caller(&req).await?;

@@ -240,6 +240,16 @@ enum VpsCmd {
         #[arg(long, default_value = "")]
         ip: String,
     },
+    /// The VPS's serial console, like `virsh console`: Ctrl-] leaves.
+    Console {
+        id: String,
+        /// Watch without typing.
+        #[arg(long)]
+        read_only: bool,
+        /// Type although someone else is (they then watch).
+        #[arg(long)]
+        take_over: bool,
+    },
     /// Operators: reject a request; the member sees the reason.
     Reject {
         id: String,
@@ -1517,6 +1527,122 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Ctrl-], as in `virsh console` and telnet.
+const CONSOLE_ESCAPE: u8 = 0x1d;
+
+/// The terminal in raw mode while a console is open (keys go to the guest
+/// as typed), restored however the console ends.
+struct RawTerminal(Option<libc::termios>);
+
+impl RawTerminal {
+    #[allow(unsafe_code)]
+    fn enter() -> RawTerminal {
+        // SAFETY: `t` is filled by tcgetattr on standard input before use.
+        unsafe {
+            if libc::isatty(0) != 1 {
+                return RawTerminal(None);
+            }
+            let mut t: libc::termios = std::mem::zeroed();
+            if libc::tcgetattr(0, &mut t) != 0 {
+                return RawTerminal(None);
+            }
+            let saved = t;
+            libc::cfmakeraw(&mut t);
+            libc::tcsetattr(0, libc::TCSANOW, &t);
+            RawTerminal(Some(saved))
+        }
+    }
+}
+
+impl Drop for RawTerminal {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        if let Some(t) = self.0 {
+            // SAFETY: restores the settings read in `enter`.
+            unsafe {
+                libc::tcsetattr(0, libc::TCSANOW, &t);
+            }
+        }
+    }
+}
+
+async fn console(
+    c: &mut VpsServiceClient<Authed>,
+    id: String,
+    read_only: bool,
+    take_over: bool,
+) -> anyhow::Result<()> {
+    use std::io::{Read, Write};
+
+    use betang_proto::v1::ConsoleInput;
+    let (keys, requests) = tokio::sync::mpsc::channel::<ConsoleInput>(64);
+    keys.send(ConsoleInput {
+        vps_id: id.clone(),
+        read_only,
+        take_over,
+        ..Default::default()
+    })
+    .await?;
+    let mut answer = c
+        .console_vps(tokio_stream::wrappers::ReceiverStream::new(requests))
+        .await
+        .map_err(status_error)?
+        .into_inner();
+    eprintln!("console of {id}; Ctrl-] leaves");
+    let raw = RawTerminal::enter();
+    let (left_tx, mut left) = tokio::sync::mpsc::channel::<()>(1);
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 1024];
+        let mut stdin = std::io::stdin();
+        while let Ok(n) = stdin.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let chunk = &buf[..n];
+            let end = chunk.iter().position(|b| *b == CONSOLE_ESCAPE);
+            let data = chunk[..end.unwrap_or(n)].to_vec();
+            if !data.is_empty()
+                && keys
+                    .blocking_send(ConsoleInput {
+                        data,
+                        ..Default::default()
+                    })
+                    .is_err()
+            {
+                break;
+            }
+            if end.is_some() {
+                break;
+            }
+        }
+        let _ = left_tx.blocking_send(());
+    });
+    let mut out = std::io::stdout();
+    let ended = loop {
+        let next = tokio::select! {
+            m = answer.message() => m,
+            _ = left.recv() => break None,
+        };
+        match next {
+            Ok(Some(o)) => {
+                if !o.notice.is_empty() {
+                    eprint!("\r\n[{}]\r\n", o.notice);
+                }
+                out.write_all(&o.data)?;
+                out.flush()?;
+            }
+            Ok(None) => break Some("the console closed".to_owned()),
+            Err(s) => break Some(status_error(s).to_string()),
+        }
+    };
+    drop(raw);
+    match ended {
+        None => eprintln!("\n[left the console]"),
+        Some(why) => eprintln!("\n[{why}]"),
+    }
+    Ok(())
+}
+
 async fn network(c: &mut Clients, cmd: NetworkCmd) -> anyhow::Result<()> {
     use betang_proto::v1::{
         CreateNetworkRequest, GetNetworkRequest, GrantNetworkRequest, ListNetworksRequest, Network,
@@ -1979,6 +2105,11 @@ async fn vps(
                 token = page.next_page_token;
             }
         }
+        VpsCmd::Console {
+            id,
+            read_only,
+            take_over,
+        } => console(c, id, read_only, take_over).await?,
         VpsCmd::Get { id, history } => {
             let v = c
                 .get_vps(GetVpsRequest {

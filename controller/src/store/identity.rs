@@ -42,11 +42,12 @@ pub struct AuditFilter {
 }
 
 /// Records matching every filter given. The actor is a user id or a
-/// username; an action is matched whole (`vps.stop`), or as a family by its
-/// first word (`vps` or `vps.` match every `vps.…`).
+/// username; an action is matched whole (`vps.stop`), or as a family: a
+/// first word alone or anything ending in a dot (`vps`, `vps.` and
+/// `vps.console.` match every action that begins so).
 pub fn list_audit(c: &Connection, f: &AuditFilter) -> Result<Vec<AuditRecord>, ApiError> {
     let family = f.action.trim_end_matches('.');
-    let action_prefix = !family.contains('.');
+    let action_prefix = f.action.ends_with('.') || !family.contains('.');
     let action = if action_prefix {
         format!("{family}.")
     } else {

@@ -1,0 +1,199 @@
+//! The serial console of a real guest through the controller: a member of
+//! the owning institution gets a shell that runs what they type, a viewer
+//! sees it, a second writer is refused unless it takes over, another
+//! institution's member gets NotFound, and opening and closing are audited.
+//!
+//! Needs root and libvirtd (`deploy/test.sh` provides both); fails, never
+//! skips, when they are missing.
+
+use std::{
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use betang_proto::v1::{ConsoleInput, ConsoleOutput, ListAuditRequest, Quota, VpsState};
+use betang_tests::{Clients, eventually, real::RealHost, wait_state};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+const T: Duration = Duration::from_secs(180);
+
+/// One console client, acting as a terminal would: it answers the shell's
+/// cursor-position queries (busybox's line editor asks after each prompt).
+struct Session {
+    keys: mpsc::Sender<ConsoleInput>,
+    seen: Arc<Mutex<String>>,
+    /// Holds the answer stream (and a sender, for the replies): ending it
+    /// closes the session.
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+async fn open(
+    c: &Clients,
+    id: &str,
+    read_only: bool,
+    take_over: bool,
+) -> Result<Session, tonic::Status> {
+    let (keys, rx) = mpsc::channel(16);
+    keys.send(ConsoleInput {
+        vps_id: id.into(),
+        read_only,
+        take_over,
+        ..Default::default()
+    })
+    .await
+    .expect("queued");
+    let mut out: Streaming<ConsoleOutput> = c
+        .vps
+        .clone()
+        .console_vps(ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let seen = Arc::new(Mutex::new(String::new()));
+    let (buffer, answer) = (seen.clone(), keys.clone());
+    let reader = tokio::spawn(async move {
+        while let Ok(Some(m)) = out.message().await {
+            let text = String::from_utf8_lossy(&m.data).into_owned();
+            if text.contains("\x1b[6n") {
+                let reply = ConsoleInput {
+                    data: b"\x1b[1;1R".to_vec(),
+                    ..Default::default()
+                };
+                if answer.send(reply).await.is_err() {
+                    break;
+                }
+            }
+            let mut b = buffer.lock().unwrap_or_else(|p| p.into_inner());
+            b.push_str(&text);
+            b.push_str(&m.notice);
+        }
+    });
+    Ok(Session { keys, seen, reader })
+}
+
+impl Session {
+    async fn type_in(&self, text: &str) {
+        self.keys
+            .send(ConsoleInput {
+                data: text.as_bytes().to_vec(),
+                ..Default::default()
+            })
+            .await
+            .expect("the console is open");
+    }
+
+    fn seen(&self) -> String {
+        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Waits until what the console printed contains `what`.
+    async fn until(&self, what: &str) -> anyhow::Result<()> {
+        eventually(Duration::from_secs(60), what, || async {
+            self.seen().contains(what).then_some(())
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e}; seen: {:?}", self.seen()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::Result<()> {
+    let host = RealHost::start(Quota {
+        vcpus: 4,
+        memory_mib: 1024,
+        disk_gib: 10,
+        vps_count: 4,
+    })
+    .await?;
+    let op = host.operator().await?;
+    let v = op
+        .vps
+        .clone()
+        .create_vps(host.small_vps("console"))
+        .await?
+        .into_inner();
+    wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
+    let log = host.agent().vms.serial_log(&v.id)?;
+    eventually(T, "the guest's console shell", || {
+        let log = log.clone();
+        async move {
+            let text = std::fs::read(&log).unwrap_or_default();
+            String::from_utf8_lossy(&text)
+                .contains("BETANG-CONSOLE-READY")
+                .then_some(())
+        }
+    })
+    .await?;
+
+    // Another institution's member: as if there were no such VPS.
+    let other = Clients::connect(&host.endpoint, Some(&host.people.member_b)).await?;
+    let e = open(&other, &v.id, true, false)
+        .await
+        .err()
+        .expect("refused");
+    assert_eq!(e.code(), Code::NotFound, "{e}");
+
+    // The owner's member types; the shell runs it.
+    let member = host.member().await?;
+    let writer = open(&member, &v.id, false, false).await?;
+    writer.type_in("\necho $((6*7))\n").await;
+    writer.until("42").await?;
+
+    // A second writer is refused; a viewer sees what the writer does.
+    let e = open(&op, &v.id, false, false).await.err().expect("refused");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
+    let viewer = open(&op, &v.id, true, false).await?;
+    viewer.until("watching").await?;
+    viewer.type_in("echo ignored-$((2+2))\n").await;
+    writer.type_in("echo seen-$((1+1))\n").await;
+    viewer.until("seen-2").await?;
+    writer.until("seen-2").await?;
+    assert!(
+        !writer.seen().contains("ignored-4"),
+        "a viewer's keys never reach the guest"
+    );
+
+    // Taking over: the operator types, the member's keys no longer count.
+    let taker = open(&op, &v.id, false, true).await?;
+    writer.type_in("echo stale-$((3+3))\n").await;
+    taker.type_in("echo taken-$((4+4))\n").await;
+    taker.until("taken-8").await?;
+    assert!(!taker.seen().contains("stale-6"), "{}", taker.seen());
+
+    drop((writer, viewer, taker));
+    let audit = eventually(T, "opening and closing audited", || async {
+        let records = op
+            .audit
+            .clone()
+            .list_audit(ListAuditRequest {
+                action: "vps.console.".into(),
+                target: v.id.clone(),
+                ..Default::default()
+            })
+            .await
+            .ok()?
+            .into_inner()
+            .records;
+        let closed = records
+            .iter()
+            .filter(|r| r.action == "vps.console.close")
+            .count();
+        (closed == 3).then_some(records)
+    })
+    .await?;
+    let opened: Vec<&str> = audit
+        .iter()
+        .filter(|r| r.action == "vps.console.open")
+        .map(|r| r.result.as_str())
+        .collect();
+    assert_eq!(opened.len(), 3, "{audit:?}");
+    assert!(opened.contains(&"viewer") && opened.contains(&"writer"));
+    Ok(())
+}
