@@ -122,6 +122,10 @@ struct MetadataVps<'a> {
     name: &'a str,
     #[serde(rename = "@institution", skip_serializing_if = "str::is_empty")]
     institution: &'a str,
+    #[serde(rename = "@network", skip_serializing_if = "str::is_empty")]
+    network: &'a str,
+    #[serde(rename = "@address", skip_serializing_if = "str::is_empty")]
+    address: &'a str,
 }
 
 #[derive(Serialize)]
@@ -389,6 +393,8 @@ impl DomainSpec {
                     generation: self.metadata.generation,
                     name: &self.metadata.name,
                     institution: &self.metadata.institution,
+                    network: &self.metadata.network,
+                    address: &self.metadata.address,
                 },
             },
             memory: Sized {
@@ -519,7 +525,14 @@ mod tests {
             })
             .unwrap(),
         );
+        s.metadata.network = "internal".into();
+        s.metadata.address = "198.18.0.2".into();
         let xml = s.to_xml().unwrap();
+        // The metrics read the address back from libvirt from the first define on.
+        assert!(
+            xml.contains(r#"name="web" network="internal" address="198.18.0.2"/>"#),
+            "{xml}"
+        );
         assert!(
             xml.contains(
                 r#"<interface type="bridge"><mac address="52:54:00:0a:0b:0c"/><source bridge="br-test"/><model type="virtio"/><filterref filter="clean-traffic"><parameter name="IP" value="198.18.0.2"/></filterref></interface>"#

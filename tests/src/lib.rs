@@ -30,6 +30,8 @@ use tonic::{service::interceptor::InterceptedService, transport::Channel};
 
 pub mod bench;
 pub mod chaos;
+pub mod console;
+pub mod lan;
 pub mod prometheus;
 pub mod real;
 

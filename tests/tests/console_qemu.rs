@@ -6,102 +6,13 @@
 //! Needs root and libvirtd (`deploy/test.sh` provides both); fails, never
 //! skips, when they are missing.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::time::Duration;
 
-use betang_proto::v1::{ConsoleInput, ConsoleOutput, ListAuditRequest, Quota, VpsState};
-use betang_tests::{Clients, eventually, real::RealHost, wait_state};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Code, Streaming};
+use betang_proto::v1::{ListAuditRequest, Quota, VpsState};
+use betang_tests::{Clients, console::Session, eventually, real::RealHost, wait_state};
+use tonic::Code;
 
 const T: Duration = Duration::from_secs(180);
-
-/// One console client, acting as a terminal would: it answers the shell's
-/// cursor-position queries (busybox's line editor asks after each prompt).
-struct Session {
-    keys: mpsc::Sender<ConsoleInput>,
-    seen: Arc<Mutex<String>>,
-    /// Holds the answer stream (and a sender, for the replies): ending it
-    /// closes the session.
-    reader: tokio::task::JoinHandle<()>,
-}
-
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.reader.abort();
-    }
-}
-
-async fn open(
-    c: &Clients,
-    id: &str,
-    read_only: bool,
-    take_over: bool,
-) -> Result<Session, tonic::Status> {
-    let (keys, rx) = mpsc::channel(16);
-    keys.send(ConsoleInput {
-        vps_id: id.into(),
-        read_only,
-        take_over,
-        ..Default::default()
-    })
-    .await
-    .expect("queued");
-    let mut out: Streaming<ConsoleOutput> = c
-        .vps
-        .clone()
-        .console_vps(ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let seen = Arc::new(Mutex::new(String::new()));
-    let (buffer, answer) = (seen.clone(), keys.clone());
-    let reader = tokio::spawn(async move {
-        while let Ok(Some(m)) = out.message().await {
-            let text = String::from_utf8_lossy(&m.data).into_owned();
-            if text.contains("\x1b[6n") {
-                let reply = ConsoleInput {
-                    data: b"\x1b[1;1R".to_vec(),
-                    ..Default::default()
-                };
-                if answer.send(reply).await.is_err() {
-                    break;
-                }
-            }
-            let mut b = buffer.lock().unwrap_or_else(|p| p.into_inner());
-            b.push_str(&text);
-            b.push_str(&m.notice);
-        }
-    });
-    Ok(Session { keys, seen, reader })
-}
-
-impl Session {
-    async fn type_in(&self, text: &str) {
-        self.keys
-            .send(ConsoleInput {
-                data: text.as_bytes().to_vec(),
-                ..Default::default()
-            })
-            .await
-            .expect("the console is open");
-    }
-
-    fn seen(&self) -> String {
-        self.seen.lock().unwrap_or_else(|p| p.into_inner()).clone()
-    }
-
-    /// Waits until what the console printed contains `what`.
-    async fn until(&self, what: &str) -> anyhow::Result<()> {
-        eventually(Duration::from_secs(60), what, || async {
-            self.seen().contains(what).then_some(())
-        })
-        .await
-        .map_err(|e| anyhow::anyhow!("{e}; seen: {:?}", self.seen()))
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::Result<()> {
@@ -134,7 +45,7 @@ async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::
 
     // Another institution's member: as if there were no such VPS.
     let other = Clients::connect(&host.endpoint, Some(&host.people.member_b)).await?;
-    let e = open(&other, &v.id, true, false)
+    let e = Session::open(&other, &v.id, true, false)
         .await
         .err()
         .expect("refused");
@@ -142,14 +53,17 @@ async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::
 
     // The owner's member types; the shell runs it.
     let member = host.member().await?;
-    let writer = open(&member, &v.id, false, false).await?;
+    let writer = Session::open(&member, &v.id, false, false).await?;
     writer.type_in("\necho $((6*7))\n").await;
     writer.until("42").await?;
 
     // A second writer is refused; a viewer sees what the writer does.
-    let e = open(&op, &v.id, false, false).await.err().expect("refused");
+    let e = Session::open(&op, &v.id, false, false)
+        .await
+        .err()
+        .expect("refused");
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
-    let viewer = open(&op, &v.id, true, false).await?;
+    let viewer = Session::open(&op, &v.id, true, false).await?;
     viewer.until("watching").await?;
     viewer.type_in("echo ignored-$((2+2))\n").await;
     writer.type_in("echo seen-$((1+1))\n").await;
@@ -161,7 +75,7 @@ async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::
     );
 
     // Taking over: the operator types, the member's keys no longer count.
-    let taker = open(&op, &v.id, false, true).await?;
+    let taker = Session::open(&op, &v.id, false, true).await?;
     writer.type_in("echo stale-$((3+3))\n").await;
     taker.type_in("echo taken-$((4+4))\n").await;
     taker.until("taken-8").await?;

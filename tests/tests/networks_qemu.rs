@@ -9,118 +9,15 @@
 //! Needs root, libvirtd and the nwfilter package (`deploy/test.sh` provides
 //! them); fails, never skips, when they are missing.
 
-use std::{process::Command, time::Duration};
+use std::time::Duration;
 
 use betang_proto::v1::{
     CreateNetworkRequest, DeleteVpsRequest, GrantNetworkRequest, Network, NetworkAttachment, Quota,
     StopVpsRequest, Vps, VpsState,
 };
-use betang_tests::{Clients, eventually, real::RealHost, wait_state};
+use betang_tests::{Clients, eventually, lan::Lan, real::RealHost, wait_state};
 
 const T: Duration = Duration::from_secs(240);
-
-fn ip(args: &[&str]) -> anyhow::Result<()> {
-    let out = Command::new("ip").args(args).output()?;
-    anyhow::ensure!(
-        out.status.success(),
-        "ip {}: {}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    Ok(())
-}
-
-/// A bridge with no uplink and no address, and a namespace holding one end
-/// of a veth pair whose other end is on the bridge.
-struct Lan {
-    bridge: String,
-    ns: String,
-    subnet: u8,
-}
-
-impl Lan {
-    /// Removes what a run killed outright (no Drop ran) left behind: only
-    /// this test makes `btb…` bridges and `btn…` namespaces.
-    fn sweep() {
-        let list = |args: &[&str]| {
-            Command::new("ip")
-                .args(args)
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default()
-        };
-        for line in list(&["netns", "list"]).lines() {
-            if let Some(ns) = line
-                .split_whitespace()
-                .next()
-                .filter(|n| n.starts_with("btn"))
-            {
-                let _ = ip(&["netns", "del", ns]);
-            }
-        }
-        for line in list(&["-o", "link", "show", "type", "bridge"]).lines() {
-            if let Some(br) = line.split(": ").nth(1).filter(|n| n.starts_with("btb")) {
-                let _ = ip(&["link", "del", br]);
-            }
-        }
-    }
-
-    fn create() -> anyhow::Result<Lan> {
-        Lan::sweep();
-        let tag = format!("{:08x}", fastrand::u32(..));
-        let lan = Lan {
-            bridge: format!("btb{tag}"),
-            ns: format!("btn{tag}"),
-            subnet: fastrand::u8(1..=250),
-        };
-        let (host_end, ns_end) = (format!("btv{tag}h"), format!("btv{tag}n"));
-        ip(&["link", "add", &lan.bridge, "type", "bridge"])?;
-        ip(&["link", "set", &lan.bridge, "up"])?;
-        ip(&["netns", "add", &lan.ns])?;
-        ip(&[
-            "link", "add", &host_end, "type", "veth", "peer", "name", &ns_end,
-        ])?;
-        ip(&["link", "set", &host_end, "master", &lan.bridge])?;
-        ip(&["link", "set", &host_end, "up"])?;
-        ip(&["link", "set", &ns_end, "netns", &lan.ns])?;
-        let me = format!("{}/28", lan.client());
-        ip(&["-n", &lan.ns, "addr", "add", &me, "dev", &ns_end])?;
-        ip(&["-n", &lan.ns, "link", "set", &ns_end, "up"])?;
-        ip(&["-n", &lan.ns, "link", "set", "lo", "up"])?;
-        Ok(lan)
-    }
-
-    fn cidr(&self) -> String {
-        format!("198.18.{}.0/28", self.subnet)
-    }
-
-    /// The namespace's own address, kept out of the network's allocation.
-    fn client(&self) -> String {
-        format!("198.18.{}.14", self.subnet)
-    }
-
-    /// What answers on TCP port 80 at `addr`, asked from the namespace.
-    fn ask(&self, addr: &str) -> Option<String> {
-        let _ = Command::new("ip")
-            .args(["-n", &self.ns, "neigh", "flush", "all"])
-            .status();
-        let out = Command::new("ip")
-            .args(["netns", "exec", &self.ns, "timeout", "3", "bash", "-c"])
-            .arg(format!("exec 3<>/dev/tcp/{addr}/80 && timeout 2 cat <&3"))
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        (!text.is_empty()).then_some(text)
-    }
-}
-
-impl Drop for Lan {
-    fn drop(&mut self) {
-        // The veth pair goes with the namespace.
-        let _ = ip(&["netns", "del", &self.ns]);
-        let _ = ip(&["link", "del", &self.bridge]);
-    }
-}
 
 async fn console_says(host: &RealHost, id: &str, what: &str) -> anyhow::Result<()> {
     let log = host.agent().vms.serial_log(id)?;

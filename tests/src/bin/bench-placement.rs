@@ -18,7 +18,8 @@ use betang_agent::{
     server::RunningAgent,
 };
 use betang_proto::v1::{
-    GetHostRequest, HostState, ListHostsRequest, ListVpsRequest, Quota, VpsState,
+    CreateNetworkRequest, GetHostRequest, GrantNetworkRequest, HostState, ListHostsRequest,
+    ListVpsRequest, Network, Quota, VpsState,
 };
 use betang_tests::{
     Clients, application,
@@ -215,8 +216,20 @@ async fn main() -> anyhow::Result<()> {
         people.operator.clone(),
         people.inst_a.clone(),
     );
-    let (lat, failed, placing) = tokio::task::spawn_blocking(move || {
-        place_all(&load_endpoint, &token, &inst, total, concurrency)
+    let Batch {
+        lat,
+        failed,
+        took: placing,
+        ..
+    } = tokio::task::spawn_blocking(move || {
+        place_all(
+            &load_endpoint,
+            &token,
+            &inst,
+            ("vps", ""),
+            total,
+            concurrency,
+        )
     })
     .await??;
     let cpu_ms_per_placement = (
@@ -272,6 +285,53 @@ async fn main() -> anyhow::Result<()> {
         domains += a.vms.list().await.map_or(0, |l| l.len());
     }
 
+    // Addresses: the same batch of placements all at once, without and then
+    // with a network, so the allocation's cost shows as the difference.
+    let alloc = arg("--alloc", 1000);
+    op.networks
+        .clone()
+        .create_network(CreateNetworkRequest {
+            network: Some(Network {
+                name: "bench-net".into(),
+                attach_kind: "bridge".into(),
+                attach_source: "br-bench".into(),
+                cidr: "198.18.0.0/20".into(),
+                ..Default::default()
+            }),
+        })
+        .await?;
+    op.networks
+        .clone()
+        .grant_network(GrantNetworkRequest {
+            name: "bench-net".into(),
+            institution_id: people.inst_a.clone(),
+            is_default: false,
+        })
+        .await?;
+    let mut batches = Vec::new();
+    for (tag, network) in [("plain", ""), ("addressed", "bench-net")] {
+        let (e, t, i) = (
+            endpoint.clone(),
+            people.operator.clone(),
+            people.inst_a.clone(),
+        );
+        let cpu = cpu_seconds(&controller.pid);
+        let batch = tokio::task::spawn_blocking(move || {
+            place_all(&e, &t, &i, (tag, network), alloc, alloc)
+        })
+        .await??;
+        let cpu_ms = (cpu_seconds(&controller.pid) - cpu) * 1000.0 / alloc as f64;
+        batches.push((batch, cpu_ms));
+    }
+    let (plain, addressed) = (&batches[0], &batches[1]);
+    let distinct: std::collections::HashSet<&String> = addressed.0.addresses.iter().collect();
+    anyhow::ensure!(
+        addressed.0.failed == 0 && distinct.len() == alloc,
+        "{} refused, {} distinct addresses for {alloc} placements",
+        addressed.0.failed,
+        distinct.len()
+    );
+
     // A host goes silent: time from its last accepted heartbeat to DOWN.
     let mut silent_agent = agents.swap_remove(0);
     let silent = silent_agent.host.host_id().to_owned();
@@ -322,6 +382,20 @@ async fn main() -> anyhow::Result<()> {
         "hosts over their ratio: {over}; silent host DOWN {:.2} s after its last heartbeat",
         down_after.as_secs_f64()
     );
+    for (name, (b, cpu_ms)) in [("without a network", plain), ("with addresses", addressed)] {
+        println!(
+            "{alloc} at once {name}: {:.2} s, p50 {:.2} ms, p99 {:.2} ms, controller CPU {cpu_ms:.3} ms each, refused {}",
+            b.took.as_secs_f64(),
+            pct(&b.lat, 0.5),
+            pct(&b.lat, 0.99),
+            b.failed
+        );
+    }
+    println!(
+        "address allocation adds {:.3} ms of controller CPU per placement; {} distinct addresses",
+        addressed.1 - plain.1,
+        distinct.len()
+    );
     println!(
         "peak RSS: controller {controller_rss:.0} MiB; this process ({} agents and the load) {bench_rss:.0} MiB",
         hosts
@@ -349,6 +423,15 @@ async fn main() -> anyhow::Result<()> {
             "listed": listed,
             "hosts_over_ratio": over,
             "silent_to_down_s": down_after.as_secs_f64(),
+            "concurrent_allocations": alloc,
+            "alloc_plain_s": plain.0.took.as_secs_f64(),
+            "alloc_plain_p99_ms": pct(&plain.0.lat, 0.99),
+            "alloc_plain_cpu_ms": plain.1,
+            "alloc_addressed_s": addressed.0.took.as_secs_f64(),
+            "alloc_addressed_p99_ms": pct(&addressed.0.lat, 0.99),
+            "alloc_addressed_cpu_ms": addressed.1,
+            "alloc_added_cpu_ms_per_placement": addressed.1 - plain.1,
+            "alloc_distinct_addresses": distinct.len(),
             "controller_peak_rss_mib": controller_rss,
             "agents_and_load_peak_rss_mib": bench_rss,
         })
@@ -356,37 +439,54 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The load: `total` CreateVps calls, `concurrency` at a time, on a runtime
-/// of its own, so that its timings do not include waiting behind the
-/// thousand agents' tasks on theirs (a client of the controller runs apart
-/// from its hosts). Returns the sorted latencies, the failures and the time.
+/// What one batch of CreateVps calls gave.
+struct Batch {
+    /// Sorted.
+    lat: Vec<Duration>,
+    failed: usize,
+    took: Duration,
+    /// The address each placed VPS was given, where it asked for a network.
+    addresses: Vec<String>,
+}
+
+/// The load: `total` CreateVps calls named `tag-N`, `concurrency` at a time
+/// (on one connection per 64, the controller's limit of streams on one), on
+/// `network` if one is named, run on a runtime of its own, so that its
+/// timings do not include waiting behind the thousand agents' tasks on
+/// theirs (a client of the controller runs apart from its hosts).
 fn place_all(
     endpoint: &str,
     token: &str,
     inst: &str,
+    (tag, network): (&str, &str),
     total: usize,
     concurrency: usize,
-) -> anyhow::Result<(Vec<Duration>, usize, Duration)> {
+) -> anyhow::Result<Batch> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
         .thread_name("bench-load")
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let op = Clients::connect(endpoint, Some(token)).await?;
+        let mut connections = Vec::new();
+        for _ in 0..concurrency.div_ceil(64) {
+            connections.push(Clients::connect(endpoint, Some(token)).await?);
+        }
         let latencies = Arc::new(std::sync::Mutex::new(Vec::with_capacity(total)));
+        let addresses = Arc::new(std::sync::Mutex::new(Vec::new()));
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let failures = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let started = Instant::now();
         let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                let (mut c, lat, next, fail) = (
-                    op.vps.clone(),
+            .map(|w| {
+                let (mut c, lat, next, fail, given) = (
+                    connections[w / 64].vps.clone(),
                     latencies.clone(),
                     next.clone(),
                     failures.clone(),
+                    addresses.clone(),
                 );
-                let inst = inst.to_owned();
+                let (inst, tag, network) = (inst.to_owned(), tag.to_owned(), network.to_owned());
                 tokio::spawn(async move {
                     loop {
                         let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -394,9 +494,10 @@ fn place_all(
                             break;
                         }
                         let req = betang_proto::v1::CreateVpsRequest {
-                            request_id: format!("bench-{i}"),
+                            request_id: format!("{tag}-{i}"),
                             spec: Some(betang_proto::v1::VpsSpec {
-                                name: format!("vps-{i}"),
+                                name: format!("{tag}-{i}"),
+                                network: network.clone(),
                                 vcpus: [1, 2, 4][i % 3],
                                 memory_mib: [1024, 2048, 4096][i % 3],
                                 disk_gib: 20,
@@ -408,10 +509,18 @@ fn place_all(
                             ..Default::default()
                         };
                         let t = Instant::now();
-                        if c.create_vps(req).await.is_err() {
-                            fail.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        match c.create_vps(req).await {
+                            Ok(v) => {
+                                lat.lock().unwrap().push(t.elapsed());
+                                if let Some(a) = v.into_inner().attachment {
+                                    given.lock().unwrap().push(a.ip_address);
+                                }
+                            }
+                            Err(_) => {
+                                lat.lock().unwrap().push(t.elapsed());
+                                fail.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
                         }
-                        lat.lock().unwrap().push(t.elapsed());
                     }
                 })
             })
@@ -419,14 +528,16 @@ fn place_all(
         for w in workers {
             w.await?;
         }
-        let placing = started.elapsed();
+        let took = started.elapsed();
         let mut lat = latencies.lock().unwrap().clone();
         lat.sort();
-        Ok((
+        let addresses = addresses.lock().unwrap().clone();
+        Ok(Batch {
             lat,
-            failures.load(std::sync::atomic::Ordering::Relaxed),
-            placing,
-        ))
+            failed: failures.load(std::sync::atomic::Ordering::Relaxed),
+            took,
+            addresses,
+        })
     })
 }
 
