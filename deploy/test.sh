@@ -11,7 +11,8 @@ repo=$(dirname "$here")
 . "$here/lib/libvirtd.sh"
 
 require_root
-ensure_packages "${BETANG_PACKAGES[@]}"
+# The portal test drives Debian's Chromium through chromedriver.
+ensure_packages "${BETANG_PACKAGES[@]}" chromium chromium-driver
 ensure_rust
 ensure_libvirtd
 # Built (or found in the cache) before the tests so its time is not a test's.

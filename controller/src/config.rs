@@ -70,6 +70,29 @@ pub struct ControllerConfig {
     /// Request budgets per token and the servers' bounds.
     #[serde(default)]
     pub limits: crate::limits::LimitsConfig,
+    /// Where the web portal is served, plain HTTP; no portal when absent.
+    /// On loopback only: put a proxy that terminates TLS in front of it.
+    #[serde(default)]
+    pub portal_listen: Option<SocketAddr>,
+    /// The portal's address as people reach it (`https://…` behind the
+    /// proxy), for invitation links; an `https` address makes its cookies
+    /// `Secure`.
+    #[serde(default)]
+    pub portal_url: String,
+    /// The portal's time zone, as an offset from UTC in hours and a name:
+    /// Western Indonesia Time by default (no daylight saving there).
+    #[serde(default = "default_portal_utc_offset")]
+    pub portal_utc_offset_hours: i8,
+    #[serde(default = "default_portal_zone")]
+    pub portal_zone_name: String,
+}
+
+fn default_portal_utc_offset() -> i8 {
+    7
+}
+
+fn default_portal_zone() -> String {
+    "WIB".into()
 }
 
 fn default_listen() -> SocketAddr {
@@ -169,6 +192,19 @@ impl ControllerConfig {
             self.agent_listen
         );
         self.limits.validate()?;
+        anyhow::ensure!(
+            self.portal_listen.is_none_or(|a| a.ip().is_loopback()),
+            "portal_listen: {} can be reached from other machines, and passwords would \
+             cross the network in clear: keep it on 127.0.0.1 behind a proxy that \
+             terminates TLS",
+            self.portal_listen
+                .map(|a| a.to_string())
+                .unwrap_or_default()
+        );
+        anyhow::ensure!(
+            (-12..=14).contains(&self.portal_utc_offset_hours),
+            "portal_utc_offset_hours: must be between -12 and 14"
+        );
         betang_exposition::check_listen(
             "metrics_listen",
             self.metrics_listen,
@@ -198,6 +234,10 @@ impl ControllerConfig {
             max_pending_requests: default_max_pending(),
             max_token_lifetime_days: default_max_token_days(),
             limits: crate::limits::LimitsConfig::default(),
+            portal_listen: None,
+            portal_url: String::new(),
+            portal_utc_offset_hours: default_portal_utc_offset(),
+            portal_zone_name: default_portal_zone(),
         }
     }
 }

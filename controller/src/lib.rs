@@ -14,6 +14,7 @@ pub mod limits;
 pub mod metrics;
 pub mod moves;
 pub mod pki;
+pub mod portal;
 pub mod reconciler;
 pub mod report;
 pub mod scheduler;

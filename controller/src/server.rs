@@ -44,6 +44,8 @@ pub struct RunningController {
     pub agent_addr: SocketAddr,
     /// Where `/metrics` is served, when `metrics_listen` is set.
     pub metrics_addr: Option<SocketAddr>,
+    /// Where the portal is served, when `portal_listen` is set.
+    pub portal_addr: Option<SocketAddr>,
     pub store: Store,
     /// Tells both gRPC servers to stop taking calls.
     stop: tokio::sync::watch::Sender<bool>,
@@ -246,12 +248,12 @@ pub async fn start(
         .add_service(agent_health)
         .add_service(agent_reflection)
         .add_service(RegistryServiceServer::new(RegistryApi {
-            ctx,
+            ctx: ctx.clone(),
             mutual_tls: tls.is_some(),
         }))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(agent_listener).with_nodelay(Some(true)),
-            stopped(stop_rx),
+            stopped(stop_rx.clone()),
         );
 
     let mut metrics_addr = None;
@@ -275,7 +277,20 @@ pub async fn start(
             }
         }));
     }
-    let servers = vec![
+    let mut portal_addr = None;
+    let mut portal_server = None;
+    if let Some(at) = cfg.portal_listen {
+        let listener = betang_exposition::bind("portal_listen", at).await?;
+        portal_addr = Some(listener.local_addr()?);
+        info!(addr = %listener.local_addr()?, "serving the portal");
+        let (ctx, stop) = (ctx.clone(), stop_rx.clone());
+        portal_server = Some(tokio::spawn(async move {
+            if let Err(e) = crate::portal::serve(listener, ctx, stopped(stop)).await {
+                warn!(error = %e, "portal stopped");
+            }
+        }));
+    }
+    let mut servers = vec![
         tokio::spawn(async move {
             if let Err(e) = user_server.await {
                 warn!(error = %e, "user API server stopped");
@@ -299,10 +314,12 @@ pub async fn start(
             }
         }),
     ]);
+    servers.extend(portal_server);
     Ok(RunningController {
         addr,
         agent_addr,
         metrics_addr,
+        portal_addr,
         store,
         stop,
         servers,

@@ -118,8 +118,12 @@ impl Lan {
 
     /// Asks `addr` from the namespace every 20 ms until it answers (one
     /// process in the namespace, so that what is measured is the guest, not
-    /// starting processes); the first line it answered.
+    /// starting processes); the first line it answered. The namespace first
+    /// forgets the MACs it learnt: an address that served another guest
+    /// before would otherwise be sent to that guest's MAC until the entry
+    /// went stale, many seconds later (the test guest announces nothing).
     pub async fn wait_answer(&self, addr: &str, within: Duration) -> anyhow::Result<String> {
+        ip(&["-n", &self.ns, "neigh", "flush", "all"])?;
         let script = format!(
             "while :; do \
                r=$(timeout 0.5 bash -c 'exec 3<>/dev/tcp/{addr}/80 && head -n 1 <&3' 2>/dev/null); \

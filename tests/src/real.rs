@@ -121,6 +121,7 @@ impl RealHost {
         ccfg.usage_interval_ms = 0;
         ccfg.reconcile_interval_ms = 500;
         ccfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+        ccfg.portal_listen = Some("127.0.0.1:0".parse()?);
         ccfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -1,9 +1,9 @@
 use betang_proto::v1::{
-    CreateInstitutionRequest, CreateTokenRequest, CreateUserRequest, CreatedToken,
-    GetInstitutionRequest, Institution, ListInstitutionsRequest, ListInstitutionsResponse,
-    ListTokensRequest, ListTokensResponse, ListUsersRequest, ListUsersResponse, RevokeTokenRequest,
-    SetEnabledRequest, SetQuotaRequest, Token, User, WhoAmIRequest,
-    identity_service_server::IdentityService,
+    CreateInstitutionRequest, CreateInvitationRequest, CreateTokenRequest, CreateUserRequest,
+    CreatedToken, GetInstitutionRequest, Institution, Invitation, ListInstitutionsRequest,
+    ListInstitutionsResponse, ListTokensRequest, ListTokensResponse, ListUsersRequest,
+    ListUsersResponse, RevokeTokenRequest, SetEnabledRequest, SetQuotaRequest, Token, User,
+    WhoAmIRequest, identity_service_server::IdentityService,
 };
 use tonic::{Request, Response, Status};
 use tracing::info;
@@ -13,7 +13,7 @@ use crate::{
     auth::{Permission, Role},
     error::ApiError,
     now_ms,
-    store::identity,
+    store::{identity, portal},
 };
 
 pub struct IdentityApi {
@@ -259,6 +259,33 @@ impl IdentityService for IdentityApi {
             .run(move |c| identity::set_user_enabled(c, &caller, &r.id, r.enabled, now))
             .await?;
         Ok(Response::new(user))
+    }
+
+    async fn create_invitation(
+        &self,
+        req: Request<CreateInvitationRequest>,
+    ) -> Result<Response<Invitation>, Status> {
+        let caller = self.ctx.caller(&req).await?;
+        caller.require(Permission::ManageUsers)?;
+        let (r, now) = (req.into_inner(), now_ms());
+        let (user, secret) = self
+            .ctx
+            .store
+            .run(move |c| {
+                let id = identity::user_id_of(c, &r.user)?;
+                portal::create_invitation(c, &caller, &id, now)
+            })
+            .await?;
+        let link = match self.ctx.cfg.portal_url.trim_end_matches('/') {
+            "" => String::new(),
+            base => format!("{base}/invite/{secret}"),
+        };
+        Ok(Response::new(Invitation {
+            user: Some(user),
+            secret,
+            link,
+            expires_at_ms: now + portal::INVITATION_HOURS * 3_600_000,
+        }))
     }
 
     async fn set_institution_enabled(

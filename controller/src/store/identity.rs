@@ -501,14 +501,7 @@ pub fn set_user_enabled(
     now_ms: i64,
 ) -> Result<User, ApiError> {
     let tx = c.savepoint()?;
-    let id: String = tx
-        .prepare_cached("SELECT id FROM users WHERE id = ?1 OR username = ?1")?
-        .query_row([id_or_name], |r| r.get(0))
-        .optional()?
-        .ok_or_else(|| ApiError::NotFound {
-            what: "user",
-            id: id_or_name.to_owned(),
-        })?;
+    let id = user_id_of(&tx, id_or_name)?;
     if !enabled && id == actor.user_id {
         return Err(ApiError::invalid("id", "you cannot disable yourself"));
     }
@@ -566,6 +559,17 @@ pub fn set_institution_enabled(
     let inst = get_institution(&tx, &id)?;
     tx.commit()?;
     Ok(inst)
+}
+
+/// A user's id, named by id or by username.
+pub fn user_id_of(c: &Connection, id_or_name: &str) -> Result<String, ApiError> {
+    c.prepare_cached("SELECT id FROM users WHERE id = ?1 OR username = ?1")?
+        .query_row([id_or_name], |r| r.get(0))
+        .optional()?
+        .ok_or_else(|| ApiError::NotFound {
+            what: "user",
+            id: id_or_name.to_owned(),
+        })
 }
 
 pub fn get_user(c: &Connection, id: &str) -> Result<User, ApiError> {

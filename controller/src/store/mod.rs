@@ -14,6 +14,7 @@ pub mod hosts;
 pub mod identity;
 pub mod moves;
 pub mod networks;
+pub mod portal;
 pub mod totals;
 pub mod transitions;
 pub mod vps;
@@ -44,6 +45,7 @@ const MIGRATIONS: &[M<'static>] = &[
     M::up(include_str!("../../migrations/0008_hung_guests.sql")),
     M::up(include_str!("../../migrations/0009_token_use.sql")),
     M::up(include_str!("../../migrations/0010_networks.sql")),
+    M::up(include_str!("../../migrations/0011_portal.sql")),
 ];
 
 /// The connection and what is kept in memory beside it. Derefs to the
