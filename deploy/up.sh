@@ -62,6 +62,11 @@ host_id=${host_id:-host-1}
 if [ ! -f /etc/betang/controller.toml ]; then
   cp "$here/controller.example.toml" /etc/betang/controller.toml
 fi
+# A configuration from before the portal gets it, among the top-level keys.
+if ! grep -q '^portal_listen' /etc/betang/controller.toml; then
+  sed -i '/^listen = /a portal_listen = "127.0.0.1:8480"\nportal_url = "http://127.0.0.1:8480"' \
+    /etc/betang/controller.toml
+fi
 if [ ! -f /etc/betang/agent.toml ]; then
   sed -e "s/^host_id = .*/host_id = \"$host_id\"/" \
     -e "s#/etc/betang/pki/host-1#/etc/betang/pki/$host_id#" \
@@ -158,7 +163,9 @@ Institutions request through members' tokens and wait for approval:
   betangctl user create --username siti --institution dinkes --role member
   betangctl token create --user USER_ID
   betangctl vps list --pending; betangctl vps approve ID; betangctl audit list
-The guest's serial console: /var/lib/betang/vms/<VPS id>/console.log
+The guest's serial console: betangctl vps console ID (Ctrl-] leaves)
+The portal (Bahasa Indonesia; English on a switch): $(sed -n 's/^portal_url = "\(.*\)"/\1/p' /etc/betang/controller.toml)
+  betangctl user invite admin      # a one-time link to set a portal password
 Metrics for Prometheus (see deploy/prometheus/): the agent's and the controller's
 metrics_listen in /etc/betang/*.toml, e.g. curl http://127.0.0.1:9478/metrics
 Usage: betangctl vps get ID --history 60; betangctl report usage --from YYYY-MM-DD --to YYYY-MM-DD

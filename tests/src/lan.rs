@@ -6,6 +6,10 @@
 
 use std::{process::Command, time::Duration};
 
+use betang_proto::v1::{CreateNetworkRequest, GrantNetworkRequest, Network};
+
+use crate::Clients;
+
 fn ip(args: &[&str]) -> anyhow::Result<()> {
     let out = Command::new("ip").args(args).output()?;
     anyhow::ensure!(
@@ -88,6 +92,34 @@ impl Lan {
             String::from_utf8_lossy(&out.stderr)
         );
         Ok(lan)
+    }
+
+    /// A Betang network on this bridge (the client's address kept out of
+    /// it), granted to `institution` as its default; its name.
+    pub async fn define_network(&self, op: &Clients, institution: &str) -> anyhow::Result<String> {
+        let name = format!("n{:08x}", fastrand::u32(..));
+        op.networks
+            .clone()
+            .create_network(CreateNetworkRequest {
+                network: Some(Network {
+                    name: name.clone(),
+                    attach_kind: "bridge".into(),
+                    attach_source: self.bridge.clone(),
+                    cidr: self.cidr(),
+                    reserved: self.client(),
+                    ..Default::default()
+                }),
+            })
+            .await?;
+        op.networks
+            .clone()
+            .grant_network(GrantNetworkRequest {
+                name: name.clone(),
+                institution_id: institution.to_owned(),
+                is_default: true,
+            })
+            .await?;
+        Ok(name)
     }
 
     pub fn cidr(&self) -> String {

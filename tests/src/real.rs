@@ -244,6 +244,19 @@ impl RealHost {
         }
     }
 
+    /// Waits until the guest's serial console log holds `what`.
+    pub async fn serial_says(&self, id: &str, what: &str, within: Duration) -> anyhow::Result<()> {
+        let log = self.agent().vms.serial_log(id)?;
+        eventually(within, what, || {
+            let log = log.clone();
+            async move {
+                let text = std::fs::read(&log).unwrap_or_default();
+                String::from_utf8_lossy(&text).contains(what).then_some(())
+            }
+        })
+        .await
+    }
+
     pub fn root_disk(&self, id: &str) -> PathBuf {
         self.vm_dir.join(id).join("root.qcow2")
     }

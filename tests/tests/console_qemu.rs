@@ -31,17 +31,7 @@ async fn a_member_gets_a_shell_on_the_console_and_no_one_else_does() -> anyhow::
         .await?
         .into_inner();
     wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
-    let log = host.agent().vms.serial_log(&v.id)?;
-    eventually(T, "the guest's console shell", || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read(&log).unwrap_or_default();
-            String::from_utf8_lossy(&text)
-                .contains("BETANG-CONSOLE-READY")
-                .then_some(())
-        }
-    })
-    .await?;
+    host.serial_says(&v.id, "BETANG-CONSOLE-READY", T).await?;
 
     // Another institution's member: as if there were no such VPS.
     let other = Clients::connect(&host.endpoint, Some(&host.people.member_b)).await?;

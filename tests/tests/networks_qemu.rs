@@ -11,25 +11,10 @@
 
 use std::time::Duration;
 
-use betang_proto::v1::{
-    CreateNetworkRequest, DeleteVpsRequest, GrantNetworkRequest, Network, NetworkAttachment, Quota,
-    StopVpsRequest, Vps, VpsState,
-};
+use betang_proto::v1::{DeleteVpsRequest, NetworkAttachment, Quota, StopVpsRequest, Vps, VpsState};
 use betang_tests::{Clients, eventually, lan::Lan, real::RealHost, wait_state};
 
 const T: Duration = Duration::from_secs(240);
-
-async fn console_says(host: &RealHost, id: &str, what: &str) -> anyhow::Result<()> {
-    let log = host.agent().vms.serial_log(id)?;
-    eventually(T, what, || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read(&log).unwrap_or_default();
-            String::from_utf8_lossy(&text).contains(what).then_some(())
-        }
-    })
-    .await
-}
 
 async fn running(
     host: &RealHost,
@@ -58,40 +43,15 @@ async fn guests_answer_at_their_addresses_and_a_spoofer_is_dropped() -> anyhow::
     .await?;
     let lan = Lan::create()?;
     let op = host.operator().await?;
-    let name = format!("n{:08x}", fastrand::u32(..));
-    op.networks
-        .clone()
-        .create_network(CreateNetworkRequest {
-            network: Some(Network {
-                name: name.clone(),
-                attach_kind: "bridge".into(),
-                attach_source: lan.bridge.clone(),
-                cidr: lan.cidr(),
-                reserved: lan.client(),
-                ..Default::default()
-            }),
-        })
-        .await?;
-    op.networks
-        .clone()
-        .grant_network(GrantNetworkRequest {
-            name: name.clone(),
-            institution_id: host.people.inst_a.clone(),
-            is_default: true,
-        })
-        .await?;
+    let name = lan.define_network(&op, &host.people.inst_a).await?;
 
     // Two guests, each at its own address.
     let (a, at_a) = running(&host, &op, "web-a", "").await?;
     let (b, at_b) = running(&host, &op, "web-b", "").await?;
     assert_ne!(at_a.ip_address, at_b.ip_address);
     for (v, at) in [(&a, &at_a), (&b, &at_b)] {
-        console_says(
-            &host,
-            &v.id,
-            &format!("BETANG-ADDRESS={}/28", at.ip_address),
-        )
-        .await?;
+        host.serial_says(&v.id, &format!("BETANG-ADDRESS={}/28", at.ip_address), T)
+            .await?;
         let hostname = v.spec.clone().unwrap_or_default().name;
         let heard = eventually(T, "the guest answers at its address", || async {
             lan.ask(&at.ip_address)
@@ -108,12 +68,8 @@ async fn guests_answer_at_their_addresses_and_a_spoofer_is_dropped() -> anyhow::
         at_a.ip_address
     );
     let (c, at_c) = running(&host, &op, "spoofer", &spoof).await?;
-    console_says(
-        &host,
-        &c.id,
-        &format!("BETANG-ADDRESS={}/28", at_a.ip_address),
-    )
-    .await?;
+    host.serial_says(&c.id, &format!("BETANG-ADDRESS={}/28", at_a.ip_address), T)
+        .await?;
     op.vps
         .clone()
         .stop_vps(StopVpsRequest {

@@ -457,6 +457,12 @@ enum UserCmd {
         /// The user's id or username.
         id: String,
     },
+    /// Admins: a one-time link (72 hours) with which the user sets their
+    /// portal password.
+    Invite {
+        /// The user's id or username.
+        user: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -1401,6 +1407,23 @@ async fn main() -> anyhow::Result<()> {
         }
         Cmd::User(UserCmd::Disable { id }) => set_user_enabled(&mut c.identity, id, false).await?,
         Cmd::User(UserCmd::Enable { id }) => set_user_enabled(&mut c.identity, id, true).await?,
+        Cmd::User(UserCmd::Invite { user }) => {
+            let i = c
+                .identity
+                .create_invitation(betang_proto::v1::CreateInvitationRequest { user })
+                .await
+                .map_err(status_error)?
+                .into_inner();
+            let who = i.user.map(|u| u.username).unwrap_or_default();
+            match i.link.as_str() {
+                "" => println!(
+                    "invitation for {who}: open /invite/{} on the portal (portal_url is not set)",
+                    i.secret
+                ),
+                link => println!("invitation for {who}: {link}"),
+            }
+            println!("valid until {}", ms_to_text(i.expires_at_ms));
+        }
         Cmd::User(UserCmd::List { institution }) => {
             let list = c
                 .identity

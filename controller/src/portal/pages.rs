@@ -14,7 +14,8 @@ use axum::{
 };
 use betang_proto::v1::{
     Application, ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest,
-    GetInstitutionRequest, GetVpsRequest, ListImagesRequest, ListVpsRequest, RebootVpsRequest,
+    GetInstitutionRequest, GetVpsRequest, ListImagesRequest, ListInstitutionsRequest,
+    ListVpsRequest, RebootVpsRequest,
     RejectVpsRequest, StartVpsRequest, StopVpsRequest, Vps, VpsSpec, VpsState,
     identity_service_server::IdentityService, vps_service_server::VpsService,
 };
@@ -606,6 +607,40 @@ fn state_class(s: VpsState) -> &'static str {
     }
 }
 
+/// Institutions' codes by id, for operators' lists (empty for anyone who
+/// may not list institutions: their pages show only their own).
+async fn institution_codes(p: &Portal, v: &Visitor) -> std::collections::HashMap<String, String> {
+    // Not asked for a member: the service would refuse it anyway.
+    if !crate::auth::allowed(v.caller.role, Permission::ViewInstitutions) {
+        return Default::default();
+    }
+    match p
+        .identity
+        .list_institutions(v.req(ListInstitutionsRequest::default()))
+        .await
+    {
+        Ok(r) => r
+            .into_inner()
+            .institutions
+            .into_iter()
+            .map(|i| (i.id, i.code))
+            .collect(),
+        Err(_) => Default::default(),
+    }
+}
+
+fn code_of(codes: &std::collections::HashMap<String, String>, id: &str) -> String {
+    codes.get(id).cloned().unwrap_or_else(|| id.to_owned())
+}
+
+fn address_of(v: &Vps) -> String {
+    v.attachment
+        .as_ref()
+        .map(|a| a.ip_address.clone())
+        .filter(|a| !a.is_empty())
+        .unwrap_or_else(|| "—".into())
+}
+
 fn name_of(v: &Vps) -> String {
     v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
 }
@@ -635,6 +670,7 @@ pub async fn vps_list(State(p): S, headers: HeaderMap, Query(q): Query<PageQuery
     };
     let offset = p.ctx.cfg.portal_utc_offset_hours;
     let zone = p.ctx.cfg.portal_zone_name.clone();
+    let codes = institution_codes(&p, &v).await;
     let rows = page
         .vps
         .iter()
@@ -643,13 +679,9 @@ pub async fn vps_list(State(p): S, headers: HeaderMap, Query(q): Query<PageQuery
             name: name_of(x),
             state: v.lang.state(x.state()).to_owned(),
             state_class: state_class(x.state()),
-            address: x
-                .attachment
-                .as_ref()
-                .map(|a| a.ip_address.clone())
-                .unwrap_or_default(),
+            address: address_of(x),
             size: size_text(v.lang, x.spec.as_ref()),
-            institution: x.institution_id.clone(),
+            institution: code_of(&codes, &x.institution_id),
             since: v.lang.moment(x.created_at_ms, offset, &zone),
         })
         .collect();
@@ -882,11 +914,7 @@ pub async fn vps_show(State(p): S, headers: HeaderMap, Path(id): Path<String>) -
         },
         Fact {
             label: t.col_address,
-            value: x
-                .attachment
-                .as_ref()
-                .map(|a| a.ip_address.clone())
-                .unwrap_or_default(),
+            value: address_of(&x),
         },
         Fact {
             label: t.field_image,
@@ -1096,6 +1124,7 @@ pub async fn queue(State(p): S, headers: HeaderMap) -> Response {
         p.ctx.cfg.portal_zone_name.as_str(),
     );
     let t = v.lang.texts();
+    let codes = institution_codes(&p, &v).await;
     let rows = waiting
         .iter()
         .map(|x| {
@@ -1103,7 +1132,7 @@ pub async fn queue(State(p): S, headers: HeaderMap) -> Response {
             QueueRow {
                 id: x.id.clone(),
                 name: name_of(x),
-                institution: x.institution_id.clone(),
+                institution: code_of(&codes, &x.institution_id),
                 application: x
                     .application
                     .as_ref()

@@ -521,7 +521,7 @@ pub(in crate::store) fn allocate(
         )))
     })?;
     let gateway = parse_gateway(network);
-    let (total, reserved) = free_space(c, &network.name, &net, gateway, &network.reserved)?;
+    let reserved = parse_ranges(&net, &network.reserved)?;
     let held: std::collections::HashSet<u32> = c
         .prepare_cached("SELECT ip FROM addresses WHERE network_name = ?1")?
         .query_map([&network.name], |r| r.get(0))?
@@ -534,12 +534,15 @@ pub(in crate::store) fn allocate(
     };
     let ip = if wanted.is_empty() {
         let (first, last) = (u32::from(net.network()) + 1, u32::from(net.broadcast()) - 1);
-        (first..=last).find(|ip| free(*ip)).ok_or_else(|| {
-            ApiError::NoAddress(format!(
+        let Some(ip) = (first..=last).find(|ip| free(*ip)) else {
+            // Counted only for the message: a large network's count walks it all.
+            let (total, _) = free_space(c, &network.name, &net, gateway, &network.reserved)?;
+            return Err(ApiError::NoAddress(format!(
                 "network {} ({net}) is full: all {total} of its addresses are held",
                 network.name
-            ))
-        })?
+            )));
+        };
+        ip
     } else {
         let ip = parse_ip("ip_address", wanted)?;
         if !free(u32::from(ip)) {

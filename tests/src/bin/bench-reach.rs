@@ -15,13 +15,10 @@ use std::{
 };
 
 use anyhow::Context;
-use betang_proto::v1::{
-    CreateNetworkRequest, DeleteVpsRequest, GrantNetworkRequest, Network, Quota, VpsState,
-};
+use betang_proto::v1::{DeleteVpsRequest, Quota, VpsState};
 use betang_tests::{
     bench::{arg, pct},
     console::Session,
-    eventually,
     lan::Lan,
     real::RealHost,
     wait_state,
@@ -106,28 +103,7 @@ async fn main() -> anyhow::Result<()> {
     .await?;
     let lan = Lan::create()?;
     let op = host.operator().await?;
-    let network = format!("n{:08x}", fastrand::u32(..));
-    op.networks
-        .clone()
-        .create_network(CreateNetworkRequest {
-            network: Some(Network {
-                name: network.clone(),
-                attach_kind: "bridge".into(),
-                attach_source: lan.bridge.clone(),
-                cidr: lan.cidr(),
-                reserved: lan.client(),
-                ..Default::default()
-            }),
-        })
-        .await?;
-    op.networks
-        .clone()
-        .grant_network(GrantNetworkRequest {
-            name: network.clone(),
-            institution_id: host.people.inst_a.clone(),
-            is_default: true,
-        })
-        .await?;
+    lan.define_network(&op, &host.people.inst_a).await?;
     let floor_root = host
         .vm_dir
         .parent()
@@ -181,17 +157,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .into_inner();
     wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
-    let log = host.agent().vms.serial_log(&v.id)?;
-    eventually(T, "the guest's console shell", || {
-        let log = log.clone();
-        async move {
-            let text = std::fs::read(&log).unwrap_or_default();
-            String::from_utf8_lossy(&text)
-                .contains("BETANG-CONSOLE-READY")
-                .then_some(())
-        }
-    })
-    .await?;
+    host.serial_says(&v.id, "BETANG-CONSOLE-READY", T).await?;
     let member = host.member().await?;
     let console = Session::open(&member, &v.id, false, false).await?;
     console.type_in("\n").await;
