@@ -7,8 +7,8 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use betang_proto::v1::{
-    CreateNetworkRequest, CreateVpsRequest, DeleteVpsRequest, GetNetworkRequest,
-    GrantNetworkRequest, ListNetworksRequest, Network, VpsState,
+    CreateNetworkRequest, CreateVpsRequest, DeleteVpsRequest, GetNetworkRequest, GetVpsRequest,
+    GrantNetworkRequest, ListNetworksRequest, MoveVpsRequest, Network, StopVpsRequest, VpsState,
 };
 use betang_tests::{Cluster, ClusterOptions, wait_state};
 use tonic::Code;
@@ -254,6 +254,89 @@ async fn concurrent_creates_fill_a_network_exactly_and_never_share_an_address() 
             Some(want),
             "{family}"
         );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_vps_with_an_address_moves_only_where_its_network_is() -> anyhow::Result<()> {
+    // Hosts 0 and 2 are in zone "a", 1 and 3 in zone "b".
+    let cap = ClusterOptions::default().hosts[0];
+    let cluster = Cluster::start(ClusterOptions {
+        hosts: vec![cap; 4],
+        ..Default::default()
+    })
+    .await?;
+    let op = cluster.as_operator().await?;
+    let name = format!("z{:08x}", fastrand::u32(..));
+    op.networks
+        .clone()
+        .create_network(CreateNetworkRequest {
+            network: Some(Network {
+                zone: "a".into(),
+                ..network(&name)
+            }),
+        })
+        .await?;
+    op.networks
+        .clone()
+        .grant_network(GrantNetworkRequest {
+            name: name.clone(),
+            institution_id: cluster.people.inst_a.clone(),
+            is_default: true,
+        })
+        .await?;
+    let zone_a: BTreeSet<String> = [0, 2]
+        .into_iter()
+        .map(|i| cluster.hosts[i].host_id.clone())
+        .collect();
+    let mut spec = cluster.spec("zoned");
+    spec.network = name.clone();
+    let v = op
+        .vps
+        .clone()
+        .create_vps(cluster.create(spec))
+        .await?
+        .into_inner();
+    wait_state(&op.vps, &v.id, VpsState::Running, T).await?;
+    op.vps
+        .clone()
+        .stop_vps(StopVpsRequest {
+            id: v.id.clone(),
+            ..Default::default()
+        })
+        .await?;
+    wait_state(&op.vps, &v.id, VpsState::Stopped, T).await?;
+    // Each move goes to the other host of zone "a", never to zone "b",
+    // though the two hosts of "b" are as free.
+    let mut on = op
+        .vps
+        .clone()
+        .get_vps(GetVpsRequest {
+            id: v.id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .host_id;
+    assert!(zone_a.contains(&on), "placed in zone a: {on}");
+    for _ in 0..3 {
+        let moving = op
+            .vps
+            .clone()
+            .move_vps(MoveVpsRequest {
+                id: v.id.clone(),
+                restart: false,
+            })
+            .await?
+            .into_inner();
+        assert!(
+            zone_a.contains(&moving.move_target) && moving.move_target != on,
+            "a move to {:?} from {on}",
+            moving.move_target
+        );
+        wait_state(&op.vps, &v.id, VpsState::Stopped, T).await?;
+        on = moving.move_target;
     }
     Ok(())
 }

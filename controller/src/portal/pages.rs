@@ -15,9 +15,8 @@ use axum::{
 use betang_proto::v1::{
     Application, ApproveVpsRequest, CancelVpsRequest, CreateVpsRequest, DeleteVpsRequest,
     GetInstitutionRequest, GetVpsRequest, ListImagesRequest, ListInstitutionsRequest,
-    ListVpsRequest, RebootVpsRequest,
-    RejectVpsRequest, StartVpsRequest, StopVpsRequest, Vps, VpsSpec, VpsState,
-    identity_service_server::IdentityService, vps_service_server::VpsService,
+    ListVpsRequest, RebootVpsRequest, RejectVpsRequest, StartVpsRequest, StopVpsRequest, Vps,
+    VpsSpec, VpsState, identity_service_server::IdentityService, vps_service_server::VpsService,
 };
 use serde::Deserialize;
 use tonic::{Code, Status};

@@ -170,11 +170,13 @@ pub fn request(
         .host_id
         .clone()
         .ok_or_else(|| refuse(&v, "move (it has no host)"))?;
+    // A VPS with an address stays where its network is attached.
+    let wish = super::networks::steer(&v.placement, super::networks::of_vps(&tx, id)?.as_ref())?;
     let target = place(
         &tx,
         &mut db.hosts,
         &v.spec,
-        &v.placement,
+        &wish,
         v.institution(),
         &v.image_digest,
         Target::Elsewhere(&source),

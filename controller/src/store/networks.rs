@@ -472,6 +472,13 @@ pub(in crate::store) fn choose(
     get_any(c, asked).map(Some)
 }
 
+/// The network a VPS holds an address on, if any.
+pub(in crate::store) fn of_vps(c: &Connection, vps: &VpsId) -> Result<Option<Network>, ApiError> {
+    attachment(c, vps)?
+        .map(|a| get_any(c, &a.network))
+        .transpose()
+}
+
 /// The placement a VPS on `network` asks for: the network's zone, when it
 /// has one (hosts elsewhere do not attach it).
 pub(in crate::store) fn steer(
