@@ -32,6 +32,7 @@ pub mod bench;
 pub mod chaos;
 pub mod console;
 pub mod lan;
+pub mod portal;
 pub mod prometheus;
 pub mod real;
 
@@ -372,6 +373,7 @@ impl Cluster {
                 ..Default::default()
             });
         controller_cfg.metrics_listen = Some("127.0.0.1:0".parse()?);
+        controller_cfg.portal_listen = Some("127.0.0.1:0".parse()?);
         controller_cfg.tls = Some(controller_tls(&pki));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let agent_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;

@@ -8,6 +8,7 @@
 //! on every form, throttled sign-ins, and pages.
 
 mod i18n;
+mod operators;
 mod pages;
 mod session;
 mod views;
@@ -19,7 +20,7 @@ use axum::{
     routing::{get, post},
 };
 
-use crate::api::{Ctx, identity::IdentityApi, vps::VpsApi};
+use crate::api::{Ctx, audit::AuditApi, hosts::HostApi, identity::IdentityApi, vps::VpsApi};
 
 pub use i18n::Lang;
 
@@ -28,6 +29,8 @@ pub struct Portal {
     ctx: Ctx,
     vps: VpsApi,
     identity: IdentityApi,
+    hosts: HostApi,
+    audit: AuditApi,
     idle: session::Idle,
     throttle: session::Throttle,
     /// Cookies are `Secure` when people reach the portal over HTTPS.
@@ -40,6 +43,8 @@ impl Portal {
         Portal {
             vps: VpsApi { ctx: ctx.clone() },
             identity: IdentityApi { ctx: ctx.clone() },
+            hosts: HostApi { ctx: ctx.clone() },
+            audit: AuditApi { ctx: ctx.clone() },
             ctx,
             idle: session::Idle::default(),
             throttle: session::Throttle::default(),
@@ -66,6 +71,10 @@ pub fn router(portal: Arc<Portal>) -> Router {
         .route("/vps/{id}/confirm/{action}", get(pages::confirm))
         .route("/vps/{id}/{action}", post(pages::act))
         .route("/queue", get(pages::queue))
+        .route("/hosts", get(operators::hosts))
+        .route("/hosts/{id}/{action}", post(operators::cordon))
+        .route("/audit", get(operators::audit))
+        .route("/inventory.csv", get(operators::inventory))
         .fallback(pages::not_found)
         .with_state(portal)
 }

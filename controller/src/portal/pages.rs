@@ -46,14 +46,14 @@ const SIZES: [(&str, u32, u64, u64); 4] = [
 const DECISION_STANDARD_MS: i64 = 48 * 3_600_000;
 
 /// A signed-in visitor: their token, who they are, and their language.
-struct Visitor {
+pub(super) struct Visitor {
     secret: String,
-    caller: Caller,
-    lang: Lang,
+    pub(super) caller: Caller,
+    pub(super) lang: Lang,
 }
 
 impl Visitor {
-    fn frame(&self, here: &str) -> Frame {
+    pub(super) fn frame(&self, here: &str) -> Frame {
         Frame {
             t: self.lang.texts(),
             csrf: session::csrf_for(&self.secret),
@@ -64,7 +64,7 @@ impl Visitor {
     }
 
     /// A service request as the visitor's token would make it over gRPC.
-    fn req<T>(&self, msg: T) -> tonic::Request<T> {
+    pub(super) fn req<T>(&self, msg: T) -> tonic::Request<T> {
         let mut r = tonic::Request::new(msg);
         if let Ok(v) = format!("Bearer {}", self.secret).parse() {
             r.metadata_mut().insert("authorization", v);
@@ -77,7 +77,7 @@ fn lang_of(headers: &HeaderMap) -> Lang {
     Lang::from_cookie(session::cookie(headers, LANG_COOKIE))
 }
 
-fn render(t: &impl Template) -> Response {
+pub(super) fn render(t: &impl Template) -> Response {
     match t.render() {
         Ok(html) => (
             [
@@ -103,7 +103,7 @@ fn to_sign_in() -> Response {
 }
 
 /// The signed-in visitor, or the way to the sign-in page.
-async fn visitor(p: &Portal, headers: &HeaderMap) -> Result<Visitor, Response> {
+pub(super) async fn visitor(p: &Portal, headers: &HeaderMap) -> Result<Visitor, Response> {
     let secret = session::cookie(headers, SESSION_COOKIE)
         .filter(|s| !s.is_empty())
         .ok_or_else(to_sign_in)?
@@ -131,7 +131,7 @@ async fn visitor(p: &Portal, headers: &HeaderMap) -> Result<Visitor, Response> {
 
 /// A page for a refusal from a service, in the visitor's language, with the
 /// service's own words as the detail.
-fn refusal(v: &Visitor, here: &str, s: &Status) -> Response {
+pub(super) fn refusal(v: &Visitor, here: &str, s: &Status) -> Response {
     let t = v.lang.texts();
     let (code, headline) = match s.code() {
         Code::Unauthenticated => return to_sign_in(),
@@ -156,7 +156,7 @@ fn refusal(v: &Visitor, here: &str, s: &Status) -> Response {
     (code, render(&page)).into_response()
 }
 
-fn bad_form(v: &Visitor, here: &str) -> Response {
+pub(super) fn bad_form(v: &Visitor, here: &str) -> Response {
     let page = ErrorPage {
         f: v.frame(here),
         headline: v.lang.texts().error_csrf.to_owned(),
@@ -165,7 +165,7 @@ fn bad_form(v: &Visitor, here: &str) -> Response {
     (StatusCode::FORBIDDEN, render(&page)).into_response()
 }
 
-fn csrf_ok(v: &Visitor, posted: &str) -> bool {
+pub(super) fn csrf_ok(v: &Visitor, posted: &str) -> bool {
     session::same(posted, &session::csrf_for(&v.secret))
 }
 
@@ -582,7 +582,7 @@ pub async fn password(State(p): S, headers: HeaderMap, Form(form): Form<Password
     })
 }
 
-fn size_text(lang: Lang, spec: Option<&VpsSpec>) -> String {
+pub(super) fn size_text(lang: Lang, spec: Option<&VpsSpec>) -> String {
     spec.map_or_else(String::new, |s| {
         format!(
             "{} vCPU · {} MiB · {} GiB",
@@ -593,7 +593,7 @@ fn size_text(lang: Lang, spec: Option<&VpsSpec>) -> String {
     })
 }
 
-fn state_class(s: VpsState) -> &'static str {
+pub(super) fn state_class(s: VpsState) -> &'static str {
     match s {
         VpsState::Running => "running",
         VpsState::PendingApproval
@@ -608,7 +608,10 @@ fn state_class(s: VpsState) -> &'static str {
 
 /// Institutions' codes by id, for operators' lists (empty for anyone who
 /// may not list institutions: their pages show only their own).
-async fn institution_codes(p: &Portal, v: &Visitor) -> std::collections::HashMap<String, String> {
+pub(super) async fn institution_codes(
+    p: &Portal,
+    v: &Visitor,
+) -> std::collections::HashMap<String, String> {
     // Not asked for a member: the service would refuse it anyway.
     if !crate::auth::allowed(v.caller.role, Permission::ViewInstitutions) {
         return Default::default();
@@ -628,11 +631,11 @@ async fn institution_codes(p: &Portal, v: &Visitor) -> std::collections::HashMap
     }
 }
 
-fn code_of(codes: &std::collections::HashMap<String, String>, id: &str) -> String {
+pub(super) fn code_of(codes: &std::collections::HashMap<String, String>, id: &str) -> String {
     codes.get(id).cloned().unwrap_or_else(|| id.to_owned())
 }
 
-fn address_of(v: &Vps) -> String {
+pub(super) fn address_of(v: &Vps) -> String {
     v.attachment
         .as_ref()
         .map(|a| a.ip_address.clone())
@@ -640,7 +643,7 @@ fn address_of(v: &Vps) -> String {
         .unwrap_or_else(|| "—".into())
 }
 
-fn name_of(v: &Vps) -> String {
+pub(super) fn name_of(v: &Vps) -> String {
     v.spec.as_ref().map(|s| s.name.clone()).unwrap_or_default()
 }
 

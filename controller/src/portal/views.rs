@@ -147,3 +147,42 @@ pub struct ErrorPage {
     pub headline: String,
     pub detail: String,
 }
+
+pub struct HostRow {
+    pub id: String,
+    pub zone: String,
+    pub state: &'static str,
+    pub state_class: &'static str,
+    pub reason: String,
+    pub cordoned: bool,
+    pub vcpus: String,
+    pub memory: String,
+    pub disk: String,
+    pub cpu: String,
+    pub vps: u32,
+}
+
+#[derive(Template)]
+#[template(path = "portal/hosts.html")]
+pub struct Hosts {
+    pub f: Frame,
+    pub rows: Vec<HostRow>,
+}
+
+pub struct AuditRow {
+    pub at: String,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub result: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/audit.html")]
+pub struct Audit {
+    pub f: Frame,
+    pub actor: String,
+    pub action: String,
+    pub rows: Vec<AuditRow>,
+    pub next_page: String,
+}
