@@ -9,8 +9,9 @@
 use std::time::Duration;
 
 use betang_proto::v1::{
-    ApproveVpsRequest, CancelVpsRequest, CordonHostRequest, CreateVpsRequest, GetVpsRequest,
-    ListAuditRequest, ListHostsRequest, StopVpsRequest, VpsState, WhoAmIRequest,
+    ApproveVpsRequest, CancelVpsRequest, CordonHostRequest, CreateInvitationRequest,
+    CreateVpsRequest, GetVpsRequest, ListAuditRequest, ListHostsRequest, ListInstitutionsRequest,
+    ListUsersRequest, StopVpsRequest, VpsState, WhoAmIRequest,
 };
 use betang_tests::{
     Clients, Cluster, ClusterOptions, application, portal::Visitor, state_of, wait_state,
@@ -88,6 +89,13 @@ async fn the_portal_allows_exactly_what_the_api_allows() -> anyhow::Result<()> {
         people.push((who, c, v));
     }
 
+    let a_user = a
+        .identity
+        .clone()
+        .who_am_i(WhoAmIRequest {})
+        .await?
+        .into_inner()
+        .id;
     let show = format!("/vps/{}", mine.id);
     for (who, c, v) in &mut people {
         // Pages: the verdict of the call behind each.
@@ -107,6 +115,24 @@ async fn the_portal_allows_exactly_what_the_api_allows() -> anyhow::Result<()> {
             (
                 "/hosts".to_owned(),
                 code(c.hosts.clone().list_hosts(ListHostsRequest {}).await),
+            ),
+            (
+                "/institutions".to_owned(),
+                code(
+                    c.identity
+                        .clone()
+                        .list_institutions(ListInstitutionsRequest::default())
+                        .await,
+                ),
+            ),
+            (
+                "/users".to_owned(),
+                code(
+                    c.identity
+                        .clone()
+                        .list_users(ListUsersRequest::default())
+                        .await,
+                ),
             ),
             (
                 "/audit".to_owned(),
@@ -147,6 +173,15 @@ async fn the_portal_allows_exactly_what_the_api_allows() -> anyhow::Result<()> {
         let member = *who != "operator";
         let other = *who == "member B";
         let mut refused = Vec::new();
+        // Only admins invite: everyone here is refused.
+        let verdict = c
+            .identity
+            .clone()
+            .create_invitation(CreateInvitationRequest {
+                user: a_user.clone(),
+            })
+            .await;
+        refused.push((format!("/users/{a_user}/invite"), code(verdict)));
         if member {
             let verdict = c
                 .vps
@@ -253,6 +288,23 @@ async fn the_portal_allows_exactly_what_the_api_allows() -> anyhow::Result<()> {
         .await?;
     assert_eq!(at.status, 303);
     wait_state(&op.vps, &asked.id, VpsState::Cancelled, T).await?;
+    // An admin makes an invitation on the users' page; its link opens.
+    let admin_name = username(&admin).await?;
+    let mut root = Visitor::join(addr, &admin, &admin_name, "admin-password-1234").await?;
+    let made = root
+        .post_form("/users", &format!("/users/{a_user}/invite"), &[])
+        .await?;
+    assert_eq!(made.status, 200);
+    let link = made
+        .body
+        .split("<code id=\"link\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .expect("the invitation's link is shown");
+    let path = link.trim_start_matches(&format!("http://{addr}"));
+    assert!(path.starts_with("/invite/btg_"), "{link}");
+    assert_eq!(Visitor::new(addr).get(path).await?.status, 200);
+
     // And it has left the operators' queue.
     let (_, _, operator) = &mut people[2];
     let queue = operator.get("/queue").await?;

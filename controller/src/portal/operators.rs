@@ -1,6 +1,7 @@
 //! The data center's pages: hosts with their capacity and use (cordon,
-//! uncordon), the audit trail with filters, and the application inventory
-//! of every VPS as CSV, the list the province's SPBE team asks for. Each is
+//! uncordon), institutions with their quotas, users and their invitations,
+//! the audit trail with filters, and the application inventory of every VPS
+//! as CSV, the list the province's SPBE team asks for. Each is
 //! a service call with the visitor's token: a member who opens one gets
 //! what the service gives a member (a refusal, or their own institution's
 //! rows).
@@ -14,19 +15,20 @@ use axum::{
     response::{IntoResponse, Redirect, Response},
 };
 use betang_proto::v1::{
-    CordonHostRequest, HostState, ListAuditRequest, ListHostsRequest, ListVpsRequest,
+    CordonHostRequest, CreateInvitationRequest, HostState, Invitation, ListAuditRequest,
+    ListHostsRequest, ListInstitutionsRequest, ListUsersRequest, ListVpsRequest, Role,
     UncordonHostRequest, audit_service_server::AuditService, host_service_server::HostService,
-    vps_service_server::VpsService,
+    identity_service_server::IdentityService, vps_service_server::VpsService,
 };
 use serde::Deserialize;
 
 use super::{
     Portal,
     pages::{
-        Visitor, address_of, bad_form, code_of, csrf_ok, institution_codes, name_of, refusal,
-        render, visitor,
+        Visitor, address_of, bad_form, code_of, csrf_ok, institution_codes, name_of, quota_bars,
+        refusal, render, visitor,
     },
-    views::{Audit, AuditRow, HostRow, Hosts},
+    views::{Audit, AuditRow, HostRow, Hosts, InstitutionRow, Institutions, UserRow, Users},
 };
 
 type S = State<Arc<Portal>>;
@@ -279,4 +281,108 @@ pub async fn inventory(State(p): S, headers: HeaderMap) -> Response {
         body,
     )
         .into_response()
+}
+
+pub async fn institutions(State(p): S, headers: HeaderMap) -> Response {
+    let v = match visitor(&p, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    let listed = match p
+        .identity
+        .list_institutions(v.req(ListInstitutionsRequest::default()))
+        .await
+    {
+        Ok(r) => r.into_inner().institutions,
+        Err(s) => return refusal(&v, "/institutions", &s),
+    };
+    let rows = listed
+        .iter()
+        .map(|i| InstitutionRow {
+            id: i.id.clone(),
+            code: i.code.clone(),
+            name: i.name.clone(),
+            disabled: i.disabled_at_ms != 0,
+            quota: quota_bars(v.lang, i),
+        })
+        .collect();
+    render(&Institutions {
+        f: v.frame("/institutions"),
+        rows,
+    })
+}
+
+async fn users_page(p: &Portal, v: &Visitor, invitation: Option<Invitation>) -> Response {
+    let listed = match p
+        .identity
+        .list_users(v.req(ListUsersRequest::default()))
+        .await
+    {
+        Ok(r) => r.into_inner().users,
+        Err(s) => return refusal(v, "/users", &s),
+    };
+    let codes = institution_codes(p, v).await;
+    let t = v.lang.texts();
+    let rows = listed
+        .iter()
+        .map(|u| UserRow {
+            id: u.id.clone(),
+            username: u.username.clone(),
+            institution: code_of(&codes, &u.institution_id),
+            role: match u.role() {
+                Role::Admin => t.role_admin,
+                Role::Operator => t.role_operator,
+                Role::Member | Role::Unspecified => t.role_member,
+            },
+            disabled: u.disabled_at_ms != 0,
+        })
+        .collect();
+    let (offset, zone) = (
+        p.ctx.cfg.portal_utc_offset_hours,
+        p.ctx.cfg.portal_zone_name.as_str(),
+    );
+    let i = invitation.unwrap_or_default();
+    let link = match (i.link.is_empty(), i.secret.is_empty()) {
+        (_, true) => String::new(),
+        (false, false) => i.link.clone(),
+        (true, false) => format!("/invite/{}", i.secret),
+    };
+    render(&Users {
+        f: v.frame("/users"),
+        rows,
+        invited: i.user.map(|u| u.username).unwrap_or_default(),
+        link,
+        until: v.lang.moment(i.expires_at_ms, offset, zone),
+    })
+}
+
+pub async fn users(State(p): S, headers: HeaderMap) -> Response {
+    match visitor(&p, &headers).await {
+        Ok(v) => users_page(&p, &v, None).await,
+        Err(r) => r,
+    }
+}
+
+/// Makes an invitation and shows its link once, on the users' page.
+pub async fn invite(
+    State(p): S,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+    Form(form): Form<CsrfForm>,
+) -> Response {
+    let v = match visitor(&p, &headers).await {
+        Ok(v) => v,
+        Err(r) => return r,
+    };
+    if !csrf_ok(&v, &form.csrf) {
+        return bad_form(&v, "/users");
+    }
+    match p
+        .identity
+        .create_invitation(v.req(CreateInvitationRequest { user: id }))
+        .await
+    {
+        Ok(i) => users_page(&p, &v, Some(i.into_inner())).await,
+        Err(s) => refusal(&v, "/users", &s),
+    }
 }

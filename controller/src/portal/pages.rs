@@ -59,6 +59,7 @@ impl Visitor {
             csrf: session::csrf_for(&self.secret),
             username: self.caller.username.clone(),
             operator: crate::auth::allowed(self.caller.role, Permission::AllVps),
+            admin: crate::auth::allowed(self.caller.role, Permission::ManageUsers),
             here: here.to_owned(),
         }
     }
@@ -196,6 +197,7 @@ pub async fn not_found(State(p): S, headers: HeaderMap) -> Response {
             csrf: String::new(),
             username,
             operator: false,
+            admin: false,
             here: "/vps".into(),
         },
         headline: lang.texts().error_not_found.to_owned(),
@@ -238,6 +240,7 @@ fn anonymous(p: &Portal, headers: &HeaderMap, page: impl FnOnce(Frame) -> Respon
         csrf: token.clone(),
         username: String::new(),
         operator: false,
+        admin: false,
         here: "/sign-in".into(),
     };
     let mut r = page(frame);
@@ -712,7 +715,7 @@ pub async fn vps_list(State(p): S, headers: HeaderMap, Query(q): Query<PageQuery
     })
 }
 
-fn quota_bars(lang: Lang, inst: &betang_proto::v1::Institution) -> Vec<QuotaBar> {
+pub(super) fn quota_bars(lang: Lang, inst: &betang_proto::v1::Institution) -> Vec<QuotaBar> {
     let (q, u) = (
         inst.quota.unwrap_or_default(),
         inst.used.unwrap_or_default(),

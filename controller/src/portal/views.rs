@@ -14,6 +14,8 @@ pub struct Frame {
     /// Empty before signing in.
     pub username: String,
     pub operator: bool,
+    /// May manage users (and so invite them).
+    pub admin: bool,
     /// Where the language switch brings the reader back to.
     pub here: String,
 }
@@ -185,4 +187,38 @@ pub struct Audit {
     pub action: String,
     pub rows: Vec<AuditRow>,
     pub next_page: String,
+}
+
+pub struct InstitutionRow {
+    pub id: String,
+    pub code: String,
+    pub name: String,
+    pub disabled: bool,
+    pub quota: Vec<QuotaBar>,
+}
+
+#[derive(Template)]
+#[template(path = "portal/institutions.html")]
+pub struct Institutions {
+    pub f: Frame,
+    pub rows: Vec<InstitutionRow>,
+}
+
+pub struct UserRow {
+    pub id: String,
+    pub username: String,
+    pub institution: String,
+    pub role: &'static str,
+    pub disabled: bool,
+}
+
+#[derive(Template)]
+#[template(path = "portal/users.html")]
+pub struct Users {
+    pub f: Frame,
+    pub rows: Vec<UserRow>,
+    /// An invitation just made: shown once.
+    pub invited: String,
+    pub link: String,
+    pub until: String,
 }
