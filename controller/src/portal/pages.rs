@@ -346,7 +346,7 @@ pub async fn sign_in(
     if !anonymous_form_ok(&headers, &form.csrf) {
         return again(t.error_csrf, form.username);
     }
-    let address = from.ip().to_string();
+    let address = session::client_address(&headers, from);
     let username = form.username.trim().to_owned();
     if !p.throttle.allows(&username, &address) {
         return again(t.sign_in_throttled, username);

@@ -61,6 +61,24 @@ pub fn same(a: &str, b: &str) -> bool {
             == 0
 }
 
+/// Who is signing in, for throttling: the portal listens on loopback only,
+/// behind a proxy, so the peer is the proxy and the client is the address
+/// the proxy appended last to `X-Forwarded-For`.
+pub fn client_address(headers: &HeaderMap, peer: std::net::SocketAddr) -> String {
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
+        .last();
+    match forwarded {
+        Some(a) if peer.ip().is_loopback() => a.to_owned(),
+        _ => peer.ip().to_string(),
+    }
+}
+
 /// When each sign-in was last used. Kept in memory: after a restart every
 /// sign-in has been idle too long, and its owner signs in again.
 #[derive(Default)]
@@ -180,5 +198,22 @@ mod tests {
             t.failed(&format!("u{i}"), "10.0.0.9");
         }
         assert!(!t.allows("someone", "10.0.0.9"), "twenty from one address");
+    }
+
+    #[test]
+    fn behind_the_proxy_the_client_is_the_last_forwarded_address() {
+        let proxy: std::net::SocketAddr = "127.0.0.1:40000".parse().unwrap();
+        let mut h = HeaderMap::new();
+        assert_eq!(client_address(&h, proxy), "127.0.0.1");
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 198.51.100.7"),
+        );
+        assert_eq!(client_address(&h, proxy), "198.51.100.7");
+        h.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("not an address"),
+        );
+        assert_eq!(client_address(&h, proxy), "127.0.0.1");
     }
 }
