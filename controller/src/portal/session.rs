@@ -72,7 +72,7 @@ pub fn client_address(headers: &HeaderMap, peer: std::net::SocketAddr) -> String
         .flat_map(|v| v.split(','))
         .map(str::trim)
         .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-        .last();
+        .next_back();
     match forwarded {
         Some(a) if peer.ip().is_loopback() => a.to_owned(),
         _ => peer.ip().to_string(),
