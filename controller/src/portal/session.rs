@@ -71,8 +71,7 @@ pub fn client_address(headers: &HeaderMap, peer: std::net::SocketAddr) -> String
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .map(str::trim)
-        .filter(|a| a.parse::<std::net::IpAddr>().is_ok())
-        .next_back();
+        .rfind(|a| a.parse::<std::net::IpAddr>().is_ok());
     match forwarded {
         Some(a) if peer.ip().is_loopback() => a.to_owned(),
         _ => peer.ip().to_string(),
