@@ -189,6 +189,17 @@ async fn every_vps(p: &Portal, v: &Visitor) -> Result<Vec<betang_proto::v1::Vps>
     }
 }
 
+/// A cell a spreadsheet will not run: what members typed (an application's
+/// name, a domain) is opened by the SPBE team in a spreadsheet, which would
+/// take `=`, `+`, `-` or `@` at the start as a formula.
+fn spreadsheet_safe(cell: String) -> String {
+    if cell.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+        format!("'{cell}")
+    } else {
+        cell
+    }
+}
+
 /// The application inventory as CSV (UTF-8, a header row, RFC 4180
 /// quoting), with times in the portal's zone.
 pub async fn inventory(State(p): S, headers: HeaderMap) -> Response {
@@ -262,7 +273,7 @@ pub async fn inventory(State(p): S, headers: HeaderMap) -> Response {
         ]);
     }
     for r in rows {
-        if w.write_record(&r).is_err() {
+        if w.write_record(r.into_iter().map(spreadsheet_safe)).is_err() {
             return StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     }
@@ -384,5 +395,18 @@ pub async fn invite(
     {
         Ok(i) => users_page(&p, &v, Some(i.into_inner())).await,
         Err(s) => refusal(&v, "/users", &s),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn what_members_typed_is_never_a_formula() {
+        assert_eq!(
+            super::spreadsheet_safe("=HYPERLINK(\"x\")".into()),
+            "'=HYPERLINK(\"x\")"
+        );
+        assert_eq!(super::spreadsheet_safe("-2+3".into()), "'-2+3");
+        assert_eq!(super::spreadsheet_safe("Situs Dinas".into()), "Situs Dinas");
     }
 }

@@ -215,12 +215,7 @@ pub struct Back {
 /// Switches the language and goes back to the page it was asked from.
 pub async fn lang(State(p): S, Path(code): Path<String>, Query(q): Query<Back>) -> Response {
     let value = if code == "en" { "en" } else { "id" };
-    // Only a path on this site: never a way off it.
-    let back = if q.back.starts_with('/') && !q.back.starts_with("//") && !q.back.contains('\\') {
-        q.back
-    } else {
-        "/vps".into()
-    };
+    let back = session::local_path(&q.back).unwrap_or("/vps").to_owned();
     let mut r = Redirect::to(&back).into_response();
     r.headers_mut().insert(
         header::SET_COOKIE,

@@ -78,6 +78,14 @@ pub fn client_address(headers: &HeaderMap, peer: std::net::SocketAddr) -> String
     }
 }
 
+/// `path` when it is a path on this site and nothing else: browsers read
+/// `//host`, `/\host` and paths with tabs or newlines in them (which they
+/// drop) as other sites.
+pub fn local_path(path: &str) -> Option<&str> {
+    let plain = path.bytes().all(|b| b.is_ascii_graphic()) && !path.contains('\\');
+    (plain && path.starts_with('/') && !path.starts_with("//")).then_some(path)
+}
+
 /// When each sign-in was last used. Kept in memory: after a restart every
 /// sign-in has been idle too long, and its owner signs in again.
 #[derive(Default)]
@@ -197,6 +205,21 @@ mod tests {
             t.failed(&format!("u{i}"), "10.0.0.9");
         }
         assert!(!t.allows("someone", "10.0.0.9"), "twenty from one address");
+    }
+
+    #[test]
+    fn the_language_switch_goes_back_only_to_this_site() {
+        assert_eq!(local_path("/vps/1?page=2"), Some("/vps/1?page=2"));
+        for away in [
+            "//evil.example",
+            "/\\evil.example",
+            "/\t/evil.example",
+            "https://evil.example",
+            "",
+            "/a b",
+        ] {
+            assert_eq!(local_path(away), None, "{away:?}");
+        }
     }
 
     #[test]
