@@ -11,7 +11,7 @@ use std::time::Duration;
 use betang_proto::v1::{
     ApproveVpsRequest, CancelVpsRequest, CordonHostRequest, CreateInvitationRequest,
     CreateVpsRequest, GetVpsRequest, ListAuditRequest, ListHostsRequest, ListInstitutionsRequest,
-    ListUsersRequest, StopVpsRequest, VpsState, WhoAmIRequest,
+    ListUsersRequest, RevokeTokenRequest, StopVpsRequest, VpsState, WhoAmIRequest,
 };
 use betang_tests::{
     Clients, Cluster, ClusterOptions, application, portal::Visitor, state_of, wait_state,
@@ -304,6 +304,122 @@ async fn the_portal_allows_exactly_what_the_api_allows() -> anyhow::Result<()> {
     let path = link.trim_start_matches(&format!("http://{addr}"));
     assert!(path.starts_with("/invite/btg_"), "{link}");
     assert_eq!(Visitor::new(addr).get(path).await?.status, 200);
+
+    // Each person's own API tokens: made in the portal (the secret shown
+    // once works with the API), not revocable by another member, revoked.
+    let (_, _, member) = &mut people[0];
+    let made = member
+        .post_form("/tokens", "/tokens", &[("name", "laptop"), ("days", "30")])
+        .await?;
+    assert_eq!(made.status, 200);
+    let secret = made
+        .body
+        .split("<code id=\"secret\">")
+        .nth(1)
+        .and_then(|r| r.split('<').next())
+        .expect("the new token's secret is shown")
+        .to_owned();
+    let with_it = Clients::connect(&cluster.endpoint, Some(&secret)).await?;
+    assert_eq!(username(&with_it).await?, username(&a).await?);
+    let token_id = made
+        .body
+        .split("<tr data-id=\"")
+        .find(|row| row.contains("<td>laptop</td>"))
+        .and_then(|row| row.split('"').next())
+        .expect("the token is listed")
+        .to_owned();
+    let verdict = code(
+        b.identity
+            .clone()
+            .revoke_token(RevokeTokenRequest {
+                id: token_id.clone(),
+            })
+            .await,
+    );
+    let (_, _, other) = &mut people[1];
+    let got = other
+        .post_form("/tokens", &format!("/tokens/{token_id}/revoke"), &[])
+        .await?;
+    assert_eq!(
+        got.status,
+        expected(verdict, true),
+        "another member revokes"
+    );
+    assert_eq!(
+        username(&with_it).await?,
+        username(&a).await?,
+        "still works"
+    );
+    let (_, _, member) = &mut people[0];
+    let got = member
+        .post_form("/tokens", &format!("/tokens/{token_id}/revoke"), &[])
+        .await?;
+    assert_eq!(got.status, 303);
+    let refused = with_it
+        .identity
+        .clone()
+        .who_am_i(WhoAmIRequest {})
+        .await
+        .expect_err("a revoked token");
+    assert_eq!(refused.code(), Code::Unauthenticated);
+
+    // The operator approves a request resized; a size that is no number
+    // is refused and changes nothing.
+    let resized = a
+        .vps
+        .clone()
+        .create_vps(CreateVpsRequest {
+            request_id: "portal-access-resized".into(),
+            spec: Some(cluster.spec("resized")),
+            application: Some(application()),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let (_, _, operator) = &mut people[2];
+    let page = format!("/vps/{}", resized.id);
+    let approve = format!("/vps/{}/approve", resized.id);
+    let bad = operator
+        .post_form(&page, &approve, &[("vcpus", "two")])
+        .await?;
+    assert_eq!(bad.status, 400);
+    assert_eq!(
+        state_of(
+            &op.vps
+                .clone()
+                .get_vps(GetVpsRequest {
+                    id: resized.id.clone(),
+                    ..Default::default()
+                })
+                .await?
+                .into_inner()
+        ),
+        VpsState::PendingApproval
+    );
+    let good = operator
+        .post_form(
+            &page,
+            &approve,
+            &[
+                ("vcpus", "2"),
+                ("memory_mib", ""),
+                ("disk_gib", ""),
+                ("host_id", ""),
+            ],
+        )
+        .await?;
+    assert_eq!(good.status, 303);
+    let now = op
+        .vps
+        .clone()
+        .get_vps(GetVpsRequest {
+            id: resized.id.clone(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    assert_ne!(state_of(&now), VpsState::PendingApproval);
+    assert_eq!(now.spec.unwrap_or_default().vcpus, 2);
 
     // And it has left the operators' queue.
     let (_, _, operator) = &mut people[2];

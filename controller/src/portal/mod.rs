@@ -11,6 +11,7 @@ mod i18n;
 mod operators;
 mod pages;
 mod session;
+mod tokens;
 mod views;
 
 use std::{net::SocketAddr, sync::Arc};
@@ -65,6 +66,8 @@ pub fn router(portal: Arc<Portal>) -> Router {
             get(pages::invite_form).post(pages::invite),
         )
         .route("/password", get(pages::password_form).post(pages::password))
+        .route("/tokens", get(tokens::list).post(tokens::create))
+        .route("/tokens/{id}/revoke", post(tokens::revoke))
         .route("/vps", get(pages::vps_list).post(pages::vps_create))
         .route("/vps/new", get(pages::vps_new))
         .route("/vps/{id}", get(pages::vps_show))

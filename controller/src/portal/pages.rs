@@ -1029,6 +1029,28 @@ pub struct ActForm {
     csrf: String,
     #[serde(default)]
     reason: String,
+    /// An approval's changes; empty: as asked.
+    #[serde(default)]
+    vcpus: String,
+    #[serde(default)]
+    memory_mib: String,
+    #[serde(default)]
+    disk_gib: String,
+    #[serde(default)]
+    host_id: String,
+}
+
+/// A number from a form, 0 when left empty (the service's "as asked").
+fn optional_number<T: std::str::FromStr + Default>(
+    field: &'static str,
+    text: &str,
+) -> Result<T, Status> {
+    match text.trim() {
+        "" => Ok(T::default()),
+        t => t
+            .parse()
+            .map_err(|_| Status::invalid_argument(format!("{field}: {t:?} is not a whole number"))),
+    }
 }
 
 /// A power action, a cancel, or an operator's decision, once confirmed.
@@ -1067,11 +1089,20 @@ pub async fn act(
         "delete" => vps.delete_vps(v.req(DeleteVpsRequest { id: i })).await,
         "cancel" => vps.cancel_vps(v.req(CancelVpsRequest { id: i })).await,
         "approve" => {
-            vps.approve_vps(v.req(ApproveVpsRequest {
-                id: i,
-                ..Default::default()
-            }))
-            .await
+            let asked = (|| {
+                Ok::<_, Status>(ApproveVpsRequest {
+                    id: i,
+                    vcpus: optional_number("vcpus", &form.vcpus)?,
+                    memory_mib: optional_number("memory_mib", &form.memory_mib)?,
+                    disk_gib: optional_number("disk_gib", &form.disk_gib)?,
+                    host_id: form.host_id.trim().to_owned(),
+                    ..Default::default()
+                })
+            })();
+            match asked {
+                Ok(a) => vps.approve_vps(v.req(a)).await,
+                Err(s) => Err(s),
+            }
         }
         "reject" => {
             vps.reject_vps(v.req(RejectVpsRequest {

@@ -222,3 +222,23 @@ pub struct Users {
     pub link: String,
     pub until: String,
 }
+
+pub struct TokenRow {
+    pub id: String,
+    pub name: String,
+    pub state: &'static str,
+    pub active: bool,
+    pub created: String,
+    pub expires: String,
+    pub last_used: String,
+}
+
+#[derive(Template)]
+#[template(path = "portal/tokens.html")]
+pub struct Tokens {
+    pub f: Frame,
+    pub rows: Vec<TokenRow>,
+    /// A token just made: its secret, shown once.
+    pub secret: String,
+    pub error: String,
+}
