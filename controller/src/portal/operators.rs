@@ -25,7 +25,7 @@ use serde::Deserialize;
 use super::{
     Portal,
     pages::{
-        Visitor, address_of, bad_form, code_of, csrf_ok, institution_codes, name_of, quota_bars,
+        CsrfForm, Visitor, address_of, code_of, institution_codes, name_of, poster, quota_bars,
         refusal, render, visitor,
     },
     views::{Audit, AuditRow, HostRow, Hosts, InstitutionRow, Institutions, UserRow, Users},
@@ -83,25 +83,16 @@ pub async fn hosts(State(p): S, headers: HeaderMap) -> Response {
     })
 }
 
-#[derive(Deserialize)]
-pub struct CsrfForm {
-    #[serde(default)]
-    csrf: String,
-}
-
 pub async fn cordon(
     State(p): S,
     headers: HeaderMap,
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/hosts").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/hosts");
-    }
     let done = match action.as_str() {
         "cordon" => p.hosts.cordon_host(v.req(CordonHostRequest { id })).await,
         "uncordon" => {
@@ -381,13 +372,10 @@ pub async fn invite(
     Path(id): Path<String>,
     Form(form): Form<CsrfForm>,
 ) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/users").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/users");
-    }
     match p
         .identity
         .create_invitation(v.req(CreateInvitationRequest { user: id }))

@@ -66,12 +66,17 @@ impl Visitor {
 
     /// A service request as the visitor's token would make it over gRPC.
     pub(super) fn req<T>(&self, msg: T) -> tonic::Request<T> {
-        let mut r = tonic::Request::new(msg);
-        if let Ok(v) = format!("Bearer {}", self.secret).parse() {
-            r.metadata_mut().insert("authorization", v);
-        }
-        r
+        with_token(&self.secret, msg)
     }
+}
+
+/// `msg` with `authorization: Bearer <secret>`, as a gRPC client sends it.
+fn with_token<T>(secret: &str, msg: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Ok(v) = format!("Bearer {secret}").parse() {
+        r.metadata_mut().insert("authorization", v);
+    }
+    r
 }
 
 fn lang_of(headers: &HeaderMap) -> Lang {
@@ -112,11 +117,7 @@ pub(super) async fn visitor(p: &Portal, headers: &HeaderMap) -> Result<Visitor, 
     if !p.idle.touch(&secret) {
         return Err(to_sign_in());
     }
-    let mut probe = tonic::Request::new(());
-    if let Ok(v) = format!("Bearer {secret}").parse() {
-        probe.metadata_mut().insert("authorization", v);
-    }
-    let caller = p.ctx.caller(&probe).await.map_err(|e| {
+    let caller = p.ctx.caller(&with_token(&secret, ())).await.map_err(|e| {
         p.idle.end(&secret);
         match Status::from(e).code() {
             Code::Unauthenticated => to_sign_in(),
@@ -157,7 +158,7 @@ pub(super) fn refusal(v: &Visitor, here: &str, s: &Status) -> Response {
     (code, render(&page)).into_response()
 }
 
-pub(super) fn bad_form(v: &Visitor, here: &str) -> Response {
+fn bad_form(v: &Visitor, here: &str) -> Response {
     let page = ErrorPage {
         f: v.frame(here),
         headline: v.lang.texts().error_csrf.to_owned(),
@@ -166,8 +167,32 @@ pub(super) fn bad_form(v: &Visitor, here: &str) -> Response {
     (StatusCode::FORBIDDEN, render(&page)).into_response()
 }
 
-pub(super) fn csrf_ok(v: &Visitor, posted: &str) -> bool {
+fn csrf_ok(v: &Visitor, posted: &str) -> bool {
     session::same(posted, &session::csrf_for(&v.secret))
+}
+
+/// A form that only carries its CSRF token.
+#[derive(Deserialize)]
+pub struct CsrfForm {
+    #[serde(default)]
+    pub(super) csrf: String,
+}
+
+/// The signed-in visitor posting a form, once its CSRF token (`posted`) is
+/// the session's; otherwise the page that says the form is not genuine
+/// (with `here` for the language switch), and nothing is done.
+pub(super) async fn poster(
+    p: &Portal,
+    headers: &HeaderMap,
+    posted: &str,
+    here: &str,
+) -> Result<Visitor, Response> {
+    let v = visitor(p, headers).await?;
+    if csrf_ok(&v, posted) {
+        Ok(v)
+    } else {
+        Err(bad_form(&v, here))
+    }
 }
 
 pub async fn home() -> Redirect {
@@ -310,11 +335,14 @@ fn password_matches(password: &str, phc: &str) -> bool {
     })
 }
 
-/// Hashing takes tens of milliseconds of a core: off the async threads.
-async fn check_password(password: String, phc: String) -> bool {
-    tokio::task::spawn_blocking(move || password_matches(&password, &phc))
-        .await
-        .unwrap_or(false)
+/// Hashing takes tens of milliseconds of a core: off the async threads,
+/// the decoy's first hashing too. No hash (no such user) checks the decoy.
+async fn check_password(password: String, phc: Option<String>) -> bool {
+    tokio::task::spawn_blocking(move || {
+        password_matches(&password, phc.as_deref().unwrap_or_else(|| decoy()))
+    })
+    .await
+    .unwrap_or(false)
 }
 
 pub async fn sign_in(
@@ -349,8 +377,8 @@ pub async fn sign_in(
     let name = username.clone();
     let found = p.ctx.store.run(move |c| store::password_of(c, &name)).await;
     let (user_id, phc) = match found {
-        Ok(Some(found)) => found,
-        Ok(None) => (String::new(), decoy().to_owned()),
+        Ok(Some((id, phc))) => (id, Some(phc)),
+        Ok(None) => (String::new(), None),
         Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
     };
     let right = check_password(form.password, phc).await;
@@ -391,13 +419,10 @@ pub struct SignOutForm {
 }
 
 pub async fn sign_out(State(p): S, headers: HeaderMap, Form(form): Form<SignOutForm>) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/vps").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/vps");
-    }
     let (caller, secret, now) = (v.caller.clone(), v.secret.clone(), now_ms());
     let everywhere = !form.everywhere.is_empty();
     if let Err(e) = p
@@ -533,18 +558,15 @@ pub async fn password_form(State(p): S, headers: HeaderMap) -> Response {
 }
 
 pub async fn password(State(p): S, headers: HeaderMap, Form(form): Form<PasswordForm>) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/password").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/password");
-    }
     let t = v.lang.texts();
     let name = v.caller.username.clone();
     let current = p.ctx.store.run(move |c| store::password_of(c, &name)).await;
     let right = match current {
-        Ok(Some((_, phc))) => check_password(form.old.clone(), phc).await,
+        Ok(Some((_, phc))) => check_password(form.old.clone(), Some(phc)).await,
         _ => false,
     };
     let problem = if right {
@@ -822,13 +844,10 @@ pub async fn vps_create(
     headers: HeaderMap,
     Form(form): Form<RequestForm>,
 ) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/vps/new").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/vps/new");
-    }
     let Some(&(_, vcpus, memory_mib, disk_gib)) = SIZES.iter().find(|s| s.0 == form.size) else {
         return new_form(&p, &v, format!("size: no size {:?}", form.size)).await;
     };
@@ -1060,14 +1079,11 @@ pub async fn act(
     Path((id, action)): Path<(String, String)>,
     Form(form): Form<ActForm>,
 ) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let here = format!("/vps/{id}");
+    let v = match poster(&p, &headers, &form.csrf, &here).await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    let here = format!("/vps/{id}");
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, &here);
-    }
     let vps = &p.vps;
     let i = id.clone();
     let done = match action.as_str() {

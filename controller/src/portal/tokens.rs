@@ -19,7 +19,7 @@ use serde::Deserialize;
 
 use super::{
     Portal,
-    pages::{Visitor, bad_form, csrf_ok, refusal, render, visitor},
+    pages::{CsrfForm, Visitor, poster, refusal, render, visitor},
     views::{TokenRow, Tokens},
 };
 use crate::now_ms;
@@ -101,13 +101,10 @@ pub struct NewToken {
 }
 
 pub async fn create(State(p): S, headers: HeaderMap, Form(form): Form<NewToken>) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/tokens").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/tokens");
-    }
     let Some(days) = form.days.trim().parse::<u32>().ok().filter(|d| *d > 0) else {
         let why = format!("days: {:?} is not a whole number of days", form.days);
         return page(&p, &v, String::new(), why).await;
@@ -126,25 +123,16 @@ pub async fn create(State(p): S, headers: HeaderMap, Form(form): Form<NewToken>)
     }
 }
 
-#[derive(Deserialize)]
-pub struct CsrfOnly {
-    #[serde(default)]
-    csrf: String,
-}
-
 pub async fn revoke(
     State(p): S,
     headers: HeaderMap,
     Path(id): Path<String>,
-    Form(form): Form<CsrfOnly>,
+    Form(form): Form<CsrfForm>,
 ) -> Response {
-    let v = match visitor(&p, &headers).await {
+    let v = match poster(&p, &headers, &form.csrf, "/tokens").await {
         Ok(v) => v,
         Err(r) => return r,
     };
-    if !csrf_ok(&v, &form.csrf) {
-        return bad_form(&v, "/tokens");
-    }
     match p
         .identity
         .revoke_token(v.req(RevokeTokenRequest { id }))
